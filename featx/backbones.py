@@ -1,0 +1,253 @@
+"""One registry of backbones: build any torchvision classifier, load its weights, strip or replace its classifier.
+
+This is the only module that knows where each family keeps its final classification layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from featx.data import EvalTransform
+from featx.sources import file_digest, mirrored_weights
+
+# Families whose final layer is not simply the model's last nn.Linear (the rule for every other family:
+# resnet/resnext/regnet `fc`, mobilenet/efficientnet/vgg `classifier.N`, vit `heads.head`, swin `head`, ...).
+SPECIAL_CLASSIFIER_LAYERS = {
+    "squeezenet": "classifier.1",  # a 1x1 Conv2d; the ReLU and global pooling after it stay in place
+}
+RANDOM_INIT_SEED = 0
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Provenance of the weights a model was built with."""
+
+    spec: str  # what the user asked for: a torchvision weights name, a file, or "none"
+    source: str  # URL, file path, or "random init (seed 0)"
+    sha256: str  # of the weights file; "" for random init
+    classifier_loaded: bool = False  # whether the ImageNet classifier came with the weights
+    categories: tuple[str, ...] = field(default=(), repr=False)  # ImageNet class names, when known
+
+
+def available() -> list[str]:
+    """Names of every torchvision classification model the registry can build."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def classifier_layer_name(model: nn.Module, name: str) -> str:
+    """Dotted path of the model's final classification layer."""
+    for prefix, layer in SPECIAL_CLASSIFIER_LAYERS.items():
+        if name.startswith(prefix):
+            return layer
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot find the classifier of {name}: it has no nn.Linear layer")
+    return linears[-1]
+
+
+def classifier_layer(model: nn.Module, name: str) -> nn.Module:
+    """The model's final classification layer (nn.Linear, or SqueezeNet's 1x1 nn.Conv2d)."""
+    return model.get_submodule(classifier_layer_name(model, name))
+
+
+def replace_classifier(model: nn.Module, name: str, num_classes: int | None) -> nn.Module:
+    """Swap the final layer for a fresh one with ``num_classes`` outputs, or for nn.Identity when None.
+
+    With None the model returns its pooled features ([B, D]); returns the new layer.
+    """
+    layer_name = classifier_layer_name(model, name)
+    old = model.get_submodule(layer_name)
+    if num_classes is None:
+        new: nn.Module = nn.Identity()
+    elif isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    else:
+        new = nn.Linear(old.in_features, num_classes)
+    model.set_submodule(layer_name, new)
+    return new
+
+
+def feature_dim(model: nn.Module, name: str) -> int:
+    """Width of the pooled features that feed the final layer."""
+    layer = classifier_layer(model, name)
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor: ``model(x)`` maps a normalised [B, 3, H, W] batch to [B, feature_dim]."""
+
+    name: str
+    model: nn.Module
+    feature_dim: int
+    weights: WeightsInfo
+    transform: EvalTransform
+
+    def provenance(self) -> dict:
+        """What identifies these features: backbone, weights and preprocessing."""
+        return {
+            "backbone": self.name,
+            "weights": self.weights.spec,
+            "weights_source": self.weights.source,
+            "weights_sha256": self.weights.sha256,
+            "feature_dim": self.feature_dim,
+            "transform": self.transform.describe(),
+        }
+
+
+def create_model(
+    name: str, weights: str = "DEFAULT", mirror: str | os.PathLike | None = None
+) -> tuple[nn.Module, WeightsInfo, EvalTransform]:
+    """Build torchvision model ``name`` with its original classifier and load ``weights`` into it.
+
+    ``weights`` is a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1`` ...; the mirror's
+    ``weights/<file>`` is used before any download), a state-dict file (a bare file name is also looked up
+    in the mirror), or ``none`` for a seeded random init. Returns the model in eval mode, the weights'
+    provenance and the eval transform the weights expect.
+    """
+    if name not in available():
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(available())}")
+    spec = str(weights)
+    if spec.lower() == "none":
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = torchvision.models.get_model(name, weights=None)
+        info = WeightsInfo(spec="none", source=f"random init (seed {RANDOM_INIT_SEED})", sha256="")
+        return model.eval(), info, EvalTransform()
+    path = _weights_file(spec, mirror)
+    if path is not None:
+        model = torchvision.models.get_model(name, weights=None)
+        loaded = _load_state_dict(model, name, _read_state_dict(path), str(path))
+        categories = _imagenet_categories() if loaded and _num_outputs(model, name) == 1000 else ()
+        info = WeightsInfo(spec, str(path), file_digest(path), loaded, categories)
+        return model.eval(), info, EvalTransform()
+    return _torchvision_pretrained(name, spec, mirror)
+
+
+def create_backbone(
+    name: str,
+    weights: str = "DEFAULT",
+    mirror: str | os.PathLike | None = None,
+    transform: EvalTransform | None = None,
+) -> Backbone:
+    """A frozen feature extractor: ``create_model`` with its classifier stripped (timm's ``num_classes=0``)."""
+    model, info, default_transform = create_model(name, weights, mirror)
+    dim = feature_dim(model, name)
+    replace_classifier(model, name, None)
+    model.requires_grad_(False)
+    return Backbone(name, model.eval(), dim, info, transform or default_transform)
+
+
+def _weights_file(spec: str, mirror) -> Path | None:
+    """The file ``spec`` names, or None when it is not file-like (then it is a torchvision weights name)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    file_like = os.sep in spec or path.suffix in {".pth", ".pt", ".bin", ".ckpt"}
+    if file_like:
+        found = mirrored_weights(path.name, mirror) if path.parent == Path(".") else None
+        if found is None:
+            raise WeightsError(f"weights file {spec} does not exist")
+        return found
+    return None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise WeightsError(f"cannot read weights file {path} as a tensor-only state dict: {error}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _load_state_dict(model: nn.Module, name: str, state: dict, source: str) -> bool:
+    """Load strictly except for the classifier, which may be absent; returns whether the classifier loaded."""
+    expected = model.state_dict()
+    classifier = classifier_layer_name(model, name) + "."
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    missing_body = [k for k in missing if not k.startswith(classifier)]
+    problems = []
+    if missing_body:
+        problems.append(f"missing keys {_few(missing_body)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_few(mismatched)}")
+    if problems:
+        raise WeightsError(f"weights {source} do not fit {name}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+    return not missing
+
+
+def _num_outputs(model: nn.Module, name: str) -> int:
+    layer = classifier_layer(model, name)
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _imagenet_categories() -> tuple[str, ...]:
+    return tuple(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _torchvision_pretrained(name: str, spec: str, mirror) -> tuple[nn.Module, WeightsInfo, EvalTransform]:
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        weights = enum.DEFAULT if spec.upper() == "DEFAULT" else enum[spec]
+    except KeyError:
+        known = ", ".join(["DEFAULT", *enum.__members__])
+        raise WeightsError(
+            f"weights {spec!r} is not a file, 'none', or a torchvision weights name for {name} (known: {known})"
+        ) from None
+    filename = os.path.basename(weights.url)
+    path = mirrored_weights(filename, mirror)
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            hash_prefix = filename.rsplit("-", 1)[-1].split(".")[0]
+            try:
+                torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=True)
+            except OSError as error:
+                raise WeightsError(
+                    f"cannot download {weights.url} ({error}); offline, put {filename} in <mirror>/weights/ "
+                    "and pass --mirror or set $FEATX_MIRROR"
+                ) from error
+    categories = weights.meta["categories"]
+    model = torchvision.models.get_model(name, weights=None, num_classes=len(categories))
+    _load_state_dict(model, name, _read_state_dict(path), str(path))
+    if hasattr(model, "transform_input"):  # torchvision's googlenet/inception weights expect it
+        model.transform_input = True
+    preset = weights.transforms()
+    transform = EvalTransform(
+        resize=preset.resize_size[0],
+        crop=preset.crop_size[0],
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+        interpolation=preset.interpolation.value,
+    )
+    info = WeightsInfo(spec, weights.url, file_digest(path), True, tuple(categories))
+    return model.eval(), info, transform

@@ -1,0 +1,197 @@
+"""Reader stage: find images in an ImageFolder tree, decode them robustly, preprocess them to uint8 batches.
+
+Normalisation (float, mean/std) happens later, on the device, so batches cross to it as compact uint8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize the shorter side, centre-crop, and (on the device) normalise: torchvision's eval preset.
+
+    ``draft`` lets JPEG decoding shrink by DCT scaling (PIL ``draft``) to no less than ``resize`` first:
+    faster for large photos, close to but not bit-identical with the exact path.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    draft: bool = False
+
+    def __post_init__(self):
+        if self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} must not exceed resize {self.resize}")
+        InterpolationMode(self.interpolation)  # raises on an unknown name
+
+    def describe(self) -> dict:
+        """JSON-ready description, stored as provenance."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> uint8 tensor [3, crop, crop]."""
+        image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation))
+        return pil_to_uint8(TF.center_crop(image, self.crop))
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> contiguous uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode any image to 8-bit RGB: EXIF orientation applied; 16-bit scaled; transparency over white."""
+    with Image.open(path) as image:
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, I, F ...) to RGB."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":  # 16-bit integer samples
+            values = values / 257.0
+        elif values.max() <= 1.0:  # float images are usually 0..1
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Regular image files under ``folder``, sorted; hidden files/folders and other extensions ignored."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                if stat.S_ISREG(path.stat().st_mode):  # no FIFOs or devices that could block a reader
+                    found.append(path)
+            except OSError:  # dangling link
+                continue
+    return found
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of an ImageFolder dataset; ``paths`` are relative to ``root`` (the data root)."""
+
+    name: str
+    root: Path
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """sha256 over class names, relative paths and labels: changes when the file list does."""
+        digest = hashlib.sha256()
+        digest.update("\0".join(self.class_names).encode())
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"\n{path}\t{label}".encode())
+        return digest.hexdigest()
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def discover(root: str | os.PathLike) -> list[Split]:
+    """Splits of an ImageFolder tree: ``train/``, ``val/`` ... when present, else ``root`` as one split.
+
+    Class names come from the training split (else the first split) and apply to every split.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    split_dirs = [(name, root / name) for name in SPLIT_NAMES if (root / name).is_dir()]
+    if not split_dirs:
+        split_dirs = [(root.name if root.name in SPLIT_NAMES else "all", root)]
+    class_names = _class_folders(split_dirs[0][1])
+    if not class_names:
+        raise ValueError(f"{split_dirs[0][1]} has no class folders (expected ImageFolder layout: <class>/<image>)")
+    splits = []
+    for name, folder in split_dirs:
+        extra = sorted(set(_class_folders(folder)) - set(class_names))
+        if extra:
+            raise ValueError(
+                f"{folder} has class folders {extra} that {split_dirs[0][1].name}/ lacks; "
+                f"classes come from the training split: {', '.join(class_names)}"
+            )
+        paths, labels = [], []
+        for label, class_name in enumerate(class_names):
+            for path in list_images(folder / class_name) if (folder / class_name).is_dir() else []:
+                paths.append(path.relative_to(root).as_posix())
+                labels.append(label)
+        splits.append(Split(name, root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names)))
+    return splits
+
+
+class Batch(NamedTuple):
+    """A collated batch: decoded images with their row indices, and the rows that failed with why."""
+
+    indices: torch.Tensor  # int64 [b] indices into the file list
+    images: torch.Tensor  # uint8 [b, 3, H, W]
+    failed: list[tuple[int, str]]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Files -> uint8 tensors. A file that cannot be decoded yields its error instead of raising."""
+
+    def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform):
+        self.root, self.paths, self.transform = Path(root), paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        draft = self.transform.resize if self.transform.draft else None
+        try:
+            return index, self.transform(load_rgb(self.root / self.paths[index], draft)), ""
+        except Exception as error:  # noqa: BLE001 - every decode failure is recorded, none is fatal
+            return index, None, f"{type(error).__name__}: {error}".strip()
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:
+    """Stack the decoded images; keep the failures aside so labels never shift."""
+    good = [(i, image) for i, image, _ in items if image is not None]
+    failed = [(i, reason) for i, image, reason in items if image is None]
+    if good:
+        indices = torch.tensor([i for i, _ in good], dtype=torch.int64)
+        images = torch.stack([image for _, image in good])
+    else:
+        indices, images = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
+    return Batch(indices, images, failed)

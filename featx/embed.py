@@ -1,0 +1,72 @@
+"""Mapper stage: uint8 image batches -> pooled features, on CPU or CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from featx.backbones import Backbone
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``auto`` is bf16 on CUDA and off on CPU (exact float32); ``none``, ``bf16``, ``fp16``."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "none":
+        return None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of auto, none, bf16, fp16; got {amp!r}")
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype``, or a no-op context when it is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Embedder:
+    """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU."""
+
+    def __init__(self, backbone: Backbone, device: str = "auto", amp: str = "auto", channels_last: bool = True,
+                 compile: bool = False):
+        self.device = resolve_device(device)
+        self.amp = resolve_amp(amp, self.device)
+        self.channels_last = channels_last
+        self.feature_dim = backbone.feature_dim
+        model = backbone.model.eval().to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if compile else model
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(backbone.transform.mean, device=self.device).view(shape)
+        self.std = torch.tensor(backbone.transform.std, device=self.device).view(shape)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] (any device) -> normalised float32 on the model's device."""
+        x = images.to(self.device, non_blocking=True).float().div_(255)  # same ops as ToTensor + Normalize
+        x = x.sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float32 [B, D] on the CPU."""
+        if images.shape[0] == 0:
+            return torch.empty(0, self.feature_dim)
+        with autocast(self.device, self.amp):
+            features = self.model(self.normalise(images))
+        return features.float().flatten(1).cpu()

@@ -1,0 +1,188 @@
+"""Runner: data in, features out. Plans each split as shards, skips finished ones, maps the rest, merges.
+
+Stages (each replaceable): ``featx.data`` reads files into uint8 batches, ``featx.embed`` maps batches to
+features, ``featx.store`` writes shards and merges them, ``featx.distribute`` runs shards locally or on Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featx import store
+from featx.backbones import Backbone, create_backbone
+from featx.data import EvalTransform, ImageFiles, Split, collate, discover
+from featx.embed import Embedder
+
+# What must match for an existing output (partial or complete) to be resumed or kept.
+IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "dtype", "views", "class_names",
+                 "file_list_sha256")
+DTYPES = ("float32", "float16")
+COMPRESSIONS = (None, "gzip", "lzf")
+
+
+class ExtractError(RuntimeError):
+    """An existing output that does not match the requested extraction."""
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run extraction; validated on construction."""
+
+    batch_size: int = 64
+    workers: int | None = None  # decode processes; None = one per core
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    dtype: str = "float32"
+    compression: str | None = None
+    shard_size: int = 1024
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "shard_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ValueError(f"workers must be a non-negative integer, got {self.workers!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+
+    @property
+    def num_workers(self) -> int:
+        return (os.cpu_count() or 1) if self.workers is None else self.workers
+
+
+def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
+            out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
+            splits: list[str] | None = None, options: ExtractOptions = ExtractOptions()) -> dict[str, dict]:
+    """Extract every split of ``data_root`` to ``out/<backbone>/<split>.h5``; returns a summary per split."""
+    all_splits = discover(data_root)
+    if splits:
+        unknown = sorted(set(splits) - {s.name for s in all_splits})
+        if unknown:
+            raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
+        all_splits = [s for s in all_splits if s.name in splits]
+    extractor = create_backbone(backbone, weights, mirror, transform)
+    embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile)
+    return {split.name: extract_split(split, extractor, embedder, Path(out) / backbone / f"{split.name}.h5",
+                                      options)
+            for split in all_splits}
+
+
+def split_attrs(split: Split, backbone: Backbone, options: ExtractOptions) -> dict:
+    """Everything recorded about how a split's features are made."""
+    return {**backbone.provenance(), "split": split.name, "data_root": str(Path(split.root).resolve()),
+            "class_names": list(split.class_names), "dtype": options.dtype, "views": 1,
+            "file_list_sha256": split.fingerprint()}
+
+
+def _differences(expected: dict, found: dict) -> str:
+    keys = [k for k in IDENTITY_KEYS if expected.get(k) != found.get(k)]
+    return ", ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys)
+
+
+def _prepare(path: Path, identity: dict, overwrite: bool) -> bool:
+    """Check existing output against ``identity``; returns True when a complete, matching file is there."""
+    parts = store.parts_dir(path)
+    if path.exists():
+        found = {k: store.read_meta(path).get(k) for k in IDENTITY_KEYS}
+        if not overwrite:
+            if found == identity:
+                return True
+            raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
+                               "pass --overwrite to replace it, or choose another --out")
+        path.unlink()
+    manifest = store.read_manifest(parts)
+    if manifest is not None and manifest != identity and not overwrite:
+        raise ExtractError(f"{parts} holds an unfinished extraction made differently "
+                           f"({_differences(identity, manifest)}); pass --overwrite to start again")
+    if overwrite and parts.exists():
+        shutil.rmtree(parts)
+    store.write_manifest(parts, identity)
+    return False
+
+
+def plan_shards(num_images: int, shard_size: int, batch_size: int) -> list[list[list[int]]]:
+    """Image indices grouped into shards of batches; a shard never splits a batch across files."""
+    shard_size = max(batch_size, shard_size // batch_size * batch_size)
+    return [[list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+            for start, stop in ((s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size))]
+
+
+def write_shards(split: Split, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
+                 transform: EvalTransform, options: ExtractOptions, progress: tqdm | None = None) -> None:
+    """Decode, embed and write the given shards (shard number -> batches of image indices)."""
+    order = [(number, i == len(batches) - 1) for number, batches in shards.items() for i in range(len(batches))]
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(split.root, split.paths, transform),
+        batch_sampler=[batch for batches in shards.values() for batch in batches],
+        num_workers=options.num_workers,
+        collate_fn=collate,
+        pin_memory=embedder.device.type == "cuda",
+        worker_init_fn=_single_threaded,
+    )
+    writer = None
+    try:
+        for batch, (number, last) in zip(loader, order):
+            if writer is None:
+                writer = store.ShardWriter(store.shard_path(parts, number), embedder.feature_dim, options.dtype)
+            writer.append(batch.indices.numpy(), embedder(batch.images).numpy().astype(options.dtype))
+            writer.add_failures(batch.failed)
+            if progress is not None:
+                progress.update(len(batch.indices) + len(batch.failed))
+            if last:
+                writer.commit()
+                writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+
+
+def _single_threaded(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Path,
+                  options: ExtractOptions = ExtractOptions()) -> dict:
+    """Extract one split to ``path``, resuming an unfinished run; returns counts, timing and failures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attrs = split_attrs(split, backbone, options)
+    identity = {k: attrs[k] for k in IDENTITY_KEYS}
+    if _prepare(path, identity, options.overwrite):
+        print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
+        return {"path": str(path), "skipped": True}
+    parts = store.parts_dir(path)
+    planned = plan_shards(len(split), options.shard_size, options.batch_size)
+    done = store.finished_shards(parts)
+    todo = {n: batches for n, batches in enumerate(planned) if n not in done}
+    remaining = sum(len(b) for batches in todo.values() for b in batches)
+    if done:
+        print(f"{split.name}: resuming, {len(done)} of {len(planned)} shards already done")
+    start = time.perf_counter()
+    with tqdm(total=remaining, unit="img", desc=split.name, mininterval=1.0, file=sys.stderr) as progress:
+        write_shards(split, embedder, parts, todo, backbone.transform, options, progress)
+    seconds = time.perf_counter() - start
+    counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression)
+    rate = remaining / seconds if seconds > 0 else float("nan")
+    print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} images processed "
+          f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")
+    failed = store.load_failed(path)
+    for failed_path, reason in failed[:20]:
+        print(f"  skipped {failed_path}: {reason}")
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more, all listed under failed/ in {path}")
+    return {"path": str(path), "skipped": False, "seconds": seconds, "images_per_second": rate, **counts,
+            "failed": failed}

@@ -1,0 +1,261 @@
+"""Writer stage and reader API: the featx HDF5 features format.
+
+Extraction streams rows into numbered shard files under ``<split>.h5.parts/``; each shard is written to a
+``.tmp`` name and renamed into place only when complete, so a kill at any moment leaves only whole shards
+(and a resumable run). ``merge`` then writes ``<split>.h5`` the same way: it either does not exist or is
+complete. Schema of ``<split>.h5``:
+
+- ``features`` [N, D] float32 (or float16), chunked by rows, optionally compressed
+- ``labels`` [N] int64, ``paths`` [N] UTF-8 (relative to the data root), ``image_ids`` [N] int64 (index of
+  the source image in the split's file list; several rows share one id when augmented views are stored)
+- ``failed/paths``, ``failed/reasons``: files that could not be decoded, and why
+- attrs: ``format``, ``featx_version``, ``split``, ``data_root``, ``class_names``, ``backbone``, ``weights``,
+  ``weights_source``, ``weights_sha256``, ``feature_dim``, ``transform`` (JSON), ``views``, ``dtype``,
+  ``file_list_sha256``, ``created``, ``complete``, ``num_images``, ``num_rows``, ``num_failed``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+import featx
+
+FORMAT = "featx-features/1"
+CHUNK_BYTES = 1 << 20
+STR = h5py.string_dtype("utf-8")
+# Attributes that must agree for two feature files to come from the same extractor.
+SOURCE_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform")
+
+
+class IncompleteFeaturesError(FileNotFoundError):
+    """The features file is missing, or only its unfinished shards exist."""
+
+
+def parts_dir(path: Path) -> Path:
+    """Folder holding the shards of an unfinished ``path``."""
+    return path.with_name(path.name + ".parts")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Make a closed file durable, then atomically give it its final name."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _row_chunks(dim: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // (dim * itemsize))
+
+
+class ShardWriter:
+    """Streams the rows of one shard into ``part-NNNNN.h5.tmp``; ``commit`` renames it into place."""
+
+    def __init__(self, path: Path, feature_dim: int, dtype: str = "float32"):
+        self.path = path
+        self.file = h5py.File(_tmp(path), "w")
+        rows = _row_chunks(feature_dim, np.dtype(dtype).itemsize)
+        self.features = self.file.create_dataset(
+            "features", (0, feature_dim), maxshape=(None, feature_dim), dtype=dtype, chunks=(rows, feature_dim)
+        )
+        self.image_ids = self.file.create_dataset("image_ids", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        self.failed_ids: list[int] = []
+        self.failed_reasons: list[str] = []
+
+    def append(self, image_ids: np.ndarray, features: np.ndarray) -> None:
+        """Add rows: the features of the images ``image_ids``."""
+        start, count = self.features.shape[0], len(image_ids)
+        self.features.resize(start + count, axis=0)
+        self.image_ids.resize(start + count, axis=0)
+        self.features[start:] = features
+        self.image_ids[start:] = image_ids
+
+    def add_failures(self, failures: list[tuple[int, str]]) -> None:
+        """Record images that could not be decoded."""
+        for image_id, reason in failures:
+            self.failed_ids.append(image_id)
+            self.failed_reasons.append(reason)
+
+    def commit(self) -> None:
+        """Close the shard and atomically make it visible."""
+        self.file.create_dataset("failed_ids", data=np.asarray(self.failed_ids, dtype=np.int64))
+        self.file.create_dataset("failed_reasons", data=np.asarray(self.failed_reasons, dtype=object), dtype=STR)
+        self.file.close()
+        _commit(_tmp(self.path), self.path)
+
+    def abort(self) -> None:
+        """Drop an unfinished shard."""
+        self.file.close()
+        _tmp(self.path).unlink(missing_ok=True)
+
+
+def shard_path(parts: Path, shard: int) -> Path:
+    return parts / f"part-{shard:05d}.h5"
+
+
+def write_manifest(parts: Path, manifest: dict) -> None:
+    """Record what the shards in ``parts`` are extracted from (checked before resuming)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = parts / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _commit(tmp, parts / "manifest.json")
+
+
+def read_manifest(parts: Path) -> dict | None:
+    path = parts / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_shards(parts: Path) -> set[int]:
+    """Numbers of the shards already committed in ``parts`` (leftover ``.tmp`` files are ignored)."""
+    return {int(p.name[5:10]) for p in parts.glob("part-*.h5")} if parts.is_dir() else set()
+
+
+def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
+          compression: str | None = None) -> dict:
+    """Write ``path`` from the committed shards of ``parts`` in shard order, then delete ``parts``.
+
+    ``paths``/``labels`` are the split's file list; rows take theirs through ``image_ids``. Returns counts.
+    """
+    shards = sorted(parts.glob("part-*.h5"))
+    with _open_all(shards) as files:
+        num_rows = sum(f["features"].shape[0] for f in files)
+        dim, dtype = attrs["feature_dim"], attrs["dtype"]
+        tmp = _tmp(path)
+        with h5py.File(tmp, "w") as out:
+            rows = min(max(num_rows, 1), _row_chunks(dim, np.dtype(dtype).itemsize))
+            features = out.create_dataset("features", (num_rows, dim), dtype=dtype, chunks=(rows, dim),
+                                          compression=compression)
+            image_ids = np.concatenate([f["image_ids"][:] for f in files]) if files else np.empty(0, np.int64)
+            start = 0
+            for f in files:
+                block = f["features"]
+                for offset in range(0, block.shape[0], rows * 16):
+                    piece = block[offset:offset + rows * 16]
+                    features[start:start + len(piece)] = piece
+                    start += len(piece)
+            out.create_dataset("image_ids", data=image_ids)
+            out.create_dataset("labels", data=labels[image_ids])
+            out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
+            failed_ids = np.concatenate([f["failed_ids"][:] for f in files]) if files else np.empty(0, np.int64)
+            reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
+            failed = out.create_group("failed")
+            failed.create_dataset("paths", data=np.asarray([paths[i] for i in failed_ids], dtype=object), dtype=STR)
+            failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
+            counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": len(failed_ids)}
+            stamp = {"format": FORMAT, "featx_version": featx.__version__,
+                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True}
+            for key, value in {**attrs, **counts, **stamp}.items():
+                out.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+    _commit(tmp, path)
+    shutil.rmtree(parts)
+    return counts
+
+
+class _open_all:
+    """Open several HDF5 files read-only for the length of a ``with`` block."""
+
+    def __init__(self, paths):
+        self.paths, self.files = paths, []
+
+    def __enter__(self) -> list[h5py.File]:
+        self.files = [h5py.File(p, "r") for p in self.paths]
+        return self.files
+
+    def __exit__(self, *exc):
+        for f in self.files:
+            f.close()
+
+
+def _attr(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_attr(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """Attributes of a complete features file (``transform`` parsed); refuses unfinished ones."""
+    path = Path(path)
+    if not path.is_file():
+        if parts_dir(path).is_dir():
+            raise IncompleteFeaturesError(f"{path} is not finished ({len(finished_shards(parts_dir(path)))} shards "
+                                          "done); re-run `featx extract` with the same arguments to resume")
+        raise IncompleteFeaturesError(f"features file {path} does not exist; run `featx extract` first")
+    with h5py.File(path, "r") as f:
+        meta = {k: _attr(v) for k, v in f.attrs.items()}
+    if meta.get("format") != FORMAT or not meta.get("complete"):
+        raise ValueError(f"{path} is not a complete featx features file (format {meta.get('format')!r})")
+    meta["transform"] = json.loads(meta["transform"])
+    meta["class_names"] = list(meta["class_names"])
+    return meta
+
+
+@dataclass
+class FeatureSet:
+    """A features file in memory."""
+
+    features: np.ndarray  # [N, D]
+    labels: np.ndarray  # [N] int64
+    paths: list[str]  # [N] relative to meta["data_root"]
+    image_ids: np.ndarray  # [N] source image of each row
+    meta: dict
+    failed: list[tuple[str, str]]  # (path, reason)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["class_names"]
+
+
+def load_failed(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, reason) of every file that could not be decoded."""
+    with h5py.File(path, "r") as f:
+        return list(zip(f["failed/paths"].asstr()[:], f["failed/reasons"].asstr()[:]))
+
+
+def load(path: str | os.PathLike) -> FeatureSet:
+    """Read a whole features file: arrays plus metadata."""
+    meta = read_meta(path)
+    with h5py.File(path, "r") as f:
+        arrays = f["features"][:], f["labels"][:], list(f["paths"].asstr()[:]), f["image_ids"][:]
+    return FeatureSet(*arrays, meta, load_failed(path))
+
+
+def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (features, labels) blocks of at most ``rows`` rows, for files larger than memory."""
+    read_meta(path)
+    with h5py.File(path, "r") as f:
+        features, labels = f["features"], f["labels"]
+        for start in range(0, features.shape[0], rows):
+            yield features[start:start + rows], labels[start:start + rows]
+
+
+def require_same_source(expected: dict, meta: dict, what: str) -> None:
+    """Raise if ``meta`` (a features file's) was made by another extractor or class list than ``expected``."""
+    for key in (*SOURCE_KEYS, "class_names"):
+        if expected.get(key) != meta.get(key):
+            raise ValueError(
+                f"{what} has {key}={meta.get(key)!r} but {expected.get(key)!r} was expected "
+                f"(backbone {meta.get('backbone')} vs {expected.get('backbone')}); "
+                "extract features with the same backbone, weights and transform, or fit a new head on these"
+            )
