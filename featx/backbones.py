@@ -166,7 +166,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise WeightsError(f"cannot read weights file {path} as a tensor-only state dict: {error}") from error
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise WeightsError(f"cannot read weights file {path} as a tensor-only state dict "
+                           f"(torch.load weights_only=True): {reason}") from error
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` (set up + main job on real data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Offline mirror of weights and datasets (layout of ../shared); defaults to ../shared when it is there.
+export FEATX_MIRROR ?= $(if $(wildcard ../shared/README.md),$(abspath ../shared),)
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python jobs/hymenoptera.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) features runs heads

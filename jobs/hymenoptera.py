@@ -1,0 +1,29 @@
+"""Seed experiment: the PyTorch tutorial's ants/bees set through featx with real ImageNet MobileNetV2 weights.
+
+Data and weights come from the mirror ($FEATX_MIRROR, e.g. ../shared) when it has them, else they are
+downloaded (the dataset zip, and torchvision's own MobileNetV2 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from featx.extract import ExtractOptions, extract
+from featx.sources import fetch_dataset, mirrored_weights
+
+MIRROR_WEIGHTS = "mobilenet_v2-imagenet-features.pth"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="features", help="features root folder")
+    parser.add_argument("--data-root", default="data", help="where to download the dataset when not mirrored")
+    args = parser.parse_args()
+    data = fetch_dataset("hymenoptera", args.data_root)
+    weights = str(mirrored_weights(MIRROR_WEIGHTS) or "DEFAULT")
+    print(f"data: {data}\nweights: {weights}")
+    extract(data, "mobilenet_v2", weights, args.out, options=ExtractOptions(batch_size=64))
+
+
+if __name__ == "__main__":
+    main()

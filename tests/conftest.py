@@ -1,0 +1,69 @@
+"""Shared fixtures: the real mirror (../shared) and tiny synthetic ImageFolder trees."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The real weights/data mirror; under CI (FEATX_REQUIRE_MIRROR=1) its absence fails instead of skipping."""
+    path = Path(os.environ.get("FEATX_MIRROR") or REPO.parent / "shared")
+    if not (path / "weights").is_dir() or not (path / "datasets" / "hymenoptera_data").is_dir():
+        message = f"real mirror not found at {path} (set FEATX_MIRROR)"
+        if os.environ.get("FEATX_REQUIRE_MIRROR") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hymenoptera(mirror) -> Path:
+    return mirror / "datasets" / "hymenoptera_data"
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights(mirror) -> Path:
+    return mirror / "weights" / "mobilenet_v2-imagenet-features.pth"
+
+
+@pytest.fixture(scope="session")
+def squeezenet_weights(mirror) -> Path:
+    return mirror / "weights" / "squeezenet1_1-imagenet.pth"
+
+
+def make_image_folder(root: Path, splits=("train", "val"), classes=("cats", "dogs"), per_class=6, size=(48, 40),
+                      seed=0) -> Path:
+    """Write a small ImageFolder tree of JPEGs whose colour depends on the class."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size[1], size[0], 3)) + 200 * (label == np.arange(3))
+                pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}_{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_features(hymenoptera, mobilenet_weights, tmp_path_factory) -> Path:
+    """Real MobileNetV2 features of the ants/bees set, extracted once per test session."""
+    from featx.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("features")
+    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), out, options=ExtractOptions(batch_size=32))
+    return out / "mobilenet_v2"

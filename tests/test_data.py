@@ -1,0 +1,96 @@
+"""Discovery and decoding: odd and corrupt files are decoded or reported, never fatal, never shift labels."""
+
+from __future__ import annotations
+
+import io
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx.data import discover, load_rgb
+from featx.extract import ExtractOptions, extract
+
+
+def _jpeg_bytes(size=(40, 30), colour=(200, 30, 30), **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def write_odd_files(folder):
+    """Every odd case of the issue; returns (good names, bad names)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "truncated.jpg").write_bytes(_jpeg_bytes((300, 200))[:600])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    Image.new("CMYK", (40, 30), (255, 0, 0, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)).save(folder / "sixteen_bit.png")
+    palette = Image.new("P", (40, 30), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(folder / "palette_transparent.png", transparency=0)
+    Image.new("L", (40, 30), 128).save(folder / "gray.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (60, 30), (0, 0, 255)).save(folder / "rotated.jpg", exif=exif)
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(folder / "animated.gif")
+    (folder / ".hidden.jpg").write_bytes(_jpeg_bytes())
+    (folder / "notes.txt").write_text("ignored")
+    good = ["animated.gif", "cmyk.jpg", "gray.jpg", "palette_transparent.png", "rotated.jpg", "sixteen_bit.png"]
+    return good, ["empty.jpg", "text.jpg", "truncated.jpg"]
+
+
+def test_decoding_of_odd_modes(tmp_path):
+    good, _ = write_odd_files(tmp_path)
+    for name in good:
+        assert load_rgb(tmp_path / name).mode == "RGB"
+    assert load_rgb(tmp_path / "rotated.jpg").size == (30, 60)  # EXIF orientation applied
+    assert load_rgb(tmp_path / "sixteen_bit.png").getpixel((0, 0)) == (255, 255, 255)  # scaled, not clipped
+    assert load_rgb(tmp_path / "palette_transparent.png").getpixel((0, 0)) == (255, 255, 255)  # over white
+    assert load_rgb(tmp_path / "gray.jpg").getpixel((5, 5)) == (128, 128, 128)
+    cyan = load_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5))
+    assert cyan[0] < 30 and cyan[1] > 220 and cyan[2] > 220
+
+
+def test_discover_splits_and_classes(image_folder):
+    (image_folder / "train" / "cats" / ".DS_Store").write_text("x")
+    (image_folder / "train" / ".hidden_class").mkdir()
+    splits = discover(image_folder)
+    assert [s.name for s in splits] == ["train", "val"]
+    train = splits[0]
+    assert train.class_names == ("cats", "dogs") and len(train) == 12
+    assert all(p.startswith("train/") for p in train.paths)
+    assert [p.split("/")[1] for p in train.paths] == [train.class_names[i] for i in train.labels]
+
+
+def test_discover_without_splits_is_one_split(image_folder):
+    (split,) = discover(image_folder / "val")
+    assert split.name == "val" and len(split) == 12 and split.paths[0].startswith("cats/")
+
+
+def test_class_missing_from_train_is_an_error(image_folder):
+    (image_folder / "val" / "birds").mkdir()
+    with pytest.raises(ValueError, match=r"\['birds'\].*train"):
+        discover(image_folder)
+
+
+def test_odd_files_extract_without_crashing(tmp_path):
+    data = tmp_path / "data"
+    good, bad = write_odd_files(data / "odd")
+    (data / "plain").mkdir()
+    Image.new("RGB", (50, 40), (10, 10, 10)).save(data / "plain" / "a.jpg")
+    out = tmp_path / "features"
+    options = ExtractOptions(batch_size=4, workers=1, shard_size=4)
+    summary = extract(data, "resnet18", "none", out, options=options)["all"]
+    assert summary["num_rows"] == len(good) + 1 and summary["num_failed"] == len(bad)
+    with h5py.File(out / "resnet18" / "all.h5") as f:
+        paths = list(f["paths"].asstr()[:])
+        assert sorted(paths) == sorted([f"odd/{n}" for n in good] + ["plain/a.jpg"])
+        names = f.attrs["class_names"].tolist()
+        assert [names[i] for i in f["labels"][:]] == [p.split("/")[0] for p in paths]
+        assert sorted(f["failed/paths"].asstr()[:]) == [f"odd/{n}" for n in bad]
+        reasons = dict(zip(f["failed/paths"].asstr()[:], f["failed/reasons"].asstr()[:]))
+        assert "truncated" in reasons["odd/truncated.jpg"].lower()
+        assert "UnidentifiedImageError" in reasons["odd/text.jpg"]
+        assert np.isfinite(f["features"][:]).all()

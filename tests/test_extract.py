@@ -1,0 +1,140 @@
+"""Extraction end to end: real-weights numerics and accuracy, resume after SIGKILL, refusing stale output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torchvision import transforms
+
+from conftest import make_image_folder
+from featx import store
+from featx.extract import ExtractError, ExtractOptions, extract
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_real_features_match_direct_forward(hymenoptera_features, hymenoptera, mobilenet_weights):
+    train, val = store.load(hymenoptera_features / "train.h5"), store.load(hymenoptera_features / "val.h5")
+    assert len(train.labels) + len(val.labels) == 398 and not train.failed and not val.failed
+    assert train.class_names == ["ants", "bees"] and train.features.shape[1] == 1280
+    for features in (train, val):  # labels align with the folder each path is in
+        assert [features.class_names[i] for i in features.labels] == [p.split("/")[1] for p in features.paths]
+    assert train.meta["weights_sha256"].startswith("7c0df58649780856")
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(mobilenet_weights, weights_only=True), strict=False)
+    model.classifier = torch.nn.Identity()
+    preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                     transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    rows = list(range(0, len(val.paths), 3))
+    images = torch.stack([preprocess(Image.open(hymenoptera / val.paths[i]).convert("RGB")) for i in rows])
+    with torch.inference_mode():
+        direct = model.eval()(images).numpy()
+    assert np.abs(direct - val.features[rows]).max() <= 1e-4
+
+
+def test_real_features_are_linearly_separable(hymenoptera_features):
+    train, val = store.load(hymenoptera_features / "train.h5"), store.load(hymenoptera_features / "val.h5")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train.features, train.labels)
+    assert probe.score(val.features, val.labels) >= 0.94
+
+
+def test_resnet_dims_and_provenance(image_folder, tmp_path):
+    for name, dim in (("resnet18", 512), ("resnet50", 2048)):
+        extract(image_folder, name, "none", tmp_path, splits=["val"], options=ExtractOptions(workers=0))
+        meta = store.read_meta(tmp_path / name / "val.h5")
+        assert meta["feature_dim"] == dim and meta["backbone"] == name and meta["num_rows"] == 12
+        assert meta["weights"] == "none" and meta["transform"]["crop"] == 224 and meta["complete"]
+        with h5py.File(tmp_path / name / "val.h5") as f:
+            assert f["features"].shape == (12, dim) and f["features"].chunks[1] == dim
+
+
+def test_float16_and_compression_and_chunk_iterator(image_folder, tmp_path):
+    options = ExtractOptions(workers=0, dtype="float16", compression="gzip")
+    extract(image_folder, "resnet18", "none", tmp_path, splits=["train"], options=options)
+    path = tmp_path / "resnet18" / "train.h5"
+    whole = store.load(path)
+    assert whole.features.dtype == np.float16
+    blocks = list(store.iter_chunks(path, rows=5))
+    assert [len(b[0]) for b in blocks] == [5, 5, 2]
+    assert np.array_equal(np.concatenate([b[0] for b in blocks]), whole.features)
+    assert np.array_equal(np.concatenate([b[1] for b in blocks]), whole.labels)
+
+
+def test_complete_output_is_kept_and_other_backbone_refused(image_folder, tmp_path, capsys):
+    options = ExtractOptions(workers=0)
+    extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)
+    path = tmp_path / "resnet18" / "val.h5"
+    stamp = path.stat().st_mtime_ns
+    assert extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)["val"]["skipped"]
+    assert path.stat().st_mtime_ns == stamp and "up to date" in capsys.readouterr().out
+    with pytest.raises(ExtractError, match="transform.*--overwrite"):
+        from featx.data import EvalTransform
+        extract(image_folder, "resnet18", "none", tmp_path, transform=EvalTransform(128, 112), splits=["val"],
+                options=options)
+    (image_folder / "val" / "cats" / "cats_000.jpg").unlink()
+    with pytest.raises(ExtractError, match="file_list_sha256"):
+        extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)
+    overwrite = ExtractOptions(workers=0, overwrite=True)
+    assert extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=overwrite)["val"]["num_rows"] == 11
+
+
+def test_unfinished_output_is_reported_by_reader(tmp_path):
+    (tmp_path / "train.h5.parts").mkdir()
+    with pytest.raises(store.IncompleteFeaturesError, match="resume"):
+        store.load(tmp_path / "train.h5")
+
+
+def _extract_command(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "featx", "extract", str(data), "--backbone", "resnet18", "--weights", "none",
+            "--out", str(out), "--resize", "72", "--crop", "64", "--batch_size", "4", "--shard_size", "8",
+            "--workers", "1"]
+
+
+def _kill_after_shards(command: list[str], parts: Path, shards: int) -> None:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(store.finished_shards(parts)) < shards and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
+    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=60, size=(80, 72))
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    subprocess.run(_extract_command(data, reference), check=True, capture_output=True)
+    parts = resumed / "resnet18" / "train.h5.parts"
+    _kill_after_shards(_extract_command(data, resumed), parts, 2)
+    assert not (resumed / "resnet18" / "train.h5").exists(), "the run finished before it could be killed"
+    done = len(store.finished_shards(parts))
+    _kill_after_shards(_extract_command(data, resumed), parts, done + 3)
+    for shard in parts.glob("part-*.h5"):  # every committed shard opens, whatever the moment of the kill
+        h5py.File(shard, "r").close()
+    result = subprocess.run(_extract_command(data, resumed), check=True, capture_output=True, text=True)
+    assert "resuming" in result.stdout
+    expected, got = store.load(reference / "resnet18" / "train.h5"), store.load(resumed / "resnet18" / "train.h5")
+    assert got.paths == expected.paths and len(set(got.paths)) == 120
+    assert np.array_equal(got.labels, expected.labels)
+    assert np.array_equal(got.features, expected.features)
+    assert not parts.exists()
+
+
+def test_cli_reports_bad_weights_in_one_line(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "featx", "extract", str(image_folder), "--weights",
+                             str(tmp_path / "missing.pth")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
