@@ -1,0 +1,29 @@
+"""Classifier heads on cached features: ``logreg`` (sklearn), ``linear`` (torch), ``knn`` (cosine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from featx.heads.base import Head, holdout_split, read_record
+from featx.heads.knn import KNNHead
+from featx.heads.linear import LinearHead
+from featx.heads.logreg import LogRegHead
+
+HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (LogRegHead, LinearHead, KNNHead)}
+
+
+def make_head(kind: str, **params) -> Head:
+    """A new head of ``kind`` with ``params`` (validated now)."""
+    if kind not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}; got {kind!r}")
+    return HEADS[kind](**params)
+
+
+def load_head(folder: str | os.PathLike) -> Head:
+    """Load a head saved by ``Head.save`` / ``featx fit-head``."""
+    record = read_record(folder)
+    return HEADS[record["kind"]]._restore(Path(folder), record)
+
+
+__all__ = ["HEADS", "Head", "KNNHead", "LinearHead", "LogRegHead", "holdout_split", "load_head", "make_head"]

@@ -1,0 +1,120 @@
+"""What every head shares: the estimator API, the features it was fitted on, saving and loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+import featx
+from featx import store
+
+HEAD_FILE = "head.json"
+
+
+def holdout_split(labels: np.ndarray, groups: np.ndarray, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Deterministic stratified hold-out: a boolean mask of held-out rows.
+
+    Whole groups (all views of one image) go to one side; per class, ``fraction`` of its groups are held out.
+    """
+    rng = np.random.default_rng(seed)
+    held_groups = []
+    for label in np.unique(labels):
+        class_groups = np.unique(groups[labels == label])
+        take = int(round(fraction * len(class_groups)))
+        if len(class_groups) > 1:
+            take = min(max(take, 1), len(class_groups) - 1)
+            held_groups.append(rng.permutation(class_groups)[:take])
+    return np.isin(groups, np.concatenate(held_groups)) if held_groups else np.zeros(len(labels), bool)
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """A classifier on cached features: ``fit``, ``predict``, ``predict_proba``, ``decision_function``, ``score``.
+
+    ``fit(X, y, X_val=None, y_val=None, groups=None)`` chooses its regularisation on (X_val, y_val), or on a
+    stratified group hold-out of X when no validation set is given. ``source`` is the provenance of the
+    features (``store.read_meta``); a fitted head refuses features from another extractor or class list.
+    """
+
+    kind = ""
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits [N, C]; ``softmax`` of them is ``predict_proba``."""
+        raise NotImplementedError
+
+    def predict_proba(self, X) -> np.ndarray:
+        return softmax(self.decision_function(X), axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def to_torch(self) -> torch.nn.Module:
+        """A module mapping features [B, D] to the same logits as ``decision_function``."""
+        raise NotImplementedError
+
+    # --- provenance -------------------------------------------------------------------------------------
+    def set_source(self, meta: dict, **fitted_on) -> "Head":
+        """Record the features' provenance (and the files fitted on) so mismatched features are refused."""
+        keys = (*store.SOURCE_KEYS, "class_names", "weights", "weights_source")
+        self.source_ = {k: meta[k] for k in keys}
+        self.fitted_on_ = {k: str(v) for k, v in fitted_on.items() if v is not None}
+        return self
+
+    def check_features(self, meta: dict, what: str) -> None:
+        """Refuse features made by another backbone, weights, transform or class list."""
+        if getattr(self, "source_", None):
+            store.require_same_source(self.source_, meta, f"{what} (this head was fitted on {self.source_['backbone']} "
+                                                          f"features)")
+
+    # --- persistence ------------------------------------------------------------------------------------
+    def _save_state(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def _load_state(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``head.json`` (kind, parameters, provenance, selection) and the fitted state to ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._save_state(folder)
+        record = {"kind": self.kind, "featx_version": featx.__version__, "params": self.get_params(),
+                  "classes": self.classes_.tolist(), "source": getattr(self, "source_", {}),
+                  "fitted_on": getattr(self, "fitted_on_", {}), "selection": self.selection_}
+        (folder / HEAD_FILE).write_text(json.dumps(record, indent=1))
+        return folder
+
+    @classmethod
+    def _restore(cls, folder: Path, record: dict) -> "Head":
+        head = cls(**record["params"])
+        head.classes_ = np.asarray(record["classes"])
+        head.source_, head.fitted_on_, head.selection_ = record["source"], record["fitted_on"], record["selection"]
+        head._load_state(folder)
+        return head
+
+
+def read_record(folder: str | os.PathLike) -> dict:
+    """The ``head.json`` of a saved head."""
+    path = Path(folder) / HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a featx head folder (no {HEAD_FILE}); run `featx fit-head` first")
+    return json.loads(path.read_text())
+
+
+def check_positive(name: str, value, kind=(int, float)) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_grid(name: str, values) -> tuple:
+    """A non-empty tuple of non-negative numbers, or a ValueError naming ``name``."""
+    values = tuple(values) if np.iterable(values) else (values,)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
+        raise ValueError(f"{name} must be a non-empty list of non-negative numbers, got {values!r}")
+    return values

@@ -1,0 +1,99 @@
+"""``logreg``: StandardScaler + multinomial LogisticRegression, C chosen on validation (Kornblith et al. 2019)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from featx.heads.base import Head, check_grid, check_positive, holdout_split
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-6, 5, 23))
+
+
+class LogRegHead(Head):
+    """Logistic regression on standardised features with C swept over a log grid (warm-started, small to large).
+
+    The best C on validation (accuracy, then log-loss) is refitted on train + validation.
+    """
+
+    kind = "logreg"
+
+    def __init__(self, Cs=DEFAULT_CS, max_iter: int = 1000, refit: bool = True, seed: int = 0):
+        self.Cs, self.max_iter, self.refit, self.seed = Cs, max_iter, refit, seed
+        self._validate()
+
+    def _validate(self):
+        if not all(c > 0 for c in check_grid("Cs", self.Cs)):
+            raise ValueError(f"Cs must all be positive, got {self.Cs!r}")
+        check_positive("max_iter", self.max_iter, int)
+
+    def _logreg(self, C: float, warm: bool = False) -> LogisticRegression:
+        return LogisticRegression(C=C, max_iter=self.max_iter, warm_start=warm, random_state=self.seed)
+
+    def fit(self, X, y, X_val=None, y_val=None, groups=None):
+        self._validate()
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        self.classes_ = np.unique(y)
+        if X_val is None:
+            held = holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)
+            X, X_val, y, y_val = X[~held], X[held], y[~held], y[held]
+        X_val, y_val = np.asarray(X_val, np.float32), np.asarray(y_val)
+        scaler = StandardScaler().fit(X)
+        train, val = scaler.transform(X), scaler.transform(X_val)
+        model = self._logreg(self.Cs[0], warm=True)
+        scores = []
+        for C in sorted(self.Cs):
+            model.set_params(C=C)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(train, y)
+            proba = model.predict_proba(val)
+            accuracy = float(np.mean(model.classes_[proba.argmax(1)] == y_val))
+            scores.append({"C": C, "val_accuracy": accuracy,
+                           "val_log_loss": float(log_loss(y_val, proba, labels=model.classes_))})
+        best = max(scores, key=lambda s: (s["val_accuracy"], -s["val_log_loss"]))
+        self.selection_ = {"parameter": "C", "chosen": best["C"], "val_accuracy": best["val_accuracy"],
+                           "grid": scores, "refit_on_train_and_val": self.refit}
+        if self.refit:
+            X, y = np.concatenate([X, X_val]), np.concatenate([y, y_val])
+        self.pipeline_ = Pipeline([("scale", StandardScaler()), ("logreg", self._logreg(best["C"]))])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.pipeline_.fit(X, y)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        logits = self.pipeline_.decision_function(np.asarray(X, np.float32))
+        return np.stack([np.zeros_like(logits), logits], 1) if logits.ndim == 1 else logits
+
+    def linear_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W [C, D], b [C]) with the scaler folded in: logits = X @ W.T + b."""
+        scale, logreg = self.pipeline_["scale"], self.pipeline_["logreg"]
+        coef, intercept = logreg.coef_ / scale.scale_, logreg.intercept_.copy()
+        intercept = intercept - coef @ scale.mean_
+        if coef.shape[0] == 1:  # binary: sklearn keeps one row; class 0 has logit 0
+            coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+        return coef, intercept
+
+    def to_torch(self) -> torch.nn.Module:
+        coef, intercept = self.linear_weights()
+        layer = torch.nn.Linear(coef.shape[1], coef.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(coef))
+            layer.bias.copy_(torch.from_numpy(intercept))
+        return layer
+
+    def _save_state(self, folder: Path) -> None:
+        joblib.dump(self.pipeline_, folder / "model.joblib")
+
+    def _load_state(self, folder: Path) -> None:
+        self.pipeline_ = joblib.load(folder / "model.joblib")
