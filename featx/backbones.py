@@ -129,7 +129,7 @@ def create_model(
         model = torchvision.models.get_model(name, weights=None)
         loaded = _load_state_dict(model, name, _read_state_dict(path), str(path))
         categories = _imagenet_categories() if loaded and _num_outputs(model, name) == 1000 else ()
-        info = WeightsInfo(spec, str(path), file_digest(path), loaded, categories)
+        info = WeightsInfo(spec, str(path.resolve()), file_digest(path), loaded, categories)
         return model.eval(), info, EvalTransform()
     return _torchvision_pretrained(name, spec, mirror)
 
@@ -146,6 +146,18 @@ def create_backbone(
     replace_classifier(model, name, None)
     model.requires_grad_(False)
     return Backbone(name, model.eval(), dim, info, transform or default_transform)
+
+
+def backbone_from_source(source: dict, mirror: str | os.PathLike | None = None) -> Backbone:
+    """Rebuild the extractor described by a features file's or head's provenance; the weights hash must match."""
+    weights = source["weights"]
+    if source["weights_source"] and Path(source["weights_source"]).is_file():
+        weights = source["weights_source"]
+    backbone = create_backbone(source["backbone"], weights, mirror, EvalTransform.from_dict(source["transform"]))
+    if backbone.weights.sha256 != source["weights_sha256"]:
+        raise WeightsError(f"weights {weights} have sha256 {backbone.weights.sha256[:12]}..., but these features "
+                           f"were made with {source['weights_sha256'][:12]}...; point --mirror at the original file")
+    return backbone
 
 
 def _weights_file(spec: str, mirror) -> Path | None:

@@ -7,6 +7,9 @@ import sys
 import fire
 
 from featx import backbones as backbone_registry
+from featx import export as export_module
+from featx import fit
+from featx import predict as predict_module
 from featx.data import EvalTransform
 from featx.extract import ExtractError, ExtractOptions
 from featx.extract import extract as run_extract
@@ -15,7 +18,7 @@ from featx.extract import extract as run_extract
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
             workers=None, device="auto", amp="auto", channels_last=True, compile=False, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, shard_size=1024, splits=None,
-            overwrite=False):
+            overwrite=False, views=1, augment_seed=0):
     """Run a frozen backbone over an ImageFolder tree and cache pooled features in HDF5.
 
     Writes OUT/BACKBONE/SPLIT.h5 for each split folder (train/, val/, test/) of DATA, or one file for DATA
@@ -41,10 +44,13 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         shard_size: images per committed shard (the most work an interruption can lose).
         splits: only these splits, e.g. --splits train,val.
         overwrite: recompute and replace existing output.
+        views: store this many augmented views (RandomResizedCrop + flip) per training image instead of the
+            centre crop, so heads train with augmentation for the cost of VIEWS forward passes.
+        augment_seed: seed of the augmented views.
     """
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
                              channels_last=channels_last, compile=compile, dtype=dtype, compression=compression,
-                             shard_size=shard_size, overwrite=overwrite)
+                             shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed)
     transform = None
     if resize is not None or crop is not None or draft:
         preset = backbone_registry.create_model(backbone, weights, mirror)[2]
@@ -55,12 +61,73 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
     run_extract(data, backbone, weights, out, mirror, transform, splits, options)
 
 
+def fit_head(train, val="auto", head="logreg", out=None, **params):
+    """Fit a classifier head on cached features and save it (default heads/BACKBONE/HEAD/).
+
+    Args:
+        train: training features file (from `featx extract`).
+        val: validation features file; auto = val.h5 beside TRAIN when present; none = a stratified,
+            deterministic 20% hold-out of TRAIN (views of one image never split).
+        head: logreg (sklearn, C swept on val then refit on train+val), linear (torch nn.Linear, a grid of
+            lr x weight decay trained together, streamed from the file), or knn (cosine, k chosen on val).
+        out: head folder.
+        params: head parameters, e.g. --Cs=[0.01,0.1,1] (logreg), --lrs=[0.01,0.1] --weight_decays=[0,1e-4]
+            --epochs=20 --device=cuda (linear), --ks=[1,5,20] --temperature=0.07 (knn), --seed=0.
+    """
+    fit.fit_head(train, val, head, out, **params)
+
+
+def evaluate(head, features, out=None):
+    """Evaluate a head on a features file: accuracy, balanced accuracy, top-5, per-class P/R/F1, confusion.
+
+    Writes metrics.json and confusion.png to OUT (default HEAD/eval-SPLIT/).
+    """
+    fit.evaluate(head, features, out)
+
+
+def predict(head, *inputs, topk=5, out=None, show=None, batch_size=64, workers=None, device="auto", mirror=None):
+    """Classify image files and folders with backbone + head: top-k classes and probabilities.
+
+    Args:
+        head: head folder (from `featx fit-head`).
+        inputs: image files and/or folders (searched recursively).
+        topk: classes listed per image.
+        out: write results here, as JSON if it ends in .json, else CSV (default: CSV on stdout).
+        show: also write a contact sheet PNG of the images with predicted (and true) labels.
+        batch_size: images per forward pass.
+        workers: decode processes (default: one per core).
+        device: auto, cpu, cuda ...
+        mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
+    """
+    if not inputs:
+        raise ValueError("give at least one image file or folder to classify")
+    records = predict_module.predict(head, list(inputs), topk, batch_size, workers, device, mirror)
+    if out:
+        predict_module.write_records(records, out)
+    else:
+        print(predict_module.to_csv(records), end="")
+    for record in records:
+        if "error" in record:
+            print(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
+    accuracy, labelled = predict_module.accuracy(records)
+    if labelled:
+        print(f"accuracy {accuracy:.4f} on {labelled} images whose folder names their class", file=sys.stderr)
+    if show:
+        predict_module.contact_sheet(records, show)
+
+
+def export(head, out, onnx=True, mirror=None):
+    """Fuse backbone + head into one model (normalised images -> logits): OUT/model.ts, model.onnx, model.json."""
+    export_module.export(head, out, onnx, mirror)
+
+
 def backbones():
     """List the backbone names the registry can build."""
     print("\n".join(backbone_registry.available()))
 
 
-COMMANDS = {"extract": extract, "backbones": backbones}
+COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,
+            "backbones": backbones}
 USER_ERRORS = (ValueError, FileNotFoundError, ExtractError, ConnectionError)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
@@ -44,6 +44,11 @@ class EvalTransform:
             raise ValueError(f"crop {self.crop} must not exceed resize {self.resize}")
         InterpolationMode(self.interpolation)  # raises on an unknown name
 
+    @classmethod
+    def from_dict(cls, described: dict) -> "EvalTransform":
+        """Inverse of ``describe``."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in described.items()})
+
     def describe(self) -> dict:
         """JSON-ready description, stored as provenance."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -52,6 +57,33 @@ class EvalTransform:
         """PIL RGB image -> uint8 tensor [3, crop, crop]."""
         image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation))
         return pil_to_uint8(TF.center_crop(image, self.crop))
+
+
+@dataclass(frozen=True)
+class AugmentTransform:
+    """RandomResizedCrop + horizontal flip (the tutorials' train augmentation), seeded per item.
+
+    Each (seed, item) pair always gives the same crop, whatever the worker or a resumed run.
+    """
+
+    crop: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def __call__(self, image: Image.Image, item: int) -> torch.Tensor:
+        """PIL RGB image -> uint8 tensor [3, crop, crop], augmented as item ``item`` of this seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + item)
+            top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+            flip = bool(torch.rand(()) < 0.5)
+        image = TF.resized_crop(image, top, left, height, width, [self.crop, self.crop],
+                                interpolation=InterpolationMode(self.interpolation))
+        return pil_to_uint8(TF.hflip(image) if flip else image)
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -163,26 +195,33 @@ def discover(root: str | os.PathLike) -> list[Split]:
 class Batch(NamedTuple):
     """A collated batch: decoded images with their row indices, and the rows that failed with why."""
 
-    indices: torch.Tensor  # int64 [b] indices into the file list
+    indices: torch.Tensor  # int64 [b] item indices (image index x views + view)
     images: torch.Tensor  # uint8 [b, 3, H, W]
     failed: list[tuple[int, str]]
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Files -> uint8 tensors. A file that cannot be decoded yields its error instead of raising."""
+    """Files -> uint8 tensors. A file that cannot be decoded yields its error instead of raising.
 
-    def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform):
-        self.root, self.paths, self.transform = Path(root), paths, transform
+    With ``views`` > 1 and an ``augment`` transform, item ``i`` is view ``i % views`` of image ``i // views``.
+    """
+
+    def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
+                 augment: AugmentTransform | None = None):
+        self.root, self.paths, self.transform, self.views, self.augment = Path(root), paths, transform, views, augment
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) * self.views
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        draft = self.transform.resize if self.transform.draft else None
+    def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str]:
+        path = self.root / self.paths[item // self.views]
         try:
-            return index, self.transform(load_rgb(self.root / self.paths[index], draft)), ""
+            if self.augment is not None:
+                return item, self.augment(load_rgb(path), item), ""
+            draft = self.transform.resize if self.transform.draft else None
+            return item, self.transform(load_rgb(path, draft)), ""
         except Exception as error:  # noqa: BLE001 - every decode failure is recorded, none is fatal
-            return index, None, f"{type(error).__name__}: {error}".strip()
+            return item, None, f"{type(error).__name__}: {error}".strip()
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:

@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from featx import store
 from featx.backbones import Backbone, create_backbone
-from featx.data import EvalTransform, ImageFiles, Split, collate, discover
+from featx.data import AugmentTransform, EvalTransform, ImageFiles, Split, collate, discover
 from featx.embed import Embedder
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
-IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "dtype", "views", "class_names",
-                 "file_list_sha256")
+IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "dtype", "views", "augmentation",
+                 "class_names", "file_list_sha256")
+AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "gzip", "lzf")
 
@@ -47,9 +48,11 @@ class ExtractOptions:
     compression: str | None = None
     shard_size: int = 1024
     overwrite: bool = False
+    views: int = 1  # augmented views per training image (1 = the eval transform only)
+    augment_seed: int = 0
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size"):
+        for name in ("batch_size", "shard_size", "views"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -82,10 +85,20 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
             for split in all_splits}
 
 
+def augmentation_for(split: Split, backbone: Backbone, options: ExtractOptions) -> AugmentTransform | None:
+    """The train-time augmentation for ``split`` when ``--views`` asks for several views of it."""
+    if options.views == 1 or split.name not in AUGMENTED_SPLITS:
+        return None
+    return AugmentTransform(backbone.transform.crop, interpolation=backbone.transform.interpolation,
+                            seed=options.augment_seed)
+
+
 def split_attrs(split: Split, backbone: Backbone, options: ExtractOptions) -> dict:
     """Everything recorded about how a split's features are made."""
+    augment = augmentation_for(split, backbone, options)
     return {**backbone.provenance(), "split": split.name, "data_root": str(Path(split.root).resolve()),
-            "class_names": list(split.class_names), "dtype": options.dtype, "views": 1,
+            "class_names": list(split.class_names), "dtype": options.dtype,
+            "views": options.views if augment else 1, "augmentation": augment.describe() if augment else {},
             "file_list_sha256": split.fingerprint()}
 
 
@@ -97,14 +110,13 @@ def _differences(expected: dict, found: dict) -> str:
 def _prepare(path: Path, identity: dict, overwrite: bool) -> bool:
     """Check existing output against ``identity``; returns True when a complete, matching file is there."""
     parts = store.parts_dir(path)
-    if path.exists():
+    if path.exists() and not overwrite:
         found = {k: store.read_meta(path).get(k) for k in IDENTITY_KEYS}
-        if not overwrite:
-            if found == identity:
-                return True
-            raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
-                               "pass --overwrite to replace it, or choose another --out")
-        path.unlink()
+        if found == identity:
+            return True
+        raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
+                           "pass --overwrite to replace it, or choose another --out")
+    path.unlink(missing_ok=True)
     manifest = store.read_manifest(parts)
     if manifest is not None and manifest != identity and not overwrite:
         raise ExtractError(f"{parts} holds an unfinished extraction made differently "
@@ -122,12 +134,12 @@ def plan_shards(num_images: int, shard_size: int, batch_size: int) -> list[list[
             for start, stop in ((s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size))]
 
 
-def write_shards(split: Split, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
-                 transform: EvalTransform, options: ExtractOptions, progress: tqdm | None = None) -> None:
-    """Decode, embed and write the given shards (shard number -> batches of image indices)."""
+def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
+                 options: ExtractOptions, progress: tqdm | None = None) -> None:
+    """Decode, embed and write the given shards (shard number -> batches of dataset items)."""
     order = [(number, i == len(batches) - 1) for number, batches in shards.items() for i in range(len(batches))]
     loader = torch.utils.data.DataLoader(
-        ImageFiles(split.root, split.paths, transform),
+        dataset,
         batch_sampler=[batch for batches in shards.values() for batch in batches],
         num_workers=options.num_workers,
         collate_fn=collate,
@@ -165,7 +177,9 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
         return {"path": str(path), "skipped": True}
     parts = store.parts_dir(path)
-    planned = plan_shards(len(split), options.shard_size, options.batch_size)
+    dataset = ImageFiles(split.root, split.paths, backbone.transform, attrs["views"],
+                         augmentation_for(split, backbone, options))
+    planned = plan_shards(len(dataset), options.shard_size, options.batch_size)
     done = store.finished_shards(parts)
     todo = {n: batches for n, batches in enumerate(planned) if n not in done}
     remaining = sum(len(b) for batches in todo.values() for b in batches)
@@ -173,11 +187,11 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
         print(f"{split.name}: resuming, {len(done)} of {len(planned)} shards already done")
     start = time.perf_counter()
     with tqdm(total=remaining, unit="img", desc=split.name, mininterval=1.0, file=sys.stderr) as progress:
-        write_shards(split, embedder, parts, todo, backbone.transform, options, progress)
+        write_shards(dataset, embedder, parts, todo, options, progress)
     seconds = time.perf_counter() - start
     counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression)
     rate = remaining / seconds if seconds > 0 else float("nan")
-    print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} images processed "
+    print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} views processed "
           f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")
     failed = store.load_failed(path)
     for failed_path, reason in failed[:20]:

@@ -10,7 +10,8 @@ complete. Schema of ``<split>.h5``:
   the source image in the split's file list; several rows share one id when augmented views are stored)
 - ``failed/paths``, ``failed/reasons``: files that could not be decoded, and why
 - attrs: ``format``, ``featx_version``, ``split``, ``data_root``, ``class_names``, ``backbone``, ``weights``,
-  ``weights_source``, ``weights_sha256``, ``feature_dim``, ``transform`` (JSON), ``views``, ``dtype``,
+  ``weights_source``, ``weights_sha256``, ``feature_dim``, ``transform`` (JSON), ``views``, ``augmentation``
+  (JSON; empty unless ``views`` > 1), ``dtype``,
   ``file_list_sha256``, ``created``, ``complete``, ``num_images``, ``num_rows``, ``num_failed``
 """
 
@@ -34,6 +35,8 @@ CHUNK_BYTES = 1 << 20
 STR = h5py.string_dtype("utf-8")
 # Attributes that must agree for two feature files to come from the same extractor.
 SOURCE_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform")
+REQUIRED_ATTRS = (*SOURCE_KEYS, "weights", "weights_source", "class_names", "split", "views", "augmentation",
+                  "dtype", "file_list_sha256")
 
 
 class IncompleteFeaturesError(FileNotFoundError):
@@ -75,27 +78,27 @@ class ShardWriter:
         self.features = self.file.create_dataset(
             "features", (0, feature_dim), maxshape=(None, feature_dim), dtype=dtype, chunks=(rows, feature_dim)
         )
-        self.image_ids = self.file.create_dataset("image_ids", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
-        self.failed_ids: list[int] = []
+        self.items = self.file.create_dataset("items", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        self.failed_items: list[int] = []
         self.failed_reasons: list[str] = []
 
-    def append(self, image_ids: np.ndarray, features: np.ndarray) -> None:
-        """Add rows: the features of the images ``image_ids``."""
-        start, count = self.features.shape[0], len(image_ids)
+    def append(self, items: np.ndarray, features: np.ndarray) -> None:
+        """Add rows: the features of dataset items ``items``."""
+        start, count = self.features.shape[0], len(items)
         self.features.resize(start + count, axis=0)
-        self.image_ids.resize(start + count, axis=0)
+        self.items.resize(start + count, axis=0)
         self.features[start:] = features
-        self.image_ids[start:] = image_ids
+        self.items[start:] = items
 
     def add_failures(self, failures: list[tuple[int, str]]) -> None:
-        """Record images that could not be decoded."""
-        for image_id, reason in failures:
-            self.failed_ids.append(image_id)
+        """Record items whose image could not be decoded."""
+        for item, reason in failures:
+            self.failed_items.append(item)
             self.failed_reasons.append(reason)
 
     def commit(self) -> None:
         """Close the shard and atomically make it visible."""
-        self.file.create_dataset("failed_ids", data=np.asarray(self.failed_ids, dtype=np.int64))
+        self.file.create_dataset("failed_items", data=np.asarray(self.failed_items, dtype=np.int64))
         self.file.create_dataset("failed_reasons", data=np.asarray(self.failed_reasons, dtype=object), dtype=STR)
         self.file.close()
         _commit(_tmp(self.path), self.path)
@@ -132,8 +135,10 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
           compression: str | None = None) -> dict:
     """Write ``path`` from the committed shards of ``parts`` in shard order, then delete ``parts``.
 
-    ``paths``/``labels`` are the split's file list; rows take theirs through ``image_ids``. Returns counts.
+    Shards hold item ids (image index x ``attrs["views"]`` + view); ``paths``/``labels`` are the split's file
+    list, which rows index through ``image_ids``. Returns counts.
     """
+    views = attrs["views"]
     shards = sorted(parts.glob("part-*.h5"))
     with _open_all(shards) as files:
         num_rows = sum(f["features"].shape[0] for f in files)
@@ -143,7 +148,8 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
             rows = min(max(num_rows, 1), _row_chunks(dim, np.dtype(dtype).itemsize))
             features = out.create_dataset("features", (num_rows, dim), dtype=dtype, chunks=(rows, dim),
                                           compression=compression)
-            image_ids = np.concatenate([f["image_ids"][:] for f in files]) if files else np.empty(0, np.int64)
+            items = np.concatenate([f["items"][:] for f in files]) if files else np.empty(0, np.int64)
+            image_ids = items // views
             start = 0
             for f in files:
                 block = f["features"]
@@ -154,12 +160,14 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
             out.create_dataset("image_ids", data=image_ids)
             out.create_dataset("labels", data=labels[image_ids])
             out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
-            failed_ids = np.concatenate([f["failed_ids"][:] for f in files]) if files else np.empty(0, np.int64)
-            reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
+            failed_items = np.concatenate([f["failed_items"][:] for f in files]) if files else np.empty(0, np.int64)
+            all_reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
+            failed_ids, first = np.unique(failed_items // views, return_index=True)  # one entry per image
+            reasons = [all_reasons[i] for i in first]
             failed = out.create_group("failed")
             failed.create_dataset("paths", data=np.asarray([paths[i] for i in failed_ids], dtype=object), dtype=STR)
             failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
-            counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": len(failed_ids)}
+            counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": int(len(failed_ids))}
             stamp = {"format": FORMAT, "featx_version": featx.__version__,
                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True}
             for key, value in {**attrs, **counts, **stamp}.items():
@@ -206,7 +214,11 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = {k: _attr(v) for k, v in f.attrs.items()}
     if meta.get("format") != FORMAT or not meta.get("complete"):
         raise ValueError(f"{path} is not a complete featx features file (format {meta.get('format')!r})")
+    missing = [k for k in REQUIRED_ATTRS if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks attributes {missing}; re-extract it with --overwrite")
     meta["transform"] = json.loads(meta["transform"])
+    meta["augmentation"] = json.loads(meta["augmentation"])
     meta["class_names"] = list(meta["class_names"])
     return meta
 

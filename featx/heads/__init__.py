@@ -17,6 +17,10 @@ def make_head(kind: str, **params) -> Head:
     """A new head of ``kind`` with ``params`` (validated now)."""
     if kind not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}; got {kind!r}")
+    known = HEADS[kind]._get_param_names()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"head {kind} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
     return HEADS[kind](**params)
 
 

@@ -1,0 +1,72 @@
+"""Stage 2: fit a head on cached features, and evaluate a head on a features file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featx import store
+from featx.heads import Head, load_head, make_head
+from featx.metrics import classification_metrics, summary_line, write_metrics
+
+
+def _resolve_val(train: Path, val: str | None) -> Path | None:
+    if val in (None, "none", "None"):
+        return None
+    if val == "auto":
+        beside = train.with_name("val.h5")
+        return beside if beside.is_file() and beside != train else None
+    return Path(val)
+
+
+def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "logreg",
+             out: str | os.PathLike | None = None, **params) -> Head:
+    """Fit a head of kind ``head`` on ``train`` (a features file), choosing its regularisation on ``val``.
+
+    ``val``: a features file, ``auto`` (``val.h5`` beside ``train`` when present), or ``none`` (a stratified,
+    deterministic hold-out of train). Views of one image stay on one side of the hold-out. The ``linear`` head
+    streams features from the file block by block; others load them. Saves to ``out`` (default
+    ``heads/<backbone>/<head>``).
+    """
+    train = Path(train)
+    meta = store.read_meta(train)
+    val_path = _resolve_val(train, val)
+    estimator = make_head(head, **params)
+    with h5py.File(train, "r") as f:
+        X = f["features"] if head == "linear" else f["features"][:]
+        y, groups = f["labels"][:], f["image_ids"][:]
+        if val_path is None:
+            estimator.fit(X, y, groups=groups)
+        else:
+            store.require_same_source(meta, store.read_meta(val_path), f"validation file {val_path}")
+            with h5py.File(val_path, "r") as v:
+                X_val = v["features"] if head == "linear" else v["features"][:]
+                estimator.fit(X, y, X_val, v["labels"][:])
+    estimator.set_source(meta, train=train.resolve(), val=val_path.resolve() if val_path else None)
+    out = Path(out) if out else Path("heads") / meta["backbone"] / head
+    estimator.save(out)
+    selection = estimator.selection_
+    where = f"on {val_path}" if val_path else "on a 20% stratified hold-out of train"
+    print(f"{head}: chose {selection['parameter']} = {selection['chosen']} {where} "
+          f"(val accuracy {selection['val_accuracy']:.4f}) -> {out}")
+    return estimator
+
+
+def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
+    """Metrics of a saved head on a features file, written as ``metrics.json`` + ``confusion.png``."""
+    estimator = load_head(head)
+    meta = store.read_meta(features)
+    estimator.check_features(meta, f"features file {features}")
+    data = store.load(features)
+    metrics = classification_metrics(data.labels, estimator.decision_function(data.features), data.class_names)
+    fitted_on = set(estimator.fitted_on_.values())
+    metrics["held_out"] = str(Path(features).resolve()) not in fitted_on
+    metrics["features"], metrics["head"] = str(features), str(head)
+    folder = Path(out) if out else Path(head) / f"eval-{meta['split']}"
+    write_metrics(metrics, folder, f"{estimator.kind} on {meta['split']}: accuracy {metrics['accuracy']:.3f}")
+    note = "" if metrics["held_out"] else " (NOT held out: the head was fitted on these features)"
+    print(f"{estimator.kind} on {features}: {summary_line(metrics)}{note} -> {folder}")
+    return metrics

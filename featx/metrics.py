@@ -1,0 +1,77 @@
+"""Classification metrics in one format for ``evaluate``, ``predict`` and ``finetune``; confusion-matrix plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, balanced accuracy, top-5 (when more than 5 classes), per-class P/R/F1, confusion matrix.
+
+    ``scores`` [N, C] are logits or probabilities over ``class_names`` (column c is class c).
+    """
+    labels = np.asarray(labels)
+    predicted = scores.argmax(1)
+    classes = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
+                                                                     zero_division=0)
+    metrics = {
+        "num_examples": int(len(labels)),
+        "accuracy": float(np.mean(predicted == labels)) if len(labels) else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)) if len(labels) else float("nan"),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(class_names, precision, recall, f1, support)},
+        "class_names": list(class_names),
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
+    }
+    if len(class_names) > 5:
+        top5 = np.argsort(-scores, axis=1)[:, :5]
+        metrics["top5_accuracy"] = float(np.mean((top5 == labels[:, None]).any(1)))
+    return metrics
+
+
+def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """Write the confusion matrix of ``metrics`` as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix, names = np.asarray(metrics["confusion_matrix"]), metrics["class_names"]
+    size = max(4.0, 0.5 * len(names) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for (row, col), count in np.ndenumerate(matrix):
+        axes.text(col, row, str(count), ha="center", va="center",
+                  color="white" if count > matrix.max() / 2 else "black")
+    axes.set_title(title or f"accuracy {metrics['accuracy']:.3f}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def write_metrics(metrics: dict, folder: str | os.PathLike, title: str = "") -> Path:
+    """``metrics.json`` and ``confusion.png`` in ``folder``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_confusion(metrics, folder / "confusion.png", title)
+    return folder
+
+
+def summary_line(metrics: dict) -> str:
+    """One line: accuracy, balanced accuracy, top-5 when present."""
+    line = f"accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}"
+    if "top5_accuracy" in metrics:
+        line += f", top-5 {metrics['top5_accuracy']:.4f}"
+    return f"{line} on {metrics['num_examples']} examples"

@@ -1,0 +1,117 @@
+"""Classify images with backbone + head: top-k classes with probabilities, as CSV or JSON; contact sheet."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import softmax
+
+from featx.backbones import backbone_from_source
+from featx.data import IMAGE_EXTENSIONS, ImageFiles, collate, list_images, load_rgb
+from featx.embed import Embedder
+from featx.heads import load_head
+
+
+def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
+    """Image files named directly, plus every image under the folders named."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(str(p) for p in list_images(path))
+        elif path.is_file() or path.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(str(path))  # a missing file is reported as a failure, like an undecodable one
+        else:
+            raise FileNotFoundError(f"{item} is neither an image file nor a folder")
+    return files
+
+
+def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
+            workers: int | None = None, device: str = "auto", mirror: str | None = None) -> list[dict]:
+    """One record per image: path, true class (its folder's name, when that is a class), prediction, top-k,
+    logits; undecodable images get an ``error`` instead."""
+    estimator = load_head(head)
+    names = estimator.source_["class_names"]
+    backbone = backbone_from_source(estimator.source_, mirror)
+    embedder = Embedder(backbone, device)
+    files = collect_images(inputs)
+    loader = torch.utils.data.DataLoader(ImageFiles(Path(), tuple(files), backbone.transform), batch_size=batch_size,
+                                         num_workers=os.cpu_count() if workers is None else workers,
+                                         collate_fn=collate)
+    records: list[dict | None] = [None] * len(files)
+    for batch in loader:
+        logits = estimator.decision_function(embedder(batch.images).numpy())
+        probabilities = softmax(logits, axis=1)
+        for index, row_logits, row_probabilities in zip(batch.indices.tolist(), logits, probabilities):
+            order = np.argsort(-row_probabilities)[:topk]
+            top = [(names[estimator.classes_[i]], float(row_probabilities[i])) for i in order]
+            records[index] = {"path": files[index], "predicted": top[0][0], "probability": top[0][1],
+                              "topk": top, "logits": row_logits.tolist()}
+        for index, reason in batch.failed:
+            records[index] = {"path": files[index], "error": reason}
+    for record in records:
+        parent = Path(record["path"]).parent.name
+        record["true"] = parent if parent in names else None
+    return records
+
+
+def accuracy(records: list[dict]) -> tuple[float, int]:
+    """Accuracy over the records whose true class is known, and their count."""
+    labelled = [r for r in records if r.get("true") and "predicted" in r]
+    return (float(np.mean([r["predicted"] == r["true"] for r in labelled])) if labelled else float("nan"),
+            len(labelled))
+
+
+def to_csv(records: list[dict]) -> str:
+    """CSV text: path, true, predicted, probability, top-k as ``class:p;class:p``, error."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "true", "predicted", "probability", "topk", "error"])
+    for r in records:
+        top = ";".join(f"{name}:{p:.6f}" for name, p in r.get("topk", []))
+        writer.writerow([r["path"], r.get("true") or "", r.get("predicted", ""),
+                         f"{r['probability']:.6f}" if "probability" in r else "", top, r.get("error", "")])
+    return buffer.getvalue()
+
+
+def write_records(records: list[dict], out: str | os.PathLike) -> Path:
+    """Write as JSON when ``out`` ends in .json, else CSV."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1) if out.suffix == ".json" else to_csv(records))
+    return out
+
+
+def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, columns: int = 6) -> Path:
+    """PNG grid of images titled with prediction (probability) and true class; green right, red wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decoded = [r for r in records if "predicted" in r]
+    shown = decoded[::max(1, -(-len(decoded) // limit))]  # spread over the whole input
+    rows = max(1, -(-len(shown) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, record in zip(axes.flat, shown):
+        image = load_rgb(record["path"])
+        image.thumbnail((224, 224))
+        axis.imshow(image)
+        title = f"{record['predicted']} ({record['probability']:.2f})"
+        colour = "black"
+        if record["true"]:
+            title += f"\ntrue: {record['true']}"
+            colour = "green" if record["true"] == record["predicted"] else "red"
+        axis.set_title(title, fontsize=8, color=colour)
+    figure.tight_layout()
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return Path(out)

@@ -1,0 +1,74 @@
+"""predict reproduces evaluate; the exported fused model reproduces predict's logits."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder
+from featx.backbones import backbone_from_source
+from featx.data import ImageFiles, collate
+from featx.embed import Embedder
+from featx.export import export, fused_model
+from featx.extract import ExtractOptions, extract
+from featx.fit import evaluate, fit_head
+from featx.predict import accuracy, predict, to_csv
+
+
+def test_predict_on_val_folder_reproduces_evaluate(hymenoptera_features, hymenoptera, tmp_path):
+    head = tmp_path / "head"
+    fit_head(hymenoptera_features / "train.h5", "none", "logreg", head)
+    metrics = evaluate(head, hymenoptera_features / "val.h5", tmp_path / "eval")
+    records = predict(head, [str(hymenoptera / "val")], topk=2, workers=1)
+    assert len(records) == 153 and all(r["true"] in ("ants", "bees") for r in records)
+    assert accuracy(records) == (pytest.approx(metrics["accuracy"]), 153)
+    rows = list(csv.DictReader(io.StringIO(to_csv(records))))
+    assert rows[0]["predicted"] in ("ants", "bees") and rows[0]["topk"].count(":") == 2
+
+
+@pytest.fixture(scope="module")
+def small_head(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    data = make_image_folder(root / "data", per_class=8)
+    extract(data, "resnet18", "none", root / "features", options=ExtractOptions(workers=0))
+    fit_head(root / "features" / "resnet18" / "train.h5", "auto", "linear", root / "head", epochs=20)
+    return root / "head", data
+
+
+def test_export_matches_predict_logits(small_head, tmp_path):
+    head, data = small_head
+    records = predict(head, [str(data / "val")], workers=0)
+    backbone = backbone_from_source(fused_model(head)[1])
+    files = ImageFiles(Path(), tuple(r["path"] for r in records), backbone.transform)
+    images = Embedder(backbone, "cpu").normalise(collate([files[i] for i in range(len(files))]).images)
+    export(head, tmp_path, onnx=False)
+    predicted = np.array([r["logits"] for r in records])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(tmp_path / "model.ts"))(images).numpy()
+        exported = torch.export.load(tmp_path / "model.pt2").module()(images).numpy()
+    assert np.abs(scripted - predicted).max() <= 1e-4
+    assert np.abs(exported - predicted).max() <= 1e-4
+    assert (tmp_path / "model.json").read_text().count("cats") == 1
+
+
+def test_predict_cli_reports_bad_images_and_writes_json(small_head, tmp_path):
+    head, data = small_head
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = subprocess.run([sys.executable, "-m", "featx", "predict", str(head), str(data / "val" / "cats"),
+                             str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "p.json"), "--show",
+                             str(tmp_path / "sheet.png"), "--workers", "0"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+    assert "accuracy" in result.stderr and (tmp_path / "sheet.png").stat().st_size > 1000
+    records = json.loads((tmp_path / "p.json").read_text())
+    assert len(records) == 9 and "error" in records[-1]
