@@ -12,6 +12,7 @@ from featx import fit
 from featx import predict as predict_module
 from featx.data import EvalTransform
 from featx.extract import ExtractError, ExtractOptions
+from featx.finetune import FinetuneConfig, Run
 from featx.extract import extract as run_extract
 
 
@@ -121,13 +122,37 @@ def export(head, out, onnx=True, mirror=None):
     export_module.export(head, out, onnx, mirror)
 
 
+def finetune(data, out="runs/finetune", resume=False, mirror=None, **recipe):
+    """Fine-tune a backbone end to end with a new head (at --head_lr_mult x the lr), or train from scratch.
+
+    Writes OUT/: run.json, history.json, curves.png, last.pt (every epoch), best.pt (best val accuracy),
+    metrics.json + confusion.png of the best model; OUT works with `featx predict` and `featx export`.
+
+    Args:
+        data: ImageFolder root with train/ and val/ (or test/).
+        out: run folder.
+        resume: continue from OUT/last.pt (same recipe) with its optimiser, schedule and RNG state.
+        mirror: offline mirror for the weights (default: $FEATX_MIRROR).
+        recipe: --backbone resnet18 --weights DEFAULT --init pretrained|scratch
+            --head_init random|probe|reuse --probe HEAD_FOLDER --reuse "ants=310,bees=309"|auto
+            --freeze none|backbone|layer2 --epochs 5 --batch_size 32 --lr 0.01 --head_lr_mult 10
+            --optimizer sgd|adamw --momentum 0.9 --weight_decay 1e-4 --schedule constant|step|cosine
+            --step_size 7 --gamma 0.1 --warmup_epochs 0 --resize 256 --crop 224 --workers N --device auto --amp auto
+            --channels_last True --seed 0
+    """
+    unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown finetune options {unknown}; see `featx finetune --help`")
+    Run(data, out, FinetuneConfig(**recipe), mirror).fit(resume)
+
+
 def backbones():
     """List the backbone names the registry can build."""
     print("\n".join(backbone_registry.available()))
 
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,
-            "backbones": backbones}
+            "finetune": finetune, "backbones": backbones}
 USER_ERRORS = (ValueError, FileNotFoundError, ExtractError, ConnectionError)
 
 

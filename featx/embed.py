@@ -39,6 +39,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 on ``mean``'s device: the same ops as ToTensor + Normalize."""
+    x = images.to(mean.device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def channel_stats(transform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transform's mean and std as [1, 3, 1, 1] tensors on ``device``."""
+    shape = (1, 3, 1, 1)
+    return (torch.tensor(transform.mean, device=device).view(shape),
+            torch.tensor(transform.std, device=device).view(shape))
+
+
 class Embedder:
     """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU."""
 
@@ -52,15 +65,11 @@ class Embedder:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if compile else model
-        shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(backbone.transform.mean, device=self.device).view(shape)
-        self.std = torch.tensor(backbone.transform.std, device=self.device).view(shape)
+        self.mean, self.std = channel_stats(backbone.transform, self.device)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] (any device) -> normalised float32 on the model's device."""
-        x = images.to(self.device, non_blocking=True).float().div_(255)  # same ops as ToTensor + Normalize
-        x = x.sub_(self.mean).div_(self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalise(images, self.mean, self.std, self.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

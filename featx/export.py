@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from featx.backbones import backbone_from_source
+from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
 
 
@@ -21,15 +22,20 @@ class Classifier(nn.Sequential):
         super().__init__(backbone, nn.Flatten(1), head)
 
 
-def fused_model(head: str | os.PathLike, mirror: str | None = None) -> tuple[Classifier, dict]:
-    """The fused model in eval mode and the head's provenance (class names, transform)."""
-    estimator = load_head(head)
+def fused_model(folder: str | os.PathLike, mirror: str | None = None) -> tuple[nn.Module, dict]:
+    """A head folder (fused with its backbone) or a finetune run folder (its best model), in eval mode, and its
+    provenance (class names, transform, backbone, weights hash)."""
+    if (Path(folder) / RUN_FILE).is_file():
+        return load_finetuned(folder)
+    estimator = load_head(folder)
     backbone = backbone_from_source(estimator.source_, mirror)
     return Classifier(backbone.model, estimator.to_torch()).eval(), estimator.source_
 
 
 def export(head: str | os.PathLike, out: str | os.PathLike, onnx: bool = True, mirror: str | None = None) -> dict:
-    """Write ``model.ts`` (TorchScript, traced), ``model.pt2`` (``torch.export``, TorchScript's successor),
+    """Export a head folder (fused with its backbone) or a finetune run folder.
+
+    Writes ``model.ts`` (TorchScript, traced), ``model.pt2`` (``torch.export``, TorchScript's successor),
     ``model.onnx`` when ``onnx``/``onnxscript`` are installed, and ``model.json`` (class names, preprocessing)."""
     model, source = fused_model(head, mirror)
     crop = source["transform"]["crop"]

@@ -7,14 +7,16 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from scipy.special import softmax
 
-from featx.backbones import backbone_from_source
-from featx.data import IMAGE_EXTENSIONS, ImageFiles, collate, list_images, load_rgb
+from featx.backbones import Backbone, WeightsInfo, backbone_from_source
+from featx.data import IMAGE_EXTENSIONS, EvalTransform, ImageFiles, collate, list_images, load_rgb
 from featx.embed import Embedder
+from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
 
 
@@ -32,25 +34,39 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
     return files
 
 
-def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
-            workers: int | None = None, device: str = "auto", mirror: str | None = None) -> list[dict]:
-    """One record per image: path, true class (its folder's name, when that is a class), prediction, top-k,
-    logits; undecodable images get an ``error`` instead."""
-    estimator = load_head(head)
-    names = estimator.source_["class_names"]
+def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str | None = None
+                    ) -> tuple[Callable[[torch.Tensor], np.ndarray], EvalTransform, list[str]]:
+    """(uint8 image batch -> logits, the transform it expects, the class name of each logit column) for a head
+    folder (backbone features, then the head's ``decision_function``, as ``evaluate`` does) or a finetune run."""
+    if (Path(folder) / RUN_FILE).is_file():
+        model, record = load_finetuned(folder)
+        transform = EvalTransform.from_dict(record["transform"])
+        info = WeightsInfo("finetuned", str(folder), "")
+        embedder = Embedder(Backbone(record["backbone"], model, record["num_classes"], info, transform), device)
+        return (lambda images: embedder(images).numpy()), transform, record["class_names"]
+    estimator = load_head(folder)
     backbone = backbone_from_source(estimator.source_, mirror)
     embedder = Embedder(backbone, device)
+    names = [estimator.source_["class_names"][c] for c in estimator.classes_]
+    return (lambda images: estimator.decision_function(embedder(images).numpy())), backbone.transform, names
+
+
+def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
+            workers: int | None = None, device: str = "auto", mirror: str | None = None) -> list[dict]:
+    """Classify with a head folder or a finetune run folder. One record per image: path, true class (its folder's name, when that is a class), prediction, top-k,
+    logits; undecodable images get an ``error`` instead."""
+    classify, transform, names = load_classifier(head, device, mirror)
     files = collect_images(inputs)
-    loader = torch.utils.data.DataLoader(ImageFiles(Path(), tuple(files), backbone.transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(Path(), tuple(files), transform), batch_size=batch_size,
                                          num_workers=os.cpu_count() if workers is None else workers,
                                          collate_fn=collate)
     records: list[dict | None] = [None] * len(files)
     for batch in loader:
-        logits = estimator.decision_function(embedder(batch.images).numpy())
+        logits = classify(batch.images)
         probabilities = softmax(logits, axis=1)
         for index, row_logits, row_probabilities in zip(batch.indices.tolist(), logits, probabilities):
             order = np.argsort(-row_probabilities)[:topk]
-            top = [(names[estimator.classes_[i]], float(row_probabilities[i])) for i in order]
+            top = [(names[i], float(row_probabilities[i])) for i in order]
             records[index] = {"path": files[index], "predicted": top[0][0], "probability": top[0][1],
                               "topk": top, "logits": row_logits.tolist()}
         for index, reason in batch.failed:

@@ -94,7 +94,7 @@ class LinearHead(Head):
         n_train = int(train_rows.sum())
         batch = min(self.batch_size, n_train)
         steps_per_epoch = sum(math.ceil(train_rows[a:b].sum() / batch) for a, b in _blocks(len(y), self.block_rows))
-        epochs = self.epochs or max(5, math.ceil(1000 / steps_per_epoch))
+        epochs = self.epochs or max(5, math.ceil(300 / steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
         mean_d, std_d = mean.to(device), std.to(device)
         blocks = _blocks(len(y), self.block_rows)

@@ -1,0 +1,127 @@
+"""Fine-tuning: parameter groups and freezing, head initialisation, schedules, resume after SIGKILL, accuracy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder
+from featx.finetune import FinetuneConfig, Run, imagenet_rows, lr_factor
+from featx.predict import accuracy, predict
+
+SMALL = dict(backbone="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0)
+
+
+def test_param_groups_and_freezing(image_folder, tmp_path):
+    run = Run(image_folder, tmp_path, FinetuneConfig(**SMALL, freeze="layer2", lr=0.05, head_lr_mult=10))
+    groups = {g["name"]: g for g in run.optimizer.param_groups}
+    assert groups["head"]["lr"] == 10 * groups["backbone"]["lr"] == pytest.approx(0.5)
+    assert groups["head"]["lr"] == run.cfg.lr * run.cfg.head_lr_mult
+    head_ids = {id(p) for p in run.model.fc.parameters()}
+    assert {id(p) for p in groups["head"]["params"]} == head_ids
+    frozen = {n for n, p in run.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in run.model.named_parameters() if n.split(".")[0] in
+                      ("conv1", "bn1", "layer1", "layer2")}
+    in_optimizer = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for n, p in run.model.named_parameters() if n in frozen}
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    stats_before = run.model.layer1[0].bn1.running_mean.clone()
+    run.train_epoch()
+    after = dict(run.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert not torch.equal(before["layer3.0.conv1.weight"], after["layer3.0.conv1.weight"])
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert torch.equal(stats_before, run.model.layer1[0].bn1.running_mean)  # frozen BatchNorm kept eval mode
+    assert not run.model.layer1[0].bn1.training and run.model.layer3[0].bn1.training
+
+
+def test_freeze_backbone_trains_only_the_head(image_folder, tmp_path):
+    run = Run(image_folder, tmp_path, FinetuneConfig(**SMALL, freeze="backbone"))
+    assert [g["name"] for g in run.optimizer.param_groups] == ["head"]
+    assert run.describe()["trainable_parameters"] == 512 * 2 + 2
+
+
+def test_bad_recipes_are_named(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="layer9.*layer1"):
+        Run(image_folder, tmp_path, FinetuneConfig(**SMALL, freeze="layer9"))
+    with pytest.raises(ValueError, match="schedule"):
+        FinetuneConfig(schedule="linear")
+    with pytest.raises(ValueError, match="probe"):
+        FinetuneConfig(head_init="probe")
+
+
+def test_schedules():
+    step = lr_factor(FinetuneConfig(schedule="step", epochs=25, step_size=7, gamma=0.1), steps_per_epoch=10)
+    assert step(69) == 1.0 and step(70) == pytest.approx(0.1) and step(140) == pytest.approx(0.01)
+    cosine = lr_factor(FinetuneConfig(schedule="cosine", epochs=10, warmup_epochs=1), steps_per_epoch=10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == 1.0 and cosine(55) == pytest.approx(0.5)
+
+
+def test_imagenet_rows_by_name_and_by_index():
+    from featx.backbones import _imagenet_categories
+
+    categories = _imagenet_categories()
+    assert imagenet_rows(["ants", "bees"], categories, "auto") == {0: 310, 1: 309}
+    assert imagenet_rows(["ants", "bees"], categories, "ants=310,bees=309") == {0: 310, 1: 309}
+    with pytest.raises(ValueError, match="wasps"):
+        imagenet_rows(["ants", "bees"], categories, "wasps=1")
+
+
+def test_squeezenet_reused_imagenet_rows_classify_before_training(hymenoptera, squeezenet_weights, tmp_path):
+    cfg = FinetuneConfig(backbone="squeezenet1_1", weights=str(squeezenet_weights), head_init="reuse",
+                         reuse="ants=310,bees=309", workers=1)
+    run = Run(hymenoptera, tmp_path, cfg)
+    assert run.head_report["reused_rows"] == {"ants": 310, "bees": 309}
+    assert run.evaluate()["val_accuracy"] >= 0.90
+
+
+@pytest.mark.slow
+def test_real_finetune_reaches_095(hymenoptera, mobilenet_weights, tmp_path):
+    cfg = FinetuneConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), epochs=2, lr=0.01,
+                         batch_size=32, workers=2)
+    metrics = Run(hymenoptera, tmp_path, cfg).fit()
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2] and metrics["accuracy"] >= 0.95
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "confusion.png").is_file()
+
+
+def _finetune_command(data, out, *extra):
+    return [sys.executable, "-m", "featx", "finetune", str(data), "--out", str(out), "--backbone", "resnet18",
+            "--weights", "none", "--resize", "72", "--crop", "64", "--batch_size", "4", "--epochs", "3",
+            "--workers", "0", "--schedule", "step", "--step_size", "1", *extra]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=24, size=(72, 72))
+    subprocess.run(_finetune_command(data, tmp_path / "reference"), check=True, capture_output=True)
+    out = tmp_path / "resumed"
+    process = subprocess.Popen(_finetune_command(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        history = out / "history.json"
+        if history.is_file() and len(json.loads(history.read_text() or "[]")) >= 2:  # epoch 1 finished
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)  # into epoch 2
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(json.loads((out / "history.json").read_text())) == 2, "not killed during epoch 2"
+    subprocess.run(_finetune_command(data, out, "--resume"), check=True, capture_output=True)
+    reference = json.loads((tmp_path / "reference" / "history.json").read_text())
+    resumed = json.loads((out / "history.json").read_text())
+    assert [h["steps"] for h in resumed] == [h["steps"] for h in reference] == [0, 12, 24, 36]
+    assert [h["val_accuracy"] for h in resumed] == [h["val_accuracy"] for h in reference]
+    assert [h["train_loss"] for h in resumed[1:]] == pytest.approx([h["train_loss"] for h in reference[1:]], rel=1e-5)
+    final = torch.load(out / "last.pt", weights_only=True)["model"]
+    expected = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+    records = predict(out, [str(data / "val")], workers=0)  # the run folder works with predict
+    assert accuracy(records)[1] == 48 and np.isfinite(records[0]["logits"]).all()
