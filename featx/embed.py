@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch._inductor.config
 
 from featx.backbones import Backbone
 
@@ -64,7 +65,9 @@ class Embedder:
         model = backbone.model.eval().to(self.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if compile else model
+        self.compiled = compile
+        self.model = torch.compile(model, dynamic=False) if compile else model
+        self.batch_size = 0  # the compiled batch size: smaller batches are padded up to it (no recompiling)
         self.mean, self.std = channel_stats(backbone.transform, self.device)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
@@ -74,8 +77,16 @@ class Embedder:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32 [B, D] on the CPU."""
-        if images.shape[0] == 0:
+        count = images.shape[0]
+        if count == 0:
             return torch.empty(0, self.feature_dim)
-        with autocast(self.device, self.amp):
+        if not self.compiled:
+            with autocast(self.device, self.amp):
+                return self.model(self.normalise(images)).float().flatten(1).cpu()
+        self.batch_size = max(self.batch_size, count)
+        if count < self.batch_size:
+            images = torch.cat([images, images.new_zeros(self.batch_size - count, *images.shape[1:])])
+        # Inference-only "freezing" folds the frozen weights into prepacked oneDNN kernels: the CPU win.
+        with autocast(self.device, self.amp), torch._inductor.config.patch(freezing=True):
             features = self.model(self.normalise(images))
-        return features.float().flatten(1).cpu()
+        return features[:count].float().flatten(1).cpu()

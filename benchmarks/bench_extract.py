@@ -1,0 +1,122 @@
+"""Images/s of the plain tutorial loop vs `featx extract`, same images and backbone, JPEG decode included.
+
+The plain loop is the PyTorch tutorial's: torchvision ImageFolder + PIL transforms (Resize 256, CenterCrop 224,
+ToTensor, Normalize) + DataLoader(batch_size=4, num_workers=4) + the eager model under no_grad. A second plain
+row uses featx's batch size and worker count, so the gain from batching alone is visible. featx's time is also
+split into its stages (decode, model, write), each measured alone.
+
+    python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets, transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, timed, write_results  # noqa: E402
+
+from featx.backbones import create_backbone  # noqa: E402
+from featx.data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, discover  # noqa: E402
+from featx.embed import Embedder  # noqa: E402
+from featx.extract import ExtractOptions, extract  # noqa: E402
+from featx.store import ShardWriter  # noqa: E402
+
+
+def plain_loop(data: Path, backbone: str, batch_size: int, workers: int) -> int:
+    """The tutorial's loop over every split; returns the number of images."""
+    preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    folders = [data / s for s in ("train", "val", "test") if (data / s).is_dir()] or [data]
+    dataset = torch.utils.data.ConcatDataset([datasets.ImageFolder(f, preprocess) for f in folders])
+    model = create_backbone(backbone, "none").model.eval()
+    count = 0
+    with torch.no_grad():
+        for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+            model(images)
+            count += len(images)
+    return count
+
+
+def featx_extract(data: Path, backbone: str, options: ExtractOptions, draft: bool) -> int:
+    with tempfile.TemporaryDirectory() as out:
+        summaries = extract(data, backbone, "none", out, transform=EvalTransform(draft=draft), options=options)
+    return sum(s["num_rows"] + s["num_failed"] for s in summaries.values())
+
+
+def stage_split(data: Path, backbone: str, batch_size: int, draft: bool) -> dict:
+    """Milliseconds per image of each featx stage, measured alone on one process."""
+    split = discover(data)[0]
+    files = ImageFiles(split.root, split.paths, EvalTransform(draft=draft))
+    count = min(len(files), 128)
+    times: dict = {}
+    with timed(times, "decode"):
+        images = torch.stack([files[i][1] for i in range(count)])
+    embedder = Embedder(create_backbone(backbone, "none"), "cpu")
+    embedder(images[:batch_size])  # warm-up
+    with timed(times, "model"):
+        for start in range(0, count, batch_size):
+            features = embedder(images[start:start + batch_size])
+    with tempfile.TemporaryDirectory() as out:
+        writer = ShardWriter(Path(out) / "part-00000.h5", features.shape[1])
+        rows = np.random.default_rng(0).standard_normal((count, features.shape[1]), dtype=np.float32)
+        with timed(times, "write"):
+            for start in range(0, count, batch_size):
+                writer.append(np.arange(start, min(start + batch_size, count)), rows[start:start + batch_size])
+            writer.commit()
+    return {k: 1000 * v / count for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEATX_MIRROR", "../shared"))
+                        / "datasets" / "hymenoptera_data")
+    parser.add_argument("--backbones", default="mobilenet_v2,resnet18,resnet50")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run")
+    parser.add_argument("--draft", action="store_true", help="also time featx with reduced-size JPEG decode")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    workers = args.workers if args.workers is not None else os.cpu_count()
+    featx_options = ExtractOptions(batch_size=args.batch_size, workers=workers)
+    rows, table = [], ["| backbone | loop | images/s | vs tutorial loop |", "|---|---|---|---|"]
+    for backbone in args.backbones.split(","):
+        runs = {
+            "plain (tutorial: batch 4, 4 workers)": lambda: plain_loop(args.data, backbone, 4, 4),
+            f"plain (batch {args.batch_size}, {workers} workers)":
+                lambda: plain_loop(args.data, backbone, args.batch_size, workers),
+            "featx extract": lambda: featx_extract(args.data, backbone, featx_options, False),
+        }
+        if args.draft:
+            runs["featx extract --draft"] = lambda: featx_extract(args.data, backbone, featx_options, True)
+        rates = {}
+        for name, run in runs.items():
+            best = 0.0
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                count = run()
+                best = max(best, count / (time.perf_counter() - start))
+            rates[name] = best
+        baseline = next(iter(rates.values()))
+        for name, rate in rates.items():
+            rows.append({"backbone": backbone, "loop": name, "images_per_second": rate, "ratio": rate / baseline})
+            table.append(f"| {backbone} | {name} | {rate:.1f} | {rate / baseline:.2f}x |")
+        stages = stage_split(args.data, backbone, args.batch_size, False)
+        rows.append({"backbone": backbone, "loop": "featx stages alone (ms/image, one process)", **stages})
+        table.append(f"| {backbone} | featx stages alone, ms/image: " +
+                     ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + " | | |")
+    write_results("bench_extract", {"data": str(args.data), "rows": rows}, table, args.out or RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Shared by the benchmarks: machine description, timing, and writing JSON + Markdown results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, torch version and device, recorded with every result."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+@contextmanager
+def timed(store: dict, key: str):
+    """Add the wall time of the block to ``store[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = store.get(key, 0.0) + time.perf_counter() - start
+
+
+def write_results(name: str, results: dict, table: list[str], out: Path = RESULTS) -> None:
+    """``out/NAME.json`` (with machine info) and ``out/NAME.md``; prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "machine": machine_info(), **results}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    machine = record["machine"]
+    header = f"# {name}\n\n{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, " \
+             f"device {machine['cuda'] or 'cpu'}, {machine['date']}\n\n"
+    (out / f"{name}.md").write_text(header + "\n".join(table) + "\n")
+    print(header + "\n".join(table))

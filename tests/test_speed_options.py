@@ -1,0 +1,53 @@
+"""Speed options that change numerics agree with the exact path within their documented tolerance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from featx import store
+from featx.backbones import create_backbone
+from featx.data import EvalTransform, ImageFiles, collate, discover
+from featx.embed import Embedder
+from featx.extract import ExtractOptions, extract
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def real_batch(hymenoptera):
+    split = discover(hymenoptera)[1]
+    files = ImageFiles(split.root, split.paths, EvalTransform())
+    return collate([files[i] for i in range(0, len(files), 5)]).images
+
+
+def test_compile_with_freezing_matches_eager(real_batch, mobilenet_weights):
+    eager = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu")(real_batch)
+    compiled_embedder = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", compile=True)
+    compiled = compiled_embedder(real_batch)
+    ragged = compiled_embedder(real_batch[:7])  # padded to the compiled batch size
+    assert (compiled - eager).abs().max() <= 1e-4 and (ragged - eager[:7]).abs().max() <= 1e-4
+
+
+def test_bf16_autocast_on_cpu_stays_close(real_batch, mobilenet_weights):
+    exact = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", amp="none")(real_batch)
+    bf16 = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", amp="bf16")(real_batch)
+    assert _cosine(exact.numpy(), bf16.numpy()).min() >= 0.99
+
+
+def test_draft_decode_and_float16_storage_stay_close(hymenoptera, mobilenet_weights, tmp_path):
+    weights = str(mobilenet_weights)
+    extract(hymenoptera, "mobilenet_v2", weights, tmp_path / "exact", splits=["val"])
+    extract(hymenoptera, "mobilenet_v2", weights, tmp_path / "draft", transform=EvalTransform(draft=True),
+            splits=["val"])
+    extract(hymenoptera, "mobilenet_v2", weights, tmp_path / "half", splits=["val"],
+            options=ExtractOptions(dtype="float16"))
+    exact, draft, half = (store.load(tmp_path / r / "mobilenet_v2" / "val.h5") for r in ("exact", "draft", "half"))
+    assert draft.meta["transform"]["draft"] and exact.paths == draft.paths
+    assert _cosine(exact.features, draft.features).min() >= 0.95
+    assert np.median(_cosine(exact.features, draft.features)) >= 0.99
+    relative = np.abs(half.features.astype(np.float32) - exact.features) / (np.abs(exact.features) + 1e-2)
+    assert relative.max() <= 1e-2
