@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run")
     parser.add_argument("--draft", action="store_true", help="also time featx with reduced-size JPEG decode")
+    parser.add_argument("--compile", action="store_true", help="also time featx --compile (after a warm-up run)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -99,6 +101,11 @@ def main() -> None:
         }
         if args.draft:
             runs["featx extract --draft"] = lambda: featx_extract(args.data, backbone, featx_options, True)
+        if args.compile:
+            compiled = replace(featx_options, compile=True)
+            featx_extract(args.data, backbone, compiled, False)  # fills the Inductor cache
+            runs["featx extract --compile (warm compile cache)"] = \
+                lambda: featx_extract(args.data, backbone, compiled, False)
         rates = {}
         for name, run in runs.items():
             best = 0.0

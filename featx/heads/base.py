@@ -43,6 +43,19 @@ class Head(ClassifierMixin, BaseEstimator):
 
     kind = ""
 
+    def _holdout(self, y: np.ndarray, groups) -> np.ndarray:
+        """Mask of the rows held out for selection when no validation set is given."""
+        return holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)
+
+    def _split(self, X, y, X_val, y_val, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """In-memory (X, y, X_val, y_val): the validation set given, or a hold-out of X; sets ``classes_``."""
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        self.classes_ = np.unique(y)
+        if X_val is None:
+            held = self._holdout(y, groups)
+            return X[~held], y[~held], X[held], y[held]
+        return X, y, np.asarray(X_val, np.float32), np.asarray(y_val)
+
     def decision_function(self, X) -> np.ndarray:
         """Logits [N, C]; ``softmax`` of them is ``predict_proba``."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx.heads.base import Head, check_grid, check_positive, holdout_split
+from featx.heads.base import Head, check_grid, check_positive
 
 
 class CosineKNN(nn.Module):
@@ -51,12 +51,7 @@ class KNNHead(Head):
 
     def fit(self, X, y, X_val=None, y_val=None, groups=None):
         self._validate()
-        X, y = np.asarray(X, np.float32), np.asarray(y)
-        self.classes_ = np.unique(y)
-        if X_val is None:
-            held = holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)
-            X, X_val, y, y_val = X[~held], X[held], y[~held], y[held]
-        X_val, y_val = np.asarray(X_val, np.float32), np.asarray(y_val)
+        X, y, X_val, y_val = self._split(X, y, X_val, y_val, groups)
         targets = torch.from_numpy(np.searchsorted(self.classes_, y))
         val_targets = torch.from_numpy(np.searchsorted(self.classes_, y_val))
         knn = CosineKNN(torch.from_numpy(X), targets, len(self.classes_), max(self.ks), self.temperature)

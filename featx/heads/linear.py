@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from featx.embed import resolve_device
-from featx.heads.base import Head, check_grid, check_positive, holdout_split
+from featx.heads.base import Head, check_grid, check_positive
 
 
 class StandardisedLinear(nn.Module):
@@ -78,7 +78,7 @@ class LinearHead(Head):
         targets = np.searchsorted(self.classes_, y)
         train_rows = np.ones(len(y), bool)
         if X_val is None:
-            train_rows = ~holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)
+            train_rows = ~self._holdout(y, groups)
             X_val, val_rows, val_targets = X, ~train_rows, targets
         else:
             val_rows = np.ones(X_val.shape[0], bool)

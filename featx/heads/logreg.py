@@ -14,7 +14,7 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featx.heads.base import Head, check_grid, check_positive, holdout_split
+from featx.heads.base import Head, check_grid, check_positive
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-6, 5, 23))
 
@@ -41,12 +41,7 @@ class LogRegHead(Head):
 
     def fit(self, X, y, X_val=None, y_val=None, groups=None):
         self._validate()
-        X, y = np.asarray(X, np.float32), np.asarray(y)
-        self.classes_ = np.unique(y)
-        if X_val is None:
-            held = holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)
-            X, X_val, y, y_val = X[~held], X[held], y[~held], y[held]
-        X_val, y_val = np.asarray(X_val, np.float32), np.asarray(y_val)
+        X, y, X_val, y_val = self._split(X, y, X_val, y_val, groups)
         scaler = StandardScaler().fit(X)
         train, val = scaler.transform(X), scaler.transform(X_val)
         model = self._logreg(self.Cs[0], warm=True)

@@ -1,0 +1,82 @@
+"""Training examples/s: the d2l-style fine-tuning loop vs `featx finetune`, same model, batch size and data.
+
+d2l loop (`train_ch13` with `train_batch_ch13`): ImageFolder + PIL RandomResizedCrop(224)/flip/ToTensor/Normalize,
+DataLoader(shuffle, num_workers=4), eager contiguous model in train mode, SGD with the head at 10x lr, loss summed
+over the batch. Changed: batch 32 instead of 128 (CPU), one epoch over the ants/bees train split.
+
+    python benchmarks/bench_finetune.py --backbones resnet18,mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import datasets, transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
+from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from featx.finetune import FinetuneConfig, Run  # noqa: E402
+
+
+def d2l_loop(data: Path, backbone: str, batch_size: int) -> float:
+    """One epoch of the d2l loop; returns training examples/s."""
+    augment = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                  transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(data / "train", augment), batch_size=batch_size,
+                                         shuffle=True, num_workers=4)
+    model = create_model(backbone, "none")[0]
+    head = replace_classifier(model, backbone, 2)
+    nn.init.xavier_uniform_(head.weight)
+    head_name = classifier_layer_name(model, backbone)
+    body = [p for n, p in model.named_parameters() if not n.startswith(head_name + ".")]
+    optimizer = torch.optim.SGD([{"params": body}, {"params": head.parameters(), "lr": 5e-4}], lr=5e-5,
+                                weight_decay=1e-3)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    model.train()
+    seen, start = 0, time.perf_counter()
+    for images, labels in loader:
+        optimizer.zero_grad()
+        loss(model(images), labels).sum().backward()
+        optimizer.step()
+        seen += len(labels)
+    return seen / (time.perf_counter() - start)
+
+
+def featx_loop(data: Path, backbone: str, batch_size: int) -> float:
+    """One epoch of featx's loop (channels_last, uint8 batches normalised in the loop); training examples/s."""
+    with tempfile.TemporaryDirectory() as out:
+        run = Run(data, out, FinetuneConfig(backbone=backbone, weights="none", batch_size=batch_size, epochs=1))
+        return run.train_epoch()["train_examples_per_second"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEATX_MIRROR", "../shared"))
+                        / "datasets" / "hymenoptera_data")
+    parser.add_argument("--backbones", default="resnet18,mobilenet_v2")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows, table = [], ["| backbone | loop | train examples/s | vs d2l loop |", "|---|---|---|---|"]
+    for backbone in args.backbones.split(","):
+        d2l = d2l_loop(args.data, backbone, args.batch_size)
+        featx = featx_loop(args.data, backbone, args.batch_size)
+        rows.append({"backbone": backbone, "d2l_examples_per_second": d2l, "featx_examples_per_second": featx,
+                     "ratio": featx / d2l})
+        table += [f"| {backbone} | d2l train_ch13 style | {d2l:.1f} | 1.00x |",
+                  f"| {backbone} | featx finetune | {featx:.1f} | {featx / d2l:.2f}x |"]
+    write_results("bench_finetune", {"batch_size": args.batch_size, "rows": rows}, table, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""fit-head cost vs N on synthetic features in HDF5: streaming `linear` rows/s and peak RSS, `logreg` C sweep time.
+
+Each fit runs in a fresh process so its peak RSS is its own.
+
+    python benchmarks/bench_heads.py --rows 10000,100000,1000000 --dims 512,2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+FIT = """
+import json, resource, sys, time, h5py
+from featx.heads import make_head
+kind, path, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+with h5py.File(path, "r") as f:
+    X = f["features"] if kind == "linear" else f["features"][:]
+    y = f["labels"][:]
+    start = time.perf_counter()
+    head = make_head(kind, **params).fit(X, y)
+    seconds = time.perf_counter() - start
+epochs = head.selection_.get("epochs", 1)
+print(json.dumps({"seconds": seconds, "epochs": epochs, "rows_per_second": len(y) * epochs / seconds,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "chosen": head.selection_["chosen"]}))
+"""
+
+
+def synthetic(path: Path, rows: int, dim: int, classes: int = 10) -> None:
+    """Class-clustered Gaussian features written block by block (the file may exceed memory)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (classes, dim)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        features = f.create_dataset("features", (rows, dim), "float32", chunks=(max(1, 2**18 // dim), dim))
+        labels = rng.integers(0, classes, rows)
+        for start in range(0, rows, 65536):
+            block = labels[start:start + 65536]
+            features[start:start + len(block)] = centres[block] + rng.normal(0, 2, (len(block), dim)).astype(
+                np.float32)
+        f["labels"] = labels
+
+
+def fit(kind: str, path: Path, params: dict) -> dict:
+    result = subprocess.run([sys.executable, "-c", FIT, kind, str(path), json.dumps(params)], check=True,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="10000,100000,1000000")
+    parser.add_argument("--dims", default="512,2048")
+    parser.add_argument("--max-bytes", type=float, default=2.5e9, help="skip files larger than this")
+    parser.add_argument("--logreg-max-rows", type=int, default=100_000)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows_out = []
+    table = ["| head | N | D | fit s | rows/s (x epochs) | peak RSS MB | chosen |", "|---|---|---|---|---|---|---|"]
+    configs = {"linear (default 3 lr x 4 wd grid, 5 epochs)": ("linear", {"epochs": 5}),
+               "linear (one head, 5 epochs)": ("linear", {"epochs": 5, "lrs": [0.03], "weight_decays": [0.0]}),
+               "logreg (23-value C sweep + refit)": ("logreg", {})}
+    with tempfile.TemporaryDirectory() as folder:
+        for dim in map(int, args.dims.split(",")):
+            for rows in map(int, args.rows.split(",")):
+                if rows * dim * 4 > args.max_bytes:
+                    continue
+                path = Path(folder) / f"{rows}x{dim}.h5"
+                synthetic(path, rows, dim)
+                for name, (kind, params) in configs.items():
+                    if kind == "logreg" and rows > args.logreg_max_rows:
+                        continue
+                    result = fit(kind, path, params)
+                    rows_out.append({"head": name, "rows": rows, "dim": dim, **result})
+                    table.append(f"| {name} | {rows} | {dim} | {result['seconds']:.1f} | "
+                                 f"{result['rows_per_second']:.0f} | {result['peak_rss_mb']:.0f} | "
+                                 f"{result['chosen']} |")
+                    print(table[-1], flush=True)
+                path.unlink()
+    write_results("bench_heads", {"rows": rows_out}, table, args.out)
+
+
+if __name__ == "__main__":
+    main()
