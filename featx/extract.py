@@ -1,7 +1,8 @@
 """Runner: data in, features out. Plans each split as shards, skips finished ones, maps the rest, merges.
 
 Stages (each replaceable): ``featx.data`` reads files into uint8 batches, ``featx.embed`` maps batches to
-features, ``featx.store`` writes shards and merges them, ``featx.distribute`` runs shards locally or on Ray.
+features, ``featx.store`` writes shards and merges them. Shards are independent units (``write_shards`` takes
+any subset), which is the seam for a distributed runner; this module runs them sequentially.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ExtractOptions:
     compile: bool = False
     dtype: str = "float32"
     compression: str | None = None
-    shard_size: int = 1024
+    shard_size: int = 1024  # an unfinished run keeps the shard size it started with
     overwrite: bool = False
     views: int = 1  # augmented views per training image (1 = the eval transform only)
     augment_seed: int = 0
@@ -107,31 +108,33 @@ def _differences(expected: dict, found: dict) -> str:
     return ", ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys)
 
 
-def _prepare(path: Path, identity: dict, overwrite: bool) -> bool:
-    """Check existing output against ``identity``; returns True when a complete, matching file is there."""
+def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
+    """Check existing output against ``identity``. Returns None when a complete, matching file is there, else
+    the shard size to use: an unfinished run's own (shard boundaries must not move), or ``options.shard_size``."""
     parts = store.parts_dir(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not options.overwrite:
         found = {k: store.read_meta(path).get(k) for k in IDENTITY_KEYS}
         if found == identity:
-            return True
+            return None
         raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
     path.unlink(missing_ok=True)
     manifest = store.read_manifest(parts)
-    if manifest is not None and manifest != identity and not overwrite:
-        raise ExtractError(f"{parts} holds an unfinished extraction made differently "
-                           f"({_differences(identity, manifest)}); pass --overwrite to start again")
-    if overwrite and parts.exists():
+    if options.overwrite and parts.exists():
         shutil.rmtree(parts)
-    store.write_manifest(parts, identity)
-    return False
+    elif manifest is not None:
+        if {k: manifest.get(k) for k in IDENTITY_KEYS} != identity:
+            raise ExtractError(f"{parts} holds an unfinished extraction made differently "
+                               f"({_differences(identity, manifest)}); pass --overwrite to start again")
+        return manifest["shard_size"]
+    store.write_manifest(parts, {**identity, "shard_size": options.shard_size})
+    return options.shard_size
 
 
-def plan_shards(num_images: int, shard_size: int, batch_size: int) -> list[list[list[int]]]:
-    """Image indices grouped into shards of batches; a shard never splits a batch across files."""
-    shard_size = max(batch_size, shard_size // batch_size * batch_size)
+def plan_shards(num_items: int, shard_size: int, batch_size: int) -> list[list[list[int]]]:
+    """Item indices in shards of ``shard_size`` (boundaries independent of the batch size), each cut in batches."""
     return [[list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-            for start, stop in ((s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size))]
+            for start, stop in ((s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size))]
 
 
 def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
@@ -173,13 +176,14 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     attrs = split_attrs(split, backbone, options)
     identity = {k: attrs[k] for k in IDENTITY_KEYS}
-    if _prepare(path, identity, options.overwrite):
+    shard_size = _prepare(path, identity, options)
+    if shard_size is None:
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
         return {"path": str(path), "skipped": True}
     parts = store.parts_dir(path)
     dataset = ImageFiles(split.root, split.paths, backbone.transform, attrs["views"],
                          augmentation_for(split, backbone, options))
-    planned = plan_shards(len(dataset), options.shard_size, options.batch_size)
+    planned = plan_shards(len(dataset), shard_size, options.batch_size)
     done = store.finished_shards(parts)
     todo = {n: batches for n, batches in enumerate(planned) if n not in done}
     remaining = sum(len(b) for batches in todo.values() for b in batches)

@@ -22,6 +22,7 @@ from torchvision import transforms
 
 from conftest import make_image_folder
 from featx import store
+from featx.embed import Embedder
 from featx.extract import ExtractError, ExtractOptions, extract
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -131,6 +132,30 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     assert np.array_equal(got.labels, expected.labels)
     assert np.array_equal(got.features, expected.features)
     assert not parts.exists()
+
+
+def test_resume_with_other_batch_and_shard_size_keeps_the_first_plan(image_folder, tmp_path, monkeypatch):
+    first = ExtractOptions(workers=0, batch_size=2, shard_size=4)
+    calls, embed = [], Embedder.__call__
+
+    def interrupted(self, images):
+        calls.append(len(images))
+        if len(calls) == 5:  # first batch of the third shard
+            raise KeyboardInterrupt
+        return embed(self, images)
+
+    monkeypatch.setattr(Embedder, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(image_folder, "resnet18", "none", tmp_path / "resumed", splits=["train"], options=first)
+    monkeypatch.undo()
+    parts = tmp_path / "resumed" / "resnet18" / "train.h5.parts"
+    assert store.finished_shards(parts) == {0, 1} and not list(parts.glob("*.tmp"))
+    extract(image_folder, "resnet18", "none", tmp_path / "resumed", splits=["train"],
+            options=ExtractOptions(workers=0, batch_size=3, shard_size=5))
+    extract(image_folder, "resnet18", "none", tmp_path / "reference", splits=["train"], options=first)
+    got, expected = (store.load(tmp_path / r / "resnet18" / "train.h5") for r in ("resumed", "reference"))
+    assert got.paths == expected.paths and len(set(got.paths)) == 12
+    assert np.allclose(got.features, expected.features, atol=1e-5)
 
 
 def test_cli_reports_bad_weights_in_one_line(image_folder, tmp_path):
