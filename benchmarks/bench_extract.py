@@ -23,7 +23,7 @@ import torch
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, timed, write_results  # noqa: E402
+from common import RESULTS, mirror, timed, write_results  # noqa: E402
 
 from featx.backbones import create_backbone  # noqa: E402
 from featx.data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, discover  # noqa: E402
@@ -78,8 +78,7 @@ def stage_split(data: Path, backbone: str, batch_size: int, draft: bool) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEATX_MIRROR", "../shared"))
-                        / "datasets" / "hymenoptera_data")
+    parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
     parser.add_argument("--backbones", default="mobilenet_v2,resnet18,resnet50")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")

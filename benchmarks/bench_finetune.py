@@ -10,7 +10,6 @@ over the batch. Changed: batch 32 instead of 128 (CPU), one epoch over the ants/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from torch import nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, mirror, write_results  # noqa: E402
 
 from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
 from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -61,8 +60,7 @@ def featx_loop(data: Path, backbone: str, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEATX_MIRROR", "../shared"))
-                        / "datasets" / "hymenoptera_data")
+    parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
     parser.add_argument("--backbones", default="resnet18,mobilenet_v2")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -15,6 +15,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def mirror() -> Path:
+    """The offline mirror of weights and datasets: $FEATX_MIRROR, else ../shared."""
+    return Path(os.environ.get("FEATX_MIRROR", "../shared"))
+
+
 def machine_info() -> dict:
     """CPU model, cores, torch version and device, recorded with every result."""
     cpu = platform.processor()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from torch import nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, mirror, write_results  # noqa: E402
 
 from featx.backbones import create_model  # noqa: E402
 from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -86,9 +85,8 @@ def featx_pipeline(data: Path, weights: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mirror = Path(os.environ.get("FEATX_MIRROR", "../shared"))
-    parser.add_argument("--data", type=Path, default=mirror / "datasets" / "hymenoptera_data")
-    parser.add_argument("--weights", default=str(mirror / "weights" / "mobilenet_v2-imagenet-features.pth"))
+    parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
+    parser.add_argument("--weights", default=str(mirror() / "weights" / "mobilenet_v2-imagenet-features.pth"))
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
