@@ -58,9 +58,9 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
 def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
     """Metrics of a saved head on a features file, written as ``metrics.json`` + ``confusion.png``."""
     estimator = load_head(head)
-    meta = store.read_meta(features)
-    estimator.check_features(meta, f"features file {features}")
     data = store.load(features)
+    meta = data.meta
+    estimator.check_features(meta, f"features file {features}")
     metrics = classification_metrics(data.labels, estimator.decision_function(data.features), data.class_names)
     fitted_on = set(estimator.fitted_on_.values())
     metrics["held_out"] = str(Path(features).resolve()) not in fitted_on

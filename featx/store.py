@@ -17,6 +17,7 @@ complete. Schema of ``<split>.h5``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,7 +141,8 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
     """
     views = attrs["views"]
     shards = sorted(parts.glob("part-*.h5"))
-    with _open_all(shards) as files:
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(h5py.File(p, "r")) for p in shards]
         num_rows = sum(f["features"].shape[0] for f in files)
         dim, dtype = attrs["feature_dim"], attrs["dtype"]
         tmp = _tmp(path)
@@ -175,21 +177,6 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
     _commit(tmp, path)
     shutil.rmtree(parts)
     return counts
-
-
-class _open_all:
-    """Open several HDF5 files read-only for the length of a ``with`` block."""
-
-    def __init__(self, paths):
-        self.paths, self.files = paths, []
-
-    def __enter__(self) -> list[h5py.File]:
-        self.files = [h5py.File(p, "r") for p in self.paths]
-        return self.files
-
-    def __exit__(self, *exc):
-        for f in self.files:
-            f.close()
 
 
 def _attr(value):
