@@ -1,22 +1,32 @@
 """``linear``: torch nn.Linear heads, a grid of learning rates x weight decays trained together in one pass.
 
-Features are read in contiguous blocks (``block_rows``), so X may be an ``h5py.Dataset`` larger than memory:
-memory is bounded by the block size, not N. Blocks are visited in a seeded random order and shuffled
-inside; features are standardised with a streamed mean/std. The head with the best validation accuracy wins
-(as in DINOv2's linear evaluation).
+X may be an ``h5py.Dataset`` larger than memory: it is streamed in blocks of about ``BLOCK_BYTES`` by a
+background thread while the main thread trains, so memory is bounded by the block size, not N. Each block
+joins a few contiguous runs from random places (class-sorted files still mix) and is shuffled in short row
+groups. The gradient is computed in closed form for all heads at once, in the standardised feature space
+without standardising the rows. The head with the best validation accuracy wins (as in DINOv2's linear
+evaluation).
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch import nn
 
 from featx.embed import resolve_device
 from featx.heads.base import Head, check_grid, check_positive
+
+BLOCK_BYTES = 128 << 20  # float32 features per block; a reading, a queued and a training block are alive at once
+RUNS_PER_BLOCK = 8  # a block joins this many contiguous runs from random places
+GROUP_ROWS = 16  # rows are shuffled in groups this long (near-sequential copies), then batches are cut
+MOMENTUM = 0.9
 
 
 class StandardisedLinear(nn.Module):
@@ -33,17 +43,97 @@ class StandardisedLinear(nn.Module):
         return self.linear(x)
 
 
-def _blocks(n: int, rows: int) -> list[tuple[int, int]]:
-    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+def _read(X, start: int, stop: int, out: np.ndarray, offset: int) -> None:
+    """Rows start:stop of X into out[offset:], without a temporary for HDF5 datasets."""
+    if isinstance(X, h5py.Dataset):
+        X.read_direct(out, np.s_[start:stop], np.s_[offset:offset + stop - start])
+    else:
+        out[offset:offset + stop - start] = X[start:stop]
+
+
+def _group_shuffle(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` reordered by a random permutation of consecutive groups of GROUP_ROWS."""
+    groups = -(-len(rows) // GROUP_ROWS)
+    padded = np.full(groups * GROUP_ROWS, -1)
+    padded[:len(rows)] = rows
+    shuffled = padded.reshape(groups, GROUP_ROWS)[rng.permutation(groups)].ravel()
+    return shuffled[shuffled >= 0]
+
+
+class BlockStream:
+    """Iterates (features float32 [n, D], row indices [n]) over the rows of X where ``mask`` is true.
+
+    With a generator, blocks join RUNS_PER_BLOCK runs in random order and rows are group-shuffled; without
+    one, rows come in file order. A background thread reads the next block while the caller uses this one.
+    """
+
+    def __init__(self, X, mask: np.ndarray, block_rows: int, rng: np.random.Generator | None = None):
+        self.X, self.mask, self.rng = X, mask, rng
+        runs = RUNS_PER_BLOCK if rng is not None else 1
+        run_rows = max(1, -(-min(block_rows, X.shape[0]) // runs))
+        starts = np.arange(0, X.shape[0], run_rows)
+        if rng is not None:
+            starts = rng.permutation(starts)
+        self.blocks = [[(s, min(s + run_rows, X.shape[0])) for s in starts[i:i + runs]]
+                       for i in range(0, len(starts), runs)]
+        self.capacity = run_rows * runs
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            dim = self.X.shape[1]
+            buffer = np.empty((self.capacity, dim), np.float32)
+            pool = [torch.empty(self.capacity, dim) for _ in range(3)]  # see __iter__: 3 are never in use at once
+            for number, runs in enumerate(self.blocks):
+                offset, rows = 0, []
+                for start, stop_row in runs:
+                    _read(self.X, start, stop_row, buffer, offset)
+                    rows.append(offset + np.flatnonzero(self.mask[start:stop_row]))
+                    offset += stop_row - start
+                local = np.concatenate(rows)
+                if self.rng is not None:
+                    local = _group_shuffle(local, self.rng)
+                file_rows = np.concatenate([np.arange(a, b) for a, b in runs])[local]
+                features = pool[number % 3][:len(local)]
+                torch.index_select(torch.from_numpy(buffer), 0, torch.from_numpy(local), out=features)
+                while not stop.is_set():
+                    try:
+                        out.put((features, file_rows), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread, which raises it
+            out.put(error)
+
+    def __iter__(self):
+        # One queued block + one being used + one being filled: a pool of three buffers is never overwritten early.
+        blocks: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(blocks, stop), daemon=True)
+        thread.start()
+        try:
+            while (item := blocks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 class LinearHead(Head):
-    """Multinomial linear classifiers trained by SGD (momentum 0.9, cosine schedule) on standardised features."""
+    """Multinomial linear classifiers trained by SGD (momentum 0.9, cosine schedule) on standardised features.
+
+    ``block_rows`` (default: about 128 MB of features) bounds memory when X is an HDF5 dataset. Weight decay
+    applies to the weights, not the biases.
+    """
 
     kind = "linear"
 
     def __init__(self, lrs=(0.003, 0.03, 0.3), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), epochs: int | None = None,
-                 batch_size: int = 1024, block_rows: int = 65536, device: str = "auto", seed: int = 0):
+                 batch_size: int = 1024, block_rows: int | None = None, device: str = "auto", seed: int = 0):
         self.lrs, self.weight_decays, self.epochs = lrs, weight_decays, epochs
         self.batch_size, self.block_rows, self.device, self.seed = batch_size, block_rows, device, seed
         self._validate()
@@ -54,97 +144,112 @@ class LinearHead(Head):
         if self.epochs is not None:
             check_positive("epochs", self.epochs, int)
         check_positive("batch_size", self.batch_size, int)
-        check_positive("block_rows", self.block_rows, int)
+        if self.block_rows is not None:
+            check_positive("block_rows", self.block_rows, int)
 
     def _grid(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
 
+    def _block_rows(self, dim: int) -> int:
+        return self.block_rows or max(1024, BLOCK_BYTES // (4 * dim))
+
     def _moments(self, X, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        total, squares, count = np.zeros(X.shape[1]), np.zeros(X.shape[1]), 0
-        for start, stop in _blocks(X.shape[0], self.block_rows):
-            block = np.asarray(X[start:stop], np.float64)[rows[start:stop]]
-            total += block.sum(0)
-            squares += (block ** 2).sum(0)
-            count += len(block)
-        mean = total / count
-        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0)) + 1e-6
-        return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+        """Mean and std of the training rows, estimated on the first shuffled block (the scale SGD needs)."""
+        rng = np.random.default_rng(self.seed)
+        features, _ = next(iter(BlockStream(X, rows, self._block_rows(X.shape[1]), rng)))
+        features = features.double()
+        return features.mean(0).float(), (features.std(0, correction=0) + 1e-6).float()
 
     def fit(self, X, y, X_val=None, y_val=None, groups=None):
         """Train every (lr, weight decay) head on X, pick the best on validation. X may be an h5py.Dataset."""
         self._validate()
         y = np.asarray(y)
         self.classes_ = np.unique(y)
-        targets = np.searchsorted(self.classes_, y)
+        targets = torch.from_numpy(np.searchsorted(self.classes_, y))
         train_rows = np.ones(len(y), bool)
         if X_val is None:
             train_rows = ~self._holdout(y, groups)
             X_val, val_rows, val_targets = X, ~train_rows, targets
         else:
             val_rows = np.ones(X_val.shape[0], bool)
-            val_targets = np.searchsorted(self.classes_, np.asarray(y_val))
-        device = resolve_device(self.device)
+            val_targets = torch.from_numpy(np.searchsorted(self.classes_, np.asarray(y_val)))
         mean, std = self._moments(X, train_rows)
-        grid, num_classes, dim = self._grid(), len(self.classes_), X.shape[1]
-        generator = torch.Generator().manual_seed(self.seed)
-        weights = [nn.Parameter(torch.zeros(num_classes, dim, device=device)) for _ in grid]
-        biases = [nn.Parameter(torch.zeros(num_classes, device=device)) for _ in grid]
-        optimizer = torch.optim.SGD([{"params": [w, b], "lr": lr, "weight_decay": wd}
-                                     for (lr, wd), w, b in zip(grid, weights, biases)], momentum=0.9)
-        n_train = int(train_rows.sum())
-        batch = min(self.batch_size, n_train)
-        steps_per_epoch = sum(math.ceil(train_rows[a:b].sum() / batch) for a, b in _blocks(len(y), self.block_rows))
-        epochs = self.epochs or max(5, math.ceil(300 / steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-        mean_d, std_d = mean.to(device), std.to(device)
-        blocks = _blocks(len(y), self.block_rows)
-        for _ in range(epochs):
-            for index in torch.randperm(len(blocks), generator=generator).tolist():
-                start, stop = blocks[index]
-                keep = train_rows[start:stop]
-                features = torch.from_numpy(np.asarray(X[start:stop], np.float32)[keep]).to(device)
-                features = (features - mean_d) / std_d
-                labels = torch.from_numpy(targets[start:stop][keep]).to(device)
-                order = torch.randperm(len(labels), generator=generator).to(device)
-                for first in range(0, len(order), batch):
-                    rows = order[first:first + batch]
-                    logits = features[rows] @ torch.cat(weights).T + torch.cat(biases)
-                    logits = logits.view(len(rows), len(grid), num_classes).transpose(0, 1)
-                    loss = nn.functional.cross_entropy(logits.reshape(-1, num_classes), labels[rows].repeat(len(grid)),
-                                                       reduction="sum") / len(rows)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-        correct, losses = np.zeros(len(grid)), np.zeros(len(grid))
-        stacked = StandardisedLinear(torch.cat(weights).detach().cpu(), torch.cat(biases).detach().cpu(), mean, std)
-        for start, stop in _blocks(X_val.shape[0], self.block_rows):
-            keep = val_rows[start:stop]
-            with torch.no_grad():
-                logits = stacked(torch.from_numpy(np.asarray(X_val[start:stop], np.float32)[keep]))
-            logits = logits.view(-1, len(grid), num_classes).transpose(0, 1)
-            labels = torch.from_numpy(val_targets[start:stop][keep])
-            correct += (logits.argmax(2) == labels).sum(1).numpy()
-            losses += np.array([nn.functional.cross_entropy(l, labels, reduction="sum").item() for l in logits])
-        n_val = int(val_rows.sum())
-        scores = [{"lr": lr, "weight_decay": wd, "val_accuracy": c / n_val, "val_loss": l / n_val}
-                  for (lr, wd), c, l in zip(grid, correct, losses)]
+        weight, bias, epochs = self._train(X, targets, train_rows, mean, std)
+        scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), X_val, val_targets, val_rows)
+        grid = self._grid()
         best = max(range(len(grid)), key=lambda i: (scores[i]["val_accuracy"], -scores[i]["val_loss"]))
         self.selection_ = {"parameter": "lr, weight_decay", "chosen": {"lr": grid[best][0],
                            "weight_decay": grid[best][1]}, "val_accuracy": scores[best]["val_accuracy"],
                            "epochs": epochs, "grid": scores}
-        self.state_ = {"weight": weights[best].detach().cpu(), "bias": biases[best].detach().cpu(), "mean": mean,
+        heads = weight.view(len(grid), -1, weight.shape[1])
+        self.state_ = {"weight": heads[best].clone(), "bias": bias.view(len(grid), -1)[best].clone(), "mean": mean,
                        "std": std}
         return self
+
+    @torch.inference_mode()
+    def _train(self, X, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor):
+        """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
+        device = resolve_device(self.device)
+        grid, num_classes, dim = self._grid(), len(self.classes_), X.shape[1]
+        rows = len(grid) * num_classes
+        lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)
+        decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)[:, None]
+        weight, bias = torch.zeros(rows, dim, device=device), torch.zeros(rows, device=device)
+        weight_velocity, bias_velocity = torch.zeros_like(weight), torch.zeros_like(bias)
+        mean, std = mean.to(device), std.to(device)
+        rng = np.random.default_rng(self.seed)
+        block_rows = self._block_rows(dim)
+        stream = BlockStream(X, train_rows, block_rows)  # only for its block plan: steps per epoch
+        batch = min(self.batch_size, int(train_rows.sum()))
+        steps_per_epoch = sum(math.ceil(train_rows[a:b].sum() / batch) for runs in stream.blocks for a, b in runs)
+        epochs = self.epochs or max(5, math.ceil(300 / steps_per_epoch))
+        total_steps, step = epochs * steps_per_epoch, 0
+        for _ in range(epochs):
+            for features, file_rows in BlockStream(X, train_rows, block_rows, rng):
+                features = features.to(device, non_blocking=True)
+                labels = targets[file_rows].to(device)
+                for first in range(0, len(labels), batch):
+                    x, label = features[first:first + batch], labels[first:first + batch]
+                    # logits of the standardised x, from raw x: x @ (W / std).T + (b - (W / std) @ mean)
+                    scale = weight / std
+                    logits = torch.addmm(bias - scale @ mean, x, scale.T).view(len(x), -1, num_classes)
+                    probs = logits.softmax(2)
+                    probs -= nn.functional.one_hot(label, num_classes).to(probs.dtype).unsqueeze(1)
+                    grad = probs.view(len(x), rows).div_(len(x))  # d(mean cross-entropy)/d logits, per head
+                    bias_grad = grad.sum(0)
+                    weight_grad = (grad.T @ x - bias_grad[:, None] * mean) / std
+                    weight_grad.addcmul_(weight, decay)
+                    factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                    weight_velocity.mul_(MOMENTUM).add_(weight_grad)
+                    bias_velocity.mul_(MOMENTUM).add_(bias_grad)
+                    weight.addcmul_(weight_velocity, (lr * factor)[:, None], value=-1)
+                    bias.addcmul_(bias_velocity, lr * factor, value=-1)
+                    step += 1
+        return weight.cpu(), bias.cpu(), epochs
+
+    def _score_grid(self, stacked: StandardisedLinear, X, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
+        """Validation accuracy and loss of every head of the grid."""
+        grid, num_classes = self._grid(), len(self.classes_)
+        correct, losses = np.zeros(len(grid)), np.zeros(len(grid))
+        for features, file_rows in BlockStream(X, rows, self._block_rows(X.shape[1])):
+            with torch.no_grad():
+                logits = stacked(features).view(-1, len(grid), num_classes).transpose(0, 1)
+            labels = targets[file_rows]
+            correct += (logits.argmax(2) == labels).sum(1).numpy()
+            losses += np.array([nn.functional.cross_entropy(l, labels, reduction="sum").item() for l in logits])
+        count = max(int(rows.sum()), 1)
+        return [{"lr": lr, "weight_decay": wd, "val_accuracy": c / count, "val_loss": l / count}
+                for (lr, wd), c, l in zip(grid, correct, losses)]
 
     def to_torch(self) -> nn.Module:
         return StandardisedLinear(**self.state_)
 
     def decision_function(self, X) -> np.ndarray:
         module = self.to_torch()
+        rows = self._block_rows(X.shape[1])
         with torch.no_grad():
-            return np.concatenate([module(torch.from_numpy(np.asarray(X[a:b], np.float32))).numpy()
-                                   for a, b in _blocks(X.shape[0], self.block_rows)] or [np.empty((0, 0))])
+            return np.concatenate([module(torch.from_numpy(np.asarray(X[a:a + rows], np.float32))).numpy()
+                                   for a in range(0, X.shape[0], rows)] or [np.empty((0, 0))])
 
     def _save_state(self, folder: Path) -> None:
         torch.save(self.state_, folder / "model.pt")
