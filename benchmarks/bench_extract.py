@@ -1,11 +1,13 @@
 """Images/s of the plain tutorial loop vs `featx extract`, same images and backbone, JPEG decode included.
 
 The plain loop is the PyTorch tutorial's: torchvision ImageFolder + PIL transforms (Resize 256, CenterCrop 224,
-ToTensor, Normalize) + DataLoader(batch_size=4, num_workers=4) + the eager model under no_grad. A second plain
-row uses featx's batch size and worker count, so the gain from batching alone is visible. featx's time is also
-split into its stages (decode, model, write), each measured alone.
+ToTensor, Normalize) + DataLoader(batch_size=4, num_workers=4) + the eager float32 model under no_grad, moved to
+the device as the tutorial does. A second plain row uses featx's batch size and worker count, so the gain from
+batching alone is visible. featx's time is also split into its stages (decode, host->device, model, write),
+each measured alone in one process.
 
     python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data
+    python benchmarks/bench_extract.py --device cuda --copies 25 --decode-on-device --backbones resnet50
 """
 
 from __future__ import annotations
@@ -23,26 +25,27 @@ import torch
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, mirror, timed, write_results  # noqa: E402
+from common import RESULTS, mirror, replicated, synchronize, timed, write_results  # noqa: E402
 
 from featx.backbones import create_backbone  # noqa: E402
-from featx.data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, discover  # noqa: E402
-from featx.embed import Embedder  # noqa: E402
+from featx.data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402
+                        decode_on_device, discover)
+from featx.embed import Embedder, resolve_device  # noqa: E402
 from featx.extract import ExtractOptions, extract  # noqa: E402
 from featx.store import ShardWriter  # noqa: E402
 
 
-def plain_loop(data: Path, backbone: str, batch_size: int, workers: int) -> int:
+def plain_loop(data: Path, backbone: str, batch_size: int, workers: int, device: torch.device) -> int:
     """The tutorial's loop over every split; returns the number of images."""
     preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                      transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     folders = [data / s for s in ("train", "val", "test") if (data / s).is_dir()] or [data]
     dataset = torch.utils.data.ConcatDataset([datasets.ImageFolder(f, preprocess) for f in folders])
-    model = create_backbone(backbone, "none").model.eval()
+    model = create_backbone(backbone, "none").model.eval().to(device)
     count = 0
     with torch.no_grad():
         for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-            model(images)
+            model(images.to(device)).cpu()
             count += len(images)
     return count
 
@@ -53,15 +56,24 @@ def featx_extract(data: Path, backbone: str, options: ExtractOptions, draft: boo
     return sum(s["num_rows"] + s["num_failed"] for s in summaries.values())
 
 
-def stage_split(data: Path, backbone: str, batch_size: int, draft: bool) -> dict:
+def stage_split(data: Path, backbone: str, batch_size: int, device: torch.device, on_device: bool) -> dict:
     """Milliseconds per image of each featx stage, measured alone on one process."""
     split = discover(data)[0]
-    files = ImageFiles(split.root, split.paths, EvalTransform(draft=draft))
-    count = min(len(files), 128)
+    files = ImageFiles(split.root, split.paths, EvalTransform(), encoded=on_device)
+    count = min(len(files), 256)
     times: dict = {}
-    with timed(times, "decode"):
-        images = torch.stack([files[i][1] for i in range(count)])
-    embedder = Embedder(create_backbone(backbone, "none"), "cpu")
+    with timed(times, "decode (PIL)" if not on_device else "read bytes"):
+        batch = collate([files[i] for i in range(count)])
+    if on_device:
+        decode_on_device(batch, files.transform, device)  # warm-up: nvjpeg handles
+        synchronize(device)
+        with timed(times, "decode on device"):
+            batch = decode_on_device(batch, files.transform, device)
+            synchronize(device)
+    with timed(times, "host->device"):
+        images = batch.images.to(device)
+        synchronize(device)
+    embedder = Embedder(create_backbone(backbone, "none"), str(device))
     embedder(images[:batch_size])  # warm-up
     with timed(times, "model"):
         for start in range(0, count, batch_size):
@@ -79,49 +91,61 @@ def stage_split(data: Path, backbone: str, batch_size: int, draft: bool) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
+    parser.add_argument("--copies", type=int, default=1, help="link each image this many times (bigger set)")
     parser.add_argument("--backbones", default="mobilenet_v2,resnet18,resnet50")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run")
     parser.add_argument("--draft", action="store_true", help="also time featx with reduced-size JPEG decode")
+    parser.add_argument("--decode-on-device", action="store_true", help="also time featx decoding JPEGs on DEVICE")
     parser.add_argument("--compile", action="store_true", help="also time featx --compile (after a warm-up run)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    device = resolve_device(args.device)
     workers = args.workers if args.workers is not None else os.cpu_count()
-    featx_options = ExtractOptions(batch_size=args.batch_size, workers=workers)
-    rows, table = [], ["| backbone | loop | images/s | vs tutorial loop |", "|---|---|---|---|"]
-    for backbone in args.backbones.split(","):
-        runs = {
-            "plain (tutorial: batch 4, 4 workers)": lambda: plain_loop(args.data, backbone, 4, 4),
-            f"plain (batch {args.batch_size}, {workers} workers)":
-                lambda: plain_loop(args.data, backbone, args.batch_size, workers),
-            "featx extract": lambda: featx_extract(args.data, backbone, featx_options, False),
-        }
-        if args.draft:
-            runs["featx extract --draft"] = lambda: featx_extract(args.data, backbone, featx_options, True)
-        if args.compile:
-            compiled = replace(featx_options, compile=True)
-            featx_extract(args.data, backbone, compiled, False)  # fills the Inductor cache
-            runs["featx extract --compile (warm compile cache)"] = \
-                lambda: featx_extract(args.data, backbone, compiled, False)
-        rates = {}
-        for name, run in runs.items():
-            best = 0.0
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                count = run()
-                best = max(best, count / (time.perf_counter() - start))
-            rates[name] = best
-        baseline = next(iter(rates.values()))
-        for name, rate in rates.items():
-            rows.append({"backbone": backbone, "loop": name, "images_per_second": rate, "ratio": rate / baseline})
-            table.append(f"| {backbone} | {name} | {rate:.1f} | {rate / baseline:.2f}x |")
-        stages = stage_split(args.data, backbone, args.batch_size, False)
-        rows.append({"backbone": backbone, "loop": "featx stages alone (ms/image, one process)", **stages})
-        table.append(f"| {backbone} | featx stages alone, ms/image: " +
-                     ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + " | | |")
-    write_results("bench_extract", {"data": str(args.data), "rows": rows}, table, args.out or RESULTS)
+    featx_options = ExtractOptions(batch_size=args.batch_size, workers=workers, device=str(device))
+    with tempfile.TemporaryDirectory() as folder:
+        data = replicated(args.data, args.copies, Path(folder)) if args.copies > 1 else args.data
+        rows, table = [], ["| backbone | loop | images/s | vs tutorial loop |", "|---|---|---|---|"]
+        for backbone in args.backbones.split(","):
+            runs = {
+                "plain (tutorial: batch 4, 4 workers)": lambda: plain_loop(data, backbone, 4, 4, device),
+                f"plain (batch {args.batch_size}, {workers} workers)":
+                    lambda: plain_loop(data, backbone, args.batch_size, workers, device),
+                "featx extract": lambda: featx_extract(data, backbone, featx_options, False),
+            }
+            if args.draft:
+                runs["featx extract --draft"] = lambda: featx_extract(data, backbone, featx_options, True)
+            if args.decode_on_device:
+                on_device = replace(featx_options, decode_on_device=True)
+                runs["featx extract --decode-on-device"] = lambda: featx_extract(data, backbone, on_device, False)
+            if args.compile:
+                compiled = replace(featx_options, compile=True)
+                runs["featx extract --compile"] = lambda: featx_extract(data, backbone, compiled, False)
+            rates = {}
+            for name, run in runs.items():
+                best = 0.0
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    count = run()
+                    best = max(best, count / (time.perf_counter() - start))
+                rates[name] = best
+                print(f"{backbone} {name}: {best:.1f} images/s", flush=True)
+            baseline = next(iter(rates.values()))
+            for name, rate in rates.items():
+                rows.append({"backbone": backbone, "loop": name, "images_per_second": rate, "ratio": rate / baseline,
+                             "images": count})
+                table.append(f"| {backbone} | {name} | {rate:.1f} | {rate / baseline:.2f}x |")
+            for on_device in (False, True) if args.decode_on_device else (False,):
+                stages = stage_split(data, backbone, args.batch_size, device, on_device)
+                what = "featx stages alone" + (" (decode on device)" if on_device else "")
+                rows.append({"backbone": backbone, "loop": f"{what} (ms/image, one process)", **stages})
+                table.append(f"| {backbone} | {what}, ms/image: " +
+                             ", ".join(f"{k} {v:.2f}" for k, v in stages.items()) + " | | |")
+    write_results(f"bench_extract{'' if device.type == 'cpu' else '_' + device.type}",
+                  {"data": str(args.data), "copies": args.copies, "rows": rows}, table, args.out or RESULTS)
 
 
 if __name__ == "__main__":

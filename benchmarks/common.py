@@ -20,6 +20,22 @@ def mirror() -> Path:
     return Path(os.environ.get("FEATX_MIRROR", "../shared"))
 
 
+def replicated(data: Path, copies: int, folder: Path) -> Path:
+    """``data``'s ImageFolder tree with every image linked ``copies`` times under ``folder`` (for fast devices)."""
+    for source in sorted(p for p in Path(data).rglob("*") if p.is_file()):
+        relative = source.relative_to(data)
+        (folder / relative.parent).mkdir(parents=True, exist_ok=True)
+        for copy in range(copies):
+            (folder / relative.parent / f"c{copy}_{relative.name}").symlink_to(source.resolve())
+    return folder
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_info() -> dict:
     """CPU model, cores, torch version and device, recorded with every result."""
     cpu = platform.processor()

@@ -17,7 +17,8 @@ from featx.extract import extract as run_extract
 
 
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
-            workers=None, device="auto", amp="auto", channels_last=True, compile=False, dtype="float32",
+            workers=None, device="auto", amp="auto", channels_last=True, compile=False, decode_on_device=False,
+            dtype="float32",
             compression=None, resize=None, crop=None, draft=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0):
     """Run a frozen backbone over an ImageFolder tree and cache pooled features in HDF5.
@@ -37,6 +38,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         amp: auto (bf16 on CUDA, off on CPU), none, bf16, fp16.
         channels_last: run the model in channels_last memory format.
         compile: wrap the model in torch.compile.
+        decode_on_device: workers only read plain JPEGs; torchvision decodes, resizes and crops them on DEVICE
+            (nvjpeg on CUDA). Other files are still decoded by PIL in the workers; --draft does not apply.
         dtype: stored feature dtype, float32 or float16.
         compression: HDF5 compression of features: gzip or lzf (default none).
         resize: shorter side after resizing (default: the weights' preset, usually 256).
@@ -50,7 +53,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         augment_seed: seed of the augmented views.
     """
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
-                             channels_last=channels_last, compile=compile, dtype=dtype, compression=compression,
+                             channels_last=channels_last, compile=compile, decode_on_device=decode_on_device,
+                             dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed)
     transform = None
     if resize is not None or crop is not None or draft:
@@ -138,7 +142,7 @@ def finetune(data, out="runs/finetune", resume=False, mirror=None, **recipe):
             --freeze none|backbone|layer2 --epochs 5 --batch_size 32 --lr 0.01 --head_lr_mult 10
             --optimizer sgd|adamw --momentum 0.9 --weight_decay 1e-4 --schedule constant|step|cosine
             --step_size 7 --gamma 0.1 --warmup_epochs 0 --resize 256 --crop 224 --workers N --device auto --amp auto
-            --channels_last True --seed 0
+            --channels_last True|False (default: on for CPU, off for CUDA) --seed 0
     """
     unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
     if unknown:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+EXIF_ORIENTATION = 0x0112
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -53,10 +56,11 @@ class EvalTransform:
         """JSON-ready description, stored as provenance."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB image -> uint8 tensor [3, crop, crop]."""
-        image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation))
-        return pil_to_uint8(TF.center_crop(image, self.crop))
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """PIL RGB image, or uint8 tensor [3, H, W] on any device -> uint8 tensor [3, crop, crop] (same device)."""
+        image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True)
+        image = TF.center_crop(image, self.crop)
+        return image.contiguous() if isinstance(image, torch.Tensor) else pil_to_uint8(image)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,15 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)
     return to_rgb(image)
+
+
+def jpeg_bytes(path: str | os.PathLike) -> torch.Tensor | None:
+    """A file's bytes when it is a JPEG that ``decode_jpeg`` maps to the same pixels as ``load_rgb`` (RGB or
+    greyscale, no EXIF rotation), else None: such files are decoded with PIL instead."""
+    with Image.open(path) as image:
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            return None
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -193,22 +206,33 @@ def discover(root: str | os.PathLike) -> list[Split]:
 
 
 class Batch(NamedTuple):
-    """A collated batch: decoded images with their row indices, and the rows that failed with why."""
+    """A collated batch: decoded images with their row indices, the rows that failed with why, and JPEG files
+    still to be decoded (``decode_on_device``): their row indices, their bytes concatenated, and byte counts."""
 
     indices: torch.Tensor  # int64 [b] item indices (image index x views + view)
     images: torch.Tensor  # uint8 [b, 3, H, W]
     failed: list[tuple[int, str]]
+    encoded_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
+    encoded: torch.Tensor = torch.empty(0, dtype=torch.uint8)  # one tensor, not one per file: cheap to pass
+    encoded_sizes: torch.Tensor = torch.empty(0, dtype=torch.int64)  # between processes
+
+    @property
+    def size(self) -> int:
+        """Items in the batch, failed and still-encoded ones included."""
+        return len(self.indices) + len(self.failed) + len(self.encoded_indices)
 
 
 class ImageFiles(torch.utils.data.Dataset):
     """Files -> uint8 tensors. A file that cannot be decoded yields its error instead of raising.
 
     With ``views`` > 1 and an ``augment`` transform, item ``i`` is view ``i % views`` of image ``i // views``.
+    With ``encoded``, plain JPEGs come back as their bytes (a 1-D tensor) for ``decode_on_device``.
     """
 
     def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
-                 augment: AugmentTransform | None = None):
+                 augment: AugmentTransform | None = None, encoded: bool = False):
         self.root, self.paths, self.transform, self.views, self.augment = Path(root), paths, transform, views, augment
+        self.encoded = encoded and augment is None
 
     def __len__(self) -> int:
         return len(self.paths) * self.views
@@ -218,6 +242,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             if self.augment is not None:
                 return item, self.augment(load_rgb(path), item), ""
+            if self.encoded and (data := jpeg_bytes(path)) is not None:
+                return item, data, ""
             draft = self.transform.resize if self.transform.draft else None
             return item, self.transform(load_rgb(path, draft)), ""
         except Exception as error:  # noqa: BLE001 - every decode failure is recorded, none is fatal
@@ -225,12 +251,40 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:
-    """Stack the decoded images; keep the failures aside so labels never shift."""
-    good = [(i, image) for i, image, _ in items if image is not None]
+    """Stack the decoded images; keep the failures and the undecoded bytes aside so labels never shift."""
+    good = [(i, image) for i, image, _ in items if image is not None and image.dim() == 3]
     failed = [(i, reason) for i, image, reason in items if image is None]
-    if good:
-        indices = torch.tensor([i for i, _ in good], dtype=torch.int64)
-        images = torch.stack([image for _, image in good])
-    else:
-        indices, images = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
-    return Batch(indices, images, failed)
+    encoded = [(i, data) for i, data, _ in items if data is not None and data.dim() == 1]
+    if not encoded:
+        return Batch(*_stack(good), failed)
+    return Batch(*_stack(good), failed, torch.tensor([i for i, _ in encoded]), torch.cat([d for _, d in encoded]),
+                 torch.tensor([len(d) for _, d in encoded]))
+
+
+def _stack(images: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not images:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
+    return torch.tensor([i for i, _ in images], dtype=torch.int64), torch.stack([image for _, image in images])
+
+
+def decode_on_device(batch: Batch, transform: EvalTransform, device: torch.device) -> Batch:
+    """Decode the batch's JPEG bytes on ``device`` (nvjpeg on CUDA), resize and crop them there, and join them to
+    its decoded images (moved to ``device``). A file the decoder rejects is recorded as failed."""
+    if not len(batch.encoded_indices):
+        return batch
+    encoded = list(zip(batch.encoded_indices.tolist(), batch.encoded.split(batch.encoded_sizes.tolist())))
+    decoded, failed = [], list(batch.failed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
+        try:
+            images = decode_jpeg([data for _, data in encoded], ImageReadMode.RGB, device)
+            decoded = [(i, transform(image)) for (i, _), image in zip(encoded, images)]
+        except RuntimeError:  # one bad file fails the whole batch call: decode them one by one
+            for i, data in encoded:
+                try:
+                    decoded.append((i, transform(decode_jpeg(data, ImageReadMode.RGB, device))))
+                except RuntimeError as error:
+                    failed.append((i, f"{type(error).__name__}: {error}".strip()))
+    if len(batch.indices):
+        decoded += list(zip(batch.indices.tolist(), batch.images.to(device, non_blocking=True)))
+    return Batch(*_stack(sorted(decoded, key=lambda item: item[0])), failed)  # rows stay in file order

@@ -14,18 +14,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from featx import store
 from featx.backbones import Backbone, create_backbone
-from featx.data import AugmentTransform, EvalTransform, ImageFiles, Split, collate, discover
+from featx.data import AugmentTransform, EvalTransform, ImageFiles, Split, collate, decode_on_device, discover
 from featx.embed import Embedder
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
-IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "dtype", "views", "augmentation",
-                 "class_names", "file_list_sha256")
+IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
+                 "augmentation", "class_names", "file_list_sha256")
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "gzip", "lzf")
@@ -45,6 +44,7 @@ class ExtractOptions:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    decode_on_device: bool = False  # JPEGs decoded by torchvision on the model's device (nvjpeg on CUDA)
     dtype: str = "float32"
     compression: str | None = None
     shard_size: int = 1024  # an unfinished run keeps the shard size it started with
@@ -100,6 +100,7 @@ def split_attrs(split: Split, backbone: Backbone, options: ExtractOptions) -> di
     return {**backbone.provenance(), "split": split.name, "data_root": str(Path(split.root).resolve()),
             "class_names": list(split.class_names), "dtype": options.dtype,
             "views": options.views if augment else 1, "augmentation": augment.describe() if augment else {},
+            "decoder": "torchvision.io.decode_jpeg" if options.decode_on_device and not augment else "PIL",
             "file_list_sha256": split.fingerprint()}
 
 
@@ -152,12 +153,13 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
     writer = None
     try:
         for batch, (number, last) in zip(loader, order):
+            batch = decode_on_device(batch, dataset.transform, embedder.device)
             if writer is None:
                 writer = store.ShardWriter(store.shard_path(parts, number), embedder.feature_dim, options.dtype)
             writer.append(batch.indices.numpy(), embedder(batch.images).numpy().astype(options.dtype))
             writer.add_failures(batch.failed)
             if progress is not None:
-                progress.update(len(batch.indices) + len(batch.failed))
+                progress.update(batch.size)
             if last:
                 writer.commit()
                 writer = None
@@ -182,7 +184,7 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
         return {"path": str(path), "skipped": True}
     parts = store.parts_dir(path)
     dataset = ImageFiles(split.root, split.paths, backbone.transform, attrs["views"],
-                         augmentation_for(split, backbone, options))
+                         augmentation_for(split, backbone, options), options.decode_on_device)
     planned = plan_shards(len(dataset), shard_size, options.batch_size)
     done = store.finished_shards(parts)
     todo = {n: batches for n, batches in enumerate(planned) if n not in done}

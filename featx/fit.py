@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from featx import store
 from featx.heads import Head, load_head, make_head

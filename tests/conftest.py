@@ -65,5 +65,6 @@ def hymenoptera_features(hymenoptera, mobilenet_weights, tmp_path_factory) -> Pa
     from featx.extract import ExtractOptions, extract
 
     out = tmp_path_factory.mktemp("features")
-    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), out, options=ExtractOptions(batch_size=32))
+    options = ExtractOptions(batch_size=32, device="cpu")  # the exact reference path, also on a GPU machine
+    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), out, options=options)
     return out / "mobilenet_v2"

@@ -7,8 +7,10 @@ import io
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from featx import store
 from featx.data import discover, load_rgb
 from featx.extract import ExtractOptions, extract
 
@@ -94,3 +96,24 @@ def test_odd_files_extract_without_crashing(tmp_path):
         assert "truncated" in reasons["odd/truncated.jpg"].lower()
         assert "UnidentifiedImageError" in reasons["odd/text.jpg"]
         assert np.isfinite(f["features"][:]).all()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_decode_on_device_agrees_with_pil_and_reports_the_same_failures(tmp_path, device):
+    data = tmp_path / "data"
+    good, bad = write_odd_files(data / "odd")
+    for i in range(5):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (90, 120, 3), np.uint8)).save(
+            data / "odd" / f"photo{i}.jpg", quality=90)
+    runs = {}
+    for on_device in (False, True):
+        options = ExtractOptions(batch_size=4, workers=1, device=device, amp="none", decode_on_device=on_device)
+        extract(data, "resnet18", "none", tmp_path / str(on_device), options=options)
+        runs[on_device] = store.load(tmp_path / str(on_device) / "resnet18" / "all.h5")
+    pil, nvjpeg = runs[False], runs[True]
+    assert nvjpeg.meta["decoder"] == "torchvision.io.decode_jpeg" and pil.meta["decoder"] == "PIL"
+    assert pil.paths == nvjpeg.paths and len(pil.paths) == len(good) + 5
+    assert sorted(p for p, _ in pil.failed) == sorted(p for p, _ in nvjpeg.failed) == [f"odd/{n}" for n in bad]
+    cosine = (pil.features * nvjpeg.features).sum(1) / np.linalg.norm(pil.features, axis=1) / np.linalg.norm(
+        nvjpeg.features, axis=1)
+    assert cosine.min() >= 0.999, cosine

@@ -96,7 +96,7 @@ def test_real_finetune_reaches_095(hymenoptera, mobilenet_weights, tmp_path):
 def _finetune_command(data, out, *extra):
     return [sys.executable, "-m", "featx", "finetune", str(data), "--out", str(out), "--backbone", "resnet18",
             "--weights", "none", "--resize", "72", "--crop", "64", "--batch_size", "4", "--epochs", "3",
-            "--workers", "0", "--schedule", "step", "--step_size", "1", *extra]
+            "--workers", "0", "--schedule", "step", "--step_size", "1", "--device", "cpu", *extra]
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
@@ -123,5 +123,5 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     final = torch.load(out / "last.pt", weights_only=True)["model"]
     expected = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in expected)
-    records = predict(out, [str(data / "val")], workers=0)  # the run folder works with predict
+    records = predict(out, [str(data / "val")], workers=0, device="cpu")  # the run folder works with predict
     assert accuracy(records)[1] == 48 and np.isfinite(records[0]["logits"]).all()

@@ -28,7 +28,7 @@ def test_predict_on_val_folder_reproduces_evaluate(hymenoptera_features, hymenop
     head = tmp_path / "head"
     fit_head(hymenoptera_features / "train.h5", "none", "logreg", head)
     metrics = evaluate(head, hymenoptera_features / "val.h5", tmp_path / "eval")
-    records = predict(head, [str(hymenoptera / "val")], topk=2, workers=1)
+    records = predict(head, [str(hymenoptera / "val")], topk=2, workers=1, device="cpu")
     assert len(records) == 153 and all(r["true"] in ("ants", "bees") for r in records)
     assert accuracy(records) == (pytest.approx(metrics["accuracy"]), 153)
     rows = list(csv.DictReader(io.StringIO(to_csv(records))))
@@ -39,14 +39,14 @@ def test_predict_on_val_folder_reproduces_evaluate(hymenoptera_features, hymenop
 def small_head(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     data = make_image_folder(root / "data", per_class=8)
-    extract(data, "resnet18", "none", root / "features", options=ExtractOptions(workers=0))
-    fit_head(root / "features" / "resnet18" / "train.h5", "auto", "linear", root / "head", epochs=20)
+    extract(data, "resnet18", "none", root / "features", options=ExtractOptions(workers=0, device="cpu"))
+    fit_head(root / "features" / "resnet18" / "train.h5", "auto", "linear", root / "head", epochs=20, device="cpu")
     return root / "head", data
 
 
 def test_export_matches_predict_logits(small_head, tmp_path):
     head, data = small_head
-    records = predict(head, [str(data / "val")], workers=0)
+    records = predict(head, [str(data / "val")], workers=0, device="cpu")
     backbone = backbone_from_source(fused_model(head)[1])
     files = ImageFiles(Path(), tuple(r["path"] for r in records), backbone.transform)
     images = Embedder(backbone, "cpu").normalise(collate([files[i] for i in range(len(files))]).images)
@@ -66,7 +66,7 @@ def test_predict_cli_reports_bad_images_and_writes_json(small_head, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     result = subprocess.run([sys.executable, "-m", "featx", "predict", str(head), str(data / "val" / "cats"),
                              str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "p.json"), "--show",
-                             str(tmp_path / "sheet.png"), "--workers", "0"], capture_output=True, text=True)
+                             str(tmp_path / "sheet.png"), "--workers", "0", "--device", "cpu"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
     assert "accuracy" in result.stderr and (tmp_path / "sheet.png").stat().st_size > 1000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from featx import store
 from featx.backbones import create_backbone
@@ -51,3 +50,12 @@ def test_draft_decode_and_float16_storage_stay_close(hymenoptera, mobilenet_weig
     assert np.median(_cosine(exact.features, draft.features)) >= 0.99
     relative = np.abs(half.features.astype(np.float32) - exact.features) / (np.abs(exact.features) + 1e-2)
     assert relative.max() <= 1e-2
+
+
+def test_decode_on_device_stays_close_on_real_photos(hymenoptera, hymenoptera_features, mobilenet_weights, tmp_path):
+    options = ExtractOptions(device="cpu", decode_on_device=True)  # torchvision's libjpeg-turbo + tensor resize
+    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"], options=options)
+    exact, decoded = store.load(hymenoptera_features / "val.h5"), store.load(tmp_path / "mobilenet_v2" / "val.h5")
+    assert exact.paths == decoded.paths and decoded.meta["decoder"] == "torchvision.io.decode_jpeg"
+    cosine = _cosine(exact.features, decoded.features)
+    assert cosine.min() >= 0.998 and np.median(cosine) >= 0.9995
