@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 EXIF_ORIENTATION = 0x0112
+_GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -81,7 +83,7 @@ class AugmentTransform:
 
     def __call__(self, image: Image.Image, item: int) -> torch.Tensor:
         """PIL RGB image -> uint8 tensor [3, crop, crop], augmented as item ``item`` of this seed."""
-        with torch.random.fork_rng(devices=[]):
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + item)
             top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
             flip = bool(torch.rand(()) < 0.5)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch._inductor.config
 
 from featx.backbones import Backbone
+from featx.compiled import compiled_model
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,12 +62,13 @@ class Embedder:
         self.amp = resolve_amp(amp, self.device)
         self.channels_last = channels_last
         self.feature_dim = backbone.feature_dim
-        model = backbone.model.eval().to(self.device)
+        self.name = backbone.name
+        self.model = backbone.model.eval().to(self.device)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.compiled = compile
-        self.model = torch.compile(model, dynamic=False) if compile else model
-        self.batch_size = 0  # the compiled batch size: smaller batches are padded up to it (no recompiling)
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.compile = compile
+        self.compiled = None  # made for the first batch's size; smaller batches are padded up to it
+        self.batch_size = 0
         self.mean, self.std = channel_stats(backbone.transform, self.device)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
@@ -80,13 +81,19 @@ class Embedder:
         count = images.shape[0]
         if count == 0:
             return torch.empty(0, self.feature_dim)
-        if not self.compiled:
+        if not self.compile:
             with autocast(self.device, self.amp):
                 return self.model(self.normalise(images)).float().flatten(1).cpu()
-        self.batch_size = max(self.batch_size, count)
         if count < self.batch_size:
             images = torch.cat([images, images.new_zeros(self.batch_size - count, *images.shape[1:])])
-        # Inference-only "freezing" folds the frozen weights into prepacked oneDNN kernels: the CPU win.
-        with autocast(self.device, self.amp), torch._inductor.config.patch(freezing=True):
-            features = self.model(self.normalise(images))
-        return features[:count].float().flatten(1).cpu()
+        inputs = self.normalise(images)
+        if self.compiled is None or count > self.batch_size:
+            self.compiled, self.batch_size = self._compile(inputs), count
+        with autocast(self.device, self.amp):
+            return self.compiled(inputs)[:count].float().flatten(1).cpu()
+
+    def _compile(self, example: torch.Tensor):
+        """CPU: a frozen AOTInductor package from the on-disk cache (``featx.compiled``). CUDA: torch.compile."""
+        if self.device.type == "cpu" and self.amp is None:
+            return compiled_model(self.model, example, self.name)
+        return torch.compile(self.model, dynamic=False)

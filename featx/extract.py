@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "deco
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "gzip", "lzf")
+READERS = ("auto", "threads", "processes")
 
 
 class ExtractError(RuntimeError):
@@ -39,7 +41,8 @@ class ExtractOptions:
     """How to run extraction; validated on construction."""
 
     batch_size: int = 64
-    workers: int | None = None  # decode processes; None = one per core
+    workers: int | None = None  # decode threads or processes; None = one per core
+    reader: str = "auto"  # threads (decode, then forward, in turn: no contention) on CPU; processes on CUDA
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = True
@@ -61,6 +64,8 @@ class ExtractOptions:
             raise ValueError(f"workers must be a non-negative integer, got {self.workers!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, got {self.reader!r}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
 
@@ -138,21 +143,28 @@ def plan_shards(num_items: int, shard_size: int, batch_size: int) -> list[list[l
             for start, stop in ((s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size))]
 
 
+def read_batches(dataset: ImageFiles, batches: list[list[int]], options: ExtractOptions, device: torch.device):
+    """Decoded batches in order. On a CPU-only run a thread pool decodes each batch while the model waits, then
+    the model runs while the pool waits: the cores never serve both (decode processes would preempt the model's
+    threads). With a GPU, decode processes overlap with the device instead."""
+    if options.reader == "threads" or (options.reader == "auto" and device.type == "cpu"):
+        with ThreadPoolExecutor(max(options.num_workers, 1)) as pool:
+            for batch in batches:
+                yield collate(list(pool.map(dataset.__getitem__, batch)))
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=options.num_workers,
+                                           collate_fn=collate, pin_memory=device.type == "cuda",
+                                           worker_init_fn=_single_threaded)
+
+
 def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
                  options: ExtractOptions, progress: tqdm | None = None) -> None:
     """Decode, embed and write the given shards (shard number -> batches of dataset items)."""
     order = [(number, i == len(batches) - 1) for number, batches in shards.items() for i in range(len(batches))]
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=[batch for batches in shards.values() for batch in batches],
-        num_workers=options.num_workers,
-        collate_fn=collate,
-        pin_memory=embedder.device.type == "cuda",
-        worker_init_fn=_single_threaded,
-    )
+    batches = [batch for batches in shards.values() for batch in batches]
     writer = None
     try:
-        for batch, (number, last) in zip(loader, order):
+        for batch, (number, last) in zip(read_batches(dataset, batches, options, embedder.device), order):
             batch = decode_on_device(batch, dataset.transform, embedder.device)
             if writer is None:
                 writer = store.ShardWriter(store.shard_path(parts, number), embedder.feature_dim, options.dtype)

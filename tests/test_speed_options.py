@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from featx import store
 from featx.backbones import create_backbone
+from featx.compiled import package_key
 from featx.data import EvalTransform, ImageFiles, collate, discover
 from featx.embed import Embedder
 from featx.extract import ExtractOptions, extract
@@ -23,12 +25,19 @@ def real_batch(hymenoptera):
     return collate([files[i] for i in range(0, len(files), 5)]).images
 
 
-def test_compile_with_freezing_matches_eager(real_batch, mobilenet_weights):
+def test_compiled_package_matches_eager_and_is_reused(real_batch, mobilenet_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path))
     eager = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu")(real_batch)
     compiled_embedder = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", compile=True)
     compiled = compiled_embedder(real_batch)
     ragged = compiled_embedder(real_batch[:7])  # padded to the compiled batch size
     assert (compiled - eager).abs().max() <= 1e-4 and (ragged - eager[:7]).abs().max() <= 1e-4
+    (package,) = (tmp_path / "compiled").iterdir()
+    again = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", compile=True)(real_batch)
+    assert list((tmp_path / "compiled").iterdir()) == [package] and torch.equal(again, compiled)  # loaded, not rebuilt
+    other = create_backbone("mobilenet_v2", "none")  # other weights: another key, never the cached package
+    assert package_key(other.model, real_batch.float()) != package_key(
+        create_backbone("mobilenet_v2", str(mobilenet_weights)).model, real_batch.float())
 
 
 def test_bf16_autocast_on_cpu_stays_close(real_batch, mobilenet_weights):
