@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
 FIT = """
-import json, resource, sys, time, h5py
+import json, sys, time, h5py
 from featx.heads import make_head
 kind, path, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 with h5py.File(path, "r") as f:
@@ -31,8 +31,10 @@ with h5py.File(path, "r") as f:
     head = make_head(kind, **params).fit(X, y)
     seconds = time.perf_counter() - start
 epochs = head.selection_.get("epochs", 1)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would report the parent's peak
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"seconds": seconds, "epochs": epochs, "rows_per_second": len(y) * epochs / seconds,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": peak_kb / 1024,
                   "chosen": head.selection_["chosen"]}))
 """
 

@@ -17,8 +17,8 @@ from featx.extract import extract as run_extract
 
 
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
-            workers=None, device="auto", amp="auto", channels_last=True, compile=False, decode_on_device=False,
-            dtype="float32",
+            workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
+            decode_on_device=False, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0):
     """Run a frozen backbone over an ImageFolder tree and cache pooled features in HDF5.
@@ -33,7 +33,9 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         out: output root folder.
         mirror: offline mirror folder with weights/ and datasets/ (default: $FEATX_MIRROR).
         batch_size: images per forward pass.
-        workers: decode processes (default: one per CPU core).
+        workers: decode threads or processes (default: one per CPU core).
+        reader: auto (threads on a CPU-only run: decode, then forward, in turn; processes overlapping with a
+            GPU), threads, or processes.
         device: auto, cpu, cuda, cuda:1 ...
         amp: auto (bf16 on CUDA, off on CPU), none, bf16, fp16.
         channels_last: run the model in channels_last memory format.
@@ -52,7 +54,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
             centre crop, so heads train with augmentation for the cost of VIEWS forward passes.
         augment_seed: seed of the augmented views.
     """
-    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
+    options = ExtractOptions(batch_size=batch_size, workers=workers, reader=reader, device=device, amp=amp,
                              channels_last=channels_last, compile=compile, decode_on_device=decode_on_device,
                              dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed)

@@ -90,7 +90,8 @@ def test_complete_output_is_kept_and_other_backbone_refused(image_folder, tmp_pa
     with pytest.raises(ExtractError, match="file_list_sha256"):
         extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)
     overwrite = ExtractOptions(workers=0, overwrite=True)
-    assert extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=overwrite)["val"]["num_rows"] == 11
+    summary = extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=overwrite)
+    assert summary["val"]["num_rows"] == 11
 
 
 def test_unfinished_output_is_reported_by_reader(tmp_path):

@@ -66,7 +66,8 @@ def test_predict_cli_reports_bad_images_and_writes_json(small_head, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     result = subprocess.run([sys.executable, "-m", "featx", "predict", str(head), str(data / "val" / "cats"),
                              str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "p.json"), "--show",
-                             str(tmp_path / "sheet.png"), "--workers", "0", "--device", "cpu"], capture_output=True, text=True)
+                             str(tmp_path / "sheet.png"), "--workers", "0", "--device", "cpu"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
     assert "accuracy" in result.stderr and (tmp_path / "sheet.png").stat().st_size > 1000
