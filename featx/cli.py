@@ -39,7 +39,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         device: auto, cpu, cuda, cuda:1 ...
         amp: auto (bf16 on CUDA, off on CPU), none, bf16, fp16.
         channels_last: run the model in channels_last memory format.
-        compile: wrap the model in torch.compile.
+        compile: on CPU, compile the frozen model ahead of time once and reuse it from $FEATX_CACHE
+            (default ~/.cache/featx); on CUDA, torch.compile.
         decode_on_device: workers only read plain JPEGs; torchvision decodes, resizes and crops them on DEVICE
             (nvjpeg on CUDA). Other files are still decoded by PIL in the workers; --draft does not apply.
         dtype: stored feature dtype, float32 or float16.

@@ -54,8 +54,7 @@ def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str
 def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
             workers: int | None = None, device: str = "auto", mirror: str | None = None) -> list[dict]:
     """Classify with a head folder or a finetune run folder. One record per image: path, true class (its
-    folder's name, when that is a class), prediction, top-k,
-    logits; undecodable images get an ``error`` instead."""
+    folder's name, when that is a class), prediction, top-k, logits; undecodable images get an ``error``."""
     classify, transform, names = load_classifier(head, device, mirror)
     files = collect_images(inputs)
     loader = torch.utils.data.DataLoader(ImageFiles(Path(), tuple(files), transform), batch_size=batch_size,

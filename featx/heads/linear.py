@@ -199,11 +199,11 @@ class LinearHead(Head):
         mean, std = mean.to(device), std.to(device)
         rng = np.random.default_rng(self.seed)
         block_rows = self._block_rows(dim)
-        stream = BlockStream(X, train_rows, block_rows)  # only for its block plan: steps per epoch
-        batch = min(self.batch_size, int(train_rows.sum()))
-        steps_per_epoch = sum(math.ceil(train_rows[a:b].sum() / batch) for runs in stream.blocks for a, b in runs)
-        epochs = self.epochs or max(5, math.ceil(300 / steps_per_epoch))
-        total_steps, step = epochs * steps_per_epoch, 0
+        n_train = int(train_rows.sum())
+        batch = min(self.batch_size, n_train)
+        epochs = self.epochs or max(5, math.ceil(300 / math.ceil(n_train / batch)))
+        # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
+        total_rows, rows_seen = epochs * n_train, 0
         for _ in range(epochs):
             for features, file_rows in BlockStream(X, train_rows, block_rows, rng):
                 features = features.to(device, non_blocking=True)
@@ -219,12 +219,12 @@ class LinearHead(Head):
                     bias_grad = grad.sum(0)
                     weight_grad = (grad.T @ x - bias_grad[:, None] * mean) / std
                     weight_grad.addcmul_(weight, decay)
-                    factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                    factor = 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows))
                     weight_velocity.mul_(MOMENTUM).add_(weight_grad)
                     bias_velocity.mul_(MOMENTUM).add_(bias_grad)
                     weight.addcmul_(weight_velocity, (lr * factor)[:, None], value=-1)
                     bias.addcmul_(bias_velocity, lr * factor, value=-1)
-                    step += 1
+                    rows_seen += len(x)
         return weight.cpu(), bias.cpu(), epochs
 
     def _score_grid(self, stacked: StandardisedLinear, X, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
