@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run (interleaved)")
     parser.add_argument("--draft", action="store_true", help="also time featx with reduced-size JPEG decode")
     parser.add_argument("--decode-on-device", action="store_true", help="also time featx decoding JPEGs on DEVICE")
     parser.add_argument("--compile", action="store_true", help="also time featx --compile (after a warm-up run)")
@@ -133,15 +133,13 @@ def main() -> None:
                                                                                          False)
                 if args.draft:
                     runs["featx extract --compile --draft"] = lambda: featx_extract(data, backbone, compiled, True)
-            rates = {}
-            for name, run in runs.items():
-                best = 0.0
-                for _ in range(args.repeats):
+            rates = dict.fromkeys(runs, 0.0)
+            for _ in range(args.repeats):  # interleaved, so a drift of the machine's speed hits every loop
+                for name, run in runs.items():
                     start = time.perf_counter()
                     count = run()
-                    best = max(best, count / (time.perf_counter() - start))
-                rates[name] = best
-                print(f"{backbone} {name}: {best:.1f} images/s", flush=True)
+                    rates[name] = max(rates[name], count / (time.perf_counter() - start))
+                    print(f"{backbone} {name}: {count / (time.perf_counter() - start):.1f} images/s", flush=True)
             baseline = next(iter(rates.values()))
             for name, rate in rates.items():
                 rows.append({"backbone": backbone, "loop": name, "images_per_second": rate, "ratio": rate / baseline,

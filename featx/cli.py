@@ -18,7 +18,7 @@ from featx.extract import extract as run_extract
 
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
             workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
-            decode_on_device=False, dtype="float32",
+            forward_batch=None, decode_on_device=False, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0):
     """Run a frozen backbone over an ImageFolder tree and cache pooled features in HDF5.
@@ -32,7 +32,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         weights: torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or none (random).
         out: output root folder.
         mirror: offline mirror folder with weights/ and datasets/ (default: $FEATX_MIRROR).
-        batch_size: images per forward pass.
+        batch_size: images decoded and written together.
         workers: decode threads or processes (default: one per CPU core).
         reader: auto (threads on a CPU-only run: decode, then forward, in turn; processes overlapping with a
             GPU), threads, or processes.
@@ -41,6 +41,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         channels_last: run the model in channels_last memory format.
         compile: on CPU, compile the frozen model ahead of time once and reuse it from $FEATX_CACHE
             (default ~/.cache/featx); on CUDA, torch.compile.
+        forward_batch: images per model call (default: 8 on CPU, where small calls keep activations in
+            cache, MobileNetV2 1.2-1.3x faster; the whole batch on a GPU). Features do not depend on it.
         decode_on_device: workers only read plain JPEGs; torchvision decodes, resizes and crops them on DEVICE
             (nvjpeg on CUDA). Other files are still decoded by PIL in the workers; --draft does not apply.
         dtype: stored feature dtype, float32 or float16.
@@ -56,8 +58,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         augment_seed: seed of the augmented views.
     """
     options = ExtractOptions(batch_size=batch_size, workers=workers, reader=reader, device=device, amp=amp,
-                             channels_last=channels_last, compile=compile, decode_on_device=decode_on_device,
-                             dtype=dtype, compression=compression,
+                             channels_last=channels_last, compile=compile, forward_batch=forward_batch,
+                             decode_on_device=decode_on_device, dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed)
     transform = None
     if resize is not None or crop is not None or draft:
@@ -102,8 +104,8 @@ def predict(head, *inputs, topk=5, out=None, show=None, batch_size=64, workers=N
         topk: classes listed per image.
         out: write results here, as JSON if it ends in .json, else CSV (default: CSV on stdout).
         show: also write a contact sheet PNG of the images with predicted (and true) labels.
-        batch_size: images per forward pass.
-        workers: decode processes (default: one per core).
+        batch_size: images decoded and written together.
+        workers: decode threads (CPU) or processes (GPU); default: one per core.
         device: auto, cpu, cuda ...
         mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
     """
@@ -144,7 +146,8 @@ def finetune(data, out="runs/finetune", resume=False, mirror=None, **recipe):
             --head_init random|probe|reuse --probe HEAD_FOLDER --reuse "ants=310,bees=309"|auto
             --freeze none|backbone|layer2 --epochs 5 --batch_size 32 --lr 0.01 --head_lr_mult 10
             --optimizer sgd|adamw --momentum 0.9 --weight_decay 1e-4 --schedule constant|step|cosine
-            --step_size 7 --gamma 0.1 --warmup_epochs 0 --resize 256 --crop 224 --workers N --device auto --amp auto
+            --step_size 7 --gamma 0.1 --warmup_epochs 0 --resize 256 --crop 224 --workers N
+            --reader auto|threads|processes --device auto --amp auto
             --channels_last True|False (default: on for CPU, off for CUDA) --seed 0
     """
     unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))

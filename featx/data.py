@@ -10,9 +10,10 @@ import os
 import stat
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", "
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 EXIF_ORIENTATION = 0x0112
 _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
+READERS = ("auto", "threads", "processes")  # see read_batches
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -290,3 +292,22 @@ def decode_on_device(batch: Batch, transform: EvalTransform, device: torch.devic
     if len(batch.indices):
         decoded += list(zip(batch.indices.tolist(), batch.images.to(device, non_blocking=True)))
     return Batch(*_stack(sorted(decoded, key=lambda item: item[0])), failed)  # rows stay in file order
+
+
+def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int, device: torch.device,
+                 reader: str = "auto") -> Iterator[Batch]:
+    """Decoded batches in order. ``threads`` (``auto`` on a CPU-only run): a thread pool decodes each batch
+    while the model waits, then the model runs while the pool waits, so the cores never serve both (decode
+    processes would preempt the model's threads). ``processes`` (``auto`` with a GPU): DataLoader workers
+    overlap decoding with the device."""
+    if reader == "threads" or (reader == "auto" and device.type == "cpu"):
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for batch in batches:
+                yield collate(list(pool.map(dataset.__getitem__, batch)))
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                                           pin_memory=device.type == "cuda", worker_init_fn=_single_threaded)
+
+
+def _single_threaded(_worker_id: int) -> None:
+    torch.set_num_threads(1)

@@ -53,11 +53,18 @@ def channel_stats(transform, device: torch.device) -> tuple[torch.Tensor, torch.
             torch.tensor(transform.std, device=device).view(shape))
 
 
+CPU_FORWARD_BATCH = 8  # MobileNetV2 1.2-1.3x faster than at 64 (activations stay in cache); ResNets the same
+
+
 class Embedder:
-    """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU."""
+    """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU.
+
+    ``forward_batch``: images per model call (batches are cut into such chunks); None is
+    ``CPU_FORWARD_BATCH`` on CPU and the whole batch on a GPU. Each image's features do not depend on it.
+    """
 
     def __init__(self, backbone: Backbone, device: str = "auto", amp: str = "auto", channels_last: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, forward_batch: int | None = None):
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
         self.channels_last = channels_last
@@ -66,9 +73,12 @@ class Embedder:
         self.model = backbone.model.eval().to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if forward_batch is None:
+            forward_batch = CPU_FORWARD_BATCH if self.device.type == "cpu" else 0
+        self.forward_batch = forward_batch  # 0: whole batches
         self.compile = compile
-        self.compiled = None  # made for the first batch's size; smaller batches are padded up to it
-        self.batch_size = 0
+        self.compiled = None  # made for the first chunk's size; smaller chunks are padded up to it
+        self.compiled_size = 0
         self.mean, self.std = channel_stats(backbone.transform, self.device)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,17 +88,21 @@ class Embedder:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32 [B, D] on the CPU."""
-        count = images.shape[0]
-        if count == 0:
+        if images.shape[0] == 0:
             return torch.empty(0, self.feature_dim)
+        chunks = images.split(self.forward_batch or images.shape[0])
+        return torch.cat([self._forward(chunk) for chunk in chunks])
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        count = images.shape[0]
         if not self.compile:
             with autocast(self.device, self.amp):
                 return self.model(self.normalise(images)).float().flatten(1).cpu()
-        if count < self.batch_size:
-            images = torch.cat([images, images.new_zeros(self.batch_size - count, *images.shape[1:])])
+        if count < self.compiled_size:
+            images = torch.cat([images, images.new_zeros(self.compiled_size - count, *images.shape[1:])])
         inputs = self.normalise(images)
-        if self.compiled is None or count > self.batch_size:
-            self.compiled, self.batch_size = self._compile(inputs), count
+        if self.compiled is None or count > self.compiled_size:
+            self.compiled, self.compiled_size = self._compile(inputs), count
         with autocast(self.device, self.amp):
             return self.compiled(inputs)[:count].float().flatten(1).cpu()
 

@@ -11,16 +11,15 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from featx import store
 from featx.backbones import Backbone, create_backbone
-from featx.data import AugmentTransform, EvalTransform, ImageFiles, Split, collate, decode_on_device, discover
+from featx.data import (READERS, AugmentTransform, EvalTransform, ImageFiles, Split, decode_on_device, discover,
+                        read_batches)
 from featx.embed import Embedder
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
@@ -29,7 +28,6 @@ IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "deco
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "gzip", "lzf")
-READERS = ("auto", "threads", "processes")
 
 
 class ExtractError(RuntimeError):
@@ -47,6 +45,7 @@ class ExtractOptions:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    forward_batch: int | None = None  # images per model call; None: 8 on CPU, the whole batch on a GPU
     decode_on_device: bool = False  # JPEGs decoded by torchvision on the model's device (nvjpeg on CUDA)
     dtype: str = "float32"
     compression: str | None = None
@@ -56,9 +55,9 @@ class ExtractOptions:
     augment_seed: int = 0
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size", "views"):
+        for name in ("batch_size", "shard_size", "views", "forward_batch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not (name == "forward_batch" and value is None) and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ValueError(f"workers must be a non-negative integer, got {self.workers!r}")
@@ -85,7 +84,8 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
     extractor = create_backbone(backbone, weights, mirror, transform)
-    embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile)
+    embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile,
+                        options.forward_batch)
     return {split.name: extract_split(split, extractor, embedder, Path(out) / backbone / f"{split.name}.h5",
                                       options)
             for split in all_splits}
@@ -143,20 +143,6 @@ def plan_shards(num_items: int, shard_size: int, batch_size: int) -> list[list[l
             for start, stop in ((s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size))]
 
 
-def read_batches(dataset: ImageFiles, batches: list[list[int]], options: ExtractOptions, device: torch.device):
-    """Decoded batches in order. On a CPU-only run a thread pool decodes each batch while the model waits, then
-    the model runs while the pool waits: the cores never serve both (decode processes would preempt the model's
-    threads). With a GPU, decode processes overlap with the device instead."""
-    if options.reader == "threads" or (options.reader == "auto" and device.type == "cpu"):
-        with ThreadPoolExecutor(max(options.num_workers, 1)) as pool:
-            for batch in batches:
-                yield collate(list(pool.map(dataset.__getitem__, batch)))
-        return
-    yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=options.num_workers,
-                                           collate_fn=collate, pin_memory=device.type == "cuda",
-                                           worker_init_fn=_single_threaded)
-
-
 def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
                  options: ExtractOptions, progress: tqdm | None = None) -> None:
     """Decode, embed and write the given shards (shard number -> batches of dataset items)."""
@@ -164,7 +150,8 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
     batches = [batch for batches in shards.values() for batch in batches]
     writer = None
     try:
-        for batch, (number, last) in zip(read_batches(dataset, batches, options, embedder.device), order):
+        for batch, (number, last) in zip(read_batches(dataset, batches, options.num_workers, embedder.device,
+                                                               options.reader), order):
             batch = decode_on_device(batch, dataset.transform, embedder.device)
             if writer is None:
                 writer = store.ShardWriter(store.shard_path(parts, number), embedder.feature_dim, options.dtype)
@@ -178,10 +165,6 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
     finally:
         if writer is not None:
             writer.abort()
-
-
-def _single_threaded(_worker_id: int) -> None:
-    torch.set_num_threads(1)
 
 
 def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Path,

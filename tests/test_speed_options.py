@@ -68,3 +68,12 @@ def test_decode_on_device_stays_close_on_real_photos(hymenoptera, hymenoptera_fe
     assert exact.paths == decoded.paths and decoded.meta["decoder"] == "torchvision.io.decode_jpeg"
     cosine = _cosine(exact.features, decoded.features)
     assert cosine.min() >= 0.998 and np.median(cosine) >= 0.9995
+
+
+def test_forward_batch_chunks_give_the_whole_batch_features(real_batch, mobilenet_weights):
+    backbone = create_backbone("mobilenet_v2", str(mobilenet_weights))
+    whole = Embedder(backbone, "cpu", forward_batch=len(real_batch))(real_batch)
+    chunked = Embedder(backbone, "cpu", forward_batch=5)(real_batch)  # the CPU default is 8; 5 leaves a ragged end
+    assert chunked.shape == whole.shape and (chunked - whole).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="forward_batch must be a positive integer, got 0"):
+        ExtractOptions(forward_batch=0)
