@@ -1,5 +1,7 @@
-"""What this machine can do at most, for reading the other benchmarks: float32 matrix-multiply GFLOP/s and each
-backbone's forward pass alone (batch 64, random input, no decode) eager, channels_last and compiled.
+"""What this machine can do at most, for reading the other benchmarks: float32 matrix-multiply GFLOP/s; each
+backbone's forward pass alone (random input, no decode) eager, channels_last and compiled, at batch 64 and at
+featx's CPU forward batch; one training step alone (the d2l loop's contiguous layout vs featx's channels_last);
+the streaming linear head's SGD step on rows already in memory, and its HDF5 block reader alone.
 
     python benchmarks/ceilings.py --backbones mobilenet_v2,resnet18
 """
@@ -8,16 +10,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
-from featx.backbones import create_backbone  # noqa: E402
+from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
+from featx.embed import CPU_FORWARD_BATCH  # noqa: E402
+from featx.heads.linear import BlockStream, GridSGD, LinearHead  # noqa: E402
 
 
 def per_second(run, count: int, repeats: int = 3) -> float:
@@ -30,29 +38,82 @@ def per_second(run, count: int, repeats: int = 3) -> float:
 
 
 @torch.inference_mode()
+def forward_rates(name: str, batch_size: int) -> dict[str, float]:
+    model = create_backbone(name, "none").model.eval()
+    rates = {}
+    for size in (batch_size, CPU_FORWARD_BATCH):
+        x = torch.randn(size, 3, 224, 224)
+        repeats = max(1, batch_size // size)
+        if size == batch_size:
+            rates[f"batch {size}, eager contiguous"] = per_second(lambda: model(x), size, repeats)
+        cl_model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        rates[f"batch {size}, eager channels_last"] = per_second(lambda: cl_model(x), size, repeats)
+        compiled = compiled_model(cl_model, x, name)
+        rates[f"batch {size}, compiled package"] = per_second(lambda: compiled(x), size, repeats)
+    return rates
+
+
+def train_step_rates(name: str, batch_size: int) -> dict[str, float]:
+    """Training examples/s of forward + backward + SGD step on one random batch, contiguous vs channels_last."""
+    rates = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = create_model(name, "none")[0]
+        replace_classifier(model, name, 2)
+        model = model.to(memory_format=layout).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        x, y = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=layout), torch.randint(0, 2, (batch_size,))
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        rates["contiguous (d2l loop)" if layout == torch.contiguous_format else "channels_last (featx)"] = \
+            per_second(step, batch_size, 2)
+    return rates
+
+
+def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10, batch: int = 1024) -> dict[str, float]:
+    """Rows/s of the linear head's SGD step alone (one head, rows in memory) and of its block reader alone."""
+    features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))
+    sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim))
+    rates = {"SGD step alone, rows in memory": per_second(
+        lambda: [sgd.step(features[a:a + batch], labels[a:a + batch], 1.0) for a in range(0, rows, batch)], rows)}
+    with tempfile.TemporaryDirectory() as folder:
+        with h5py.File(Path(folder) / "x.h5", "w") as f:  # chunked as bench_heads writes it
+            f.create_dataset("x", data=features.numpy(), chunks=(2**18 // dim, dim))
+        with h5py.File(Path(folder) / "x.h5", "r") as f:
+            mask, rng = np.ones(rows, bool), np.random.default_rng(0)
+            rates["block reader alone (read + group shuffle)"] = per_second(
+                lambda: sum(len(r) for _, r in BlockStream(f["x"], mask, LinearHead()._block_rows(dim), rng)), rows)
+    return {f"linear head {rows}x{dim}, {classes} classes, batch {batch}: {k}": v for k, v in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="mobilenet_v2,resnet18")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows, table = [], ["| what | rate |", "|---|---|"]
+
+    def add(what: str, rate: float, unit: str) -> None:
+        rows.append({"what": what, "rate": rate, "unit": unit})
+        table.append(f"| {what} | {rate:,.1f} {unit} |")
+        print(table[-1], flush=True)
+
     for n in (2048, 4096):
         a, b = torch.randn(n, n), torch.randn(n, n)
-        gflops = per_second(lambda: a @ b, 2 * n ** 3) / 1e9
-        rows.append({"what": f"matmul {n}", "gflops": gflops})
-        table.append(f"| float32 matmul {n}x{n}, {torch.get_num_threads()} threads | {gflops:.1f} GFLOP/s |")
+        add(f"float32 matmul {n}x{n}, {torch.get_num_threads()} threads",
+            per_second(lambda: a @ b, 2 * n ** 3) / 1e9, "GFLOP/s")
     for name in args.backbones.split(","):
-        model = create_backbone(name, "none").model.eval()
-        x = torch.randn(args.batch_size, 3, 224, 224)
-        rates = {"eager contiguous": per_second(lambda: model(x), len(x))}
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        rates["eager channels_last"] = per_second(lambda: model(x), len(x))
-        compiled = compiled_model(model, x, name)
-        rates["compiled package (featx --compile)"] = per_second(lambda: compiled(x), len(x))
-        for what, rate in rates.items():
-            rows.append({"what": f"{name} forward, {what}", "images_per_second": rate})
-            table.append(f"| {name} forward alone, batch {len(x)}, {what} | {rate:.1f} img/s |")
+        for what, rate in forward_rates(name, args.batch_size).items():
+            add(f"{name} forward alone, {what}", rate, "img/s")
+        for what, rate in train_step_rates(name, args.train_batch_size).items():
+            add(f"{name} training step alone, batch {args.train_batch_size}, {what}", rate, "examples/s")
+    for what, rate in linear_head_rates().items():
+        add(what, rate, "rows/s")
     write_results("ceilings", {"rows": rows}, table, args.out)
 
 

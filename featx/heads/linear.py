@@ -123,6 +123,39 @@ class BlockStream:
             thread.join()
 
 
+class GridSGD:
+    """SGD with momentum for a grid of (lr, weight decay) softmax heads stacked along one weight's rows.
+
+    The gradient of the mean cross-entropy is closed-form and taken in the standardised space
+    ``(x - mean) / std`` without standardising the rows; weight decay applies to the weights only.
+    """
+
+    def __init__(self, grid: list[tuple[float, float]], num_classes: int, mean: torch.Tensor, std: torch.Tensor):
+        device, rows = mean.device, len(grid) * num_classes
+        self.num_classes, self.mean, self.std = num_classes, mean, std
+        self.lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)
+        self.decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)[:, None]
+        self.weight, self.bias = torch.zeros(rows, len(mean), device=device), torch.zeros(rows, device=device)
+        self.weight_velocity, self.bias_velocity = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+
+    @torch.inference_mode()
+    def step(self, x: torch.Tensor, label: torch.Tensor, lr_factor: float) -> None:
+        """One step on raw features ``x`` [B, D] with class indices ``label`` [B], at ``lr_factor`` x the lrs."""
+        # logits of the standardised x, from raw x: x @ (W / std).T + (b - (W / std) @ mean)
+        scale = self.weight / self.std
+        logits = torch.addmm(self.bias - scale @ self.mean, x, scale.T).view(len(x), -1, self.num_classes)
+        probs = logits.softmax(2)
+        probs -= nn.functional.one_hot(label, self.num_classes).to(probs.dtype).unsqueeze(1)
+        grad = probs.view(len(x), -1).div_(len(x))  # d(mean cross-entropy)/d logits, per head
+        bias_grad = grad.sum(0)
+        weight_grad = (grad.T @ x - bias_grad[:, None] * self.mean) / self.std
+        weight_grad.addcmul_(self.weight, self.decay)
+        self.weight_velocity.mul_(MOMENTUM).add_(weight_grad)
+        self.bias_velocity.mul_(MOMENTUM).add_(bias_grad)
+        self.weight.addcmul_(self.weight_velocity, (self.lr * lr_factor)[:, None], value=-1)
+        self.bias.addcmul_(self.bias_velocity, self.lr * lr_factor, value=-1)
+
+
 class LinearHead(Head):
     """Multinomial linear classifiers trained by SGD (momentum 0.9, cosine schedule) on standardised features.
 
@@ -190,42 +223,22 @@ class LinearHead(Head):
     def _train(self, X, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor):
         """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
         device = resolve_device(self.device)
-        grid, num_classes, dim = self._grid(), len(self.classes_), X.shape[1]
-        rows = len(grid) * num_classes
-        lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)
-        decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)[:, None]
-        weight, bias = torch.zeros(rows, dim, device=device), torch.zeros(rows, device=device)
-        weight_velocity, bias_velocity = torch.zeros_like(weight), torch.zeros_like(bias)
-        mean, std = mean.to(device), std.to(device)
+        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device))
         rng = np.random.default_rng(self.seed)
-        block_rows = self._block_rows(dim)
         n_train = int(train_rows.sum())
         batch = min(self.batch_size, n_train)
         epochs = self.epochs or max(5, math.ceil(300 / math.ceil(n_train / batch)))
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
         total_rows, rows_seen = epochs * n_train, 0
         for _ in range(epochs):
-            for features, file_rows in BlockStream(X, train_rows, block_rows, rng):
+            for features, file_rows in BlockStream(X, train_rows, self._block_rows(X.shape[1]), rng):
                 features = features.to(device, non_blocking=True)
                 labels = targets[file_rows].to(device)
                 for first in range(0, len(labels), batch):
                     x, label = features[first:first + batch], labels[first:first + batch]
-                    # logits of the standardised x, from raw x: x @ (W / std).T + (b - (W / std) @ mean)
-                    scale = weight / std
-                    logits = torch.addmm(bias - scale @ mean, x, scale.T).view(len(x), -1, num_classes)
-                    probs = logits.softmax(2)
-                    probs -= nn.functional.one_hot(label, num_classes).to(probs.dtype).unsqueeze(1)
-                    grad = probs.view(len(x), rows).div_(len(x))  # d(mean cross-entropy)/d logits, per head
-                    bias_grad = grad.sum(0)
-                    weight_grad = (grad.T @ x - bias_grad[:, None] * mean) / std
-                    weight_grad.addcmul_(weight, decay)
-                    factor = 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows))
-                    weight_velocity.mul_(MOMENTUM).add_(weight_grad)
-                    bias_velocity.mul_(MOMENTUM).add_(bias_grad)
-                    weight.addcmul_(weight_velocity, (lr * factor)[:, None], value=-1)
-                    bias.addcmul_(bias_velocity, lr * factor, value=-1)
+                    sgd.step(x, label, 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows)))
                     rows_seen += len(x)
-        return weight.cpu(), bias.cpu(), epochs
+        return sgd.weight.cpu(), sgd.bias.cpu(), epochs
 
     def _score_grid(self, stacked: StandardisedLinear, X, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
         """Validation accuracy and loss of every head of the grid."""
