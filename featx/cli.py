@@ -104,7 +104,7 @@ def predict(head, *inputs, topk=5, out=None, show=None, batch_size=64, workers=N
         topk: classes listed per image.
         out: write results here, as JSON if it ends in .json, else CSV (default: CSV on stdout).
         show: also write a contact sheet PNG of the images with predicted (and true) labels.
-        batch_size: images decoded and written together.
+        batch_size: images decoded together.
         workers: decode threads (CPU) or processes (GPU); default: one per core.
         device: auto, cpu, cuda ...
         mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).

@@ -236,7 +236,12 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
                  augment: AugmentTransform | None = None, encoded: bool = False):
         self.root, self.paths, self.transform, self.views, self.augment = Path(root), paths, transform, views, augment
-        self.encoded = encoded and augment is None
+        self.encoded = encoded and augment is None  # augmentation (PIL crops) always decodes with PIL
+
+    @property
+    def decoder(self) -> str:
+        """What decodes plain JPEGs: ``torchvision.io.decode_jpeg`` (on the model's device) or ``PIL``."""
+        return "torchvision.io.decode_jpeg" if self.encoded else "PIL"
 
     def __len__(self) -> int:
         return len(self.paths) * self.views

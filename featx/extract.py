@@ -99,13 +99,19 @@ def augmentation_for(split: Split, backbone: Backbone, options: ExtractOptions) 
                             seed=options.augment_seed)
 
 
-def split_attrs(split: Split, backbone: Backbone, options: ExtractOptions) -> dict:
-    """Everything recorded about how a split's features are made."""
+def split_dataset(split: Split, backbone: Backbone, options: ExtractOptions) -> ImageFiles:
+    """The files of ``split`` as the extraction reads them: views, augmentation, decoder."""
     augment = augmentation_for(split, backbone, options)
+    return ImageFiles(split.root, split.paths, backbone.transform, options.views if augment else 1, augment,
+                      options.decode_on_device)
+
+
+def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: ExtractOptions) -> dict:
+    """Everything recorded about how a split's features are made."""
+    augment = dataset.augment
     return {**backbone.provenance(), "split": split.name, "data_root": str(Path(split.root).resolve()),
-            "class_names": list(split.class_names), "dtype": options.dtype,
-            "views": options.views if augment else 1, "augmentation": augment.describe() if augment else {},
-            "decoder": "torchvision.io.decode_jpeg" if options.decode_on_device and not augment else "PIL",
+            "class_names": list(split.class_names), "dtype": options.dtype, "views": dataset.views,
+            "augmentation": augment.describe() if augment else {}, "decoder": dataset.decoder,
             "file_list_sha256": split.fingerprint()}
 
 
@@ -150,8 +156,8 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
     batches = [batch for batches in shards.values() for batch in batches]
     writer = None
     try:
-        for batch, (number, last) in zip(read_batches(dataset, batches, options.num_workers, embedder.device,
-                                                               options.reader), order):
+        reader = read_batches(dataset, batches, options.num_workers, embedder.device, options.reader)
+        for batch, (number, last) in zip(reader, order):
             batch = decode_on_device(batch, dataset.transform, embedder.device)
             if writer is None:
                 writer = store.ShardWriter(store.shard_path(parts, number), embedder.feature_dim, options.dtype)
@@ -171,15 +177,14 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
                   options: ExtractOptions = ExtractOptions()) -> dict:
     """Extract one split to ``path``, resuming an unfinished run; returns counts, timing and failures."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    attrs = split_attrs(split, backbone, options)
+    dataset = split_dataset(split, backbone, options)
+    attrs = split_attrs(split, backbone, dataset, options)
     identity = {k: attrs[k] for k in IDENTITY_KEYS}
     shard_size = _prepare(path, identity, options)
     if shard_size is None:
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
         return {"path": str(path), "skipped": True}
     parts = store.parts_dir(path)
-    dataset = ImageFiles(split.root, split.paths, backbone.transform, attrs["views"],
-                         augmentation_for(split, backbone, options), options.decode_on_device)
     planned = plan_shards(len(dataset), shard_size, options.batch_size)
     done = store.finished_shards(parts)
     todo = {n: batches for n, batches in enumerate(planned) if n not in done}
