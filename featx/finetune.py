@@ -312,8 +312,9 @@ class Run:
         if not path.is_file():
             return False
         state = torch.load(path, map_location=self.device, weights_only=True)
-        if state["config"] != asdict(self.cfg):
-            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.cfg).get(k))
+        made_with = {**asdict(FinetuneConfig()), **state["config"]}  # fields added since then: their defaults
+        if made_with != asdict(self.cfg):
+            changed = sorted(k for k in made_with if made_with[k] != asdict(self.cfg).get(k))
             raise ValueError(f"{path} was made with a different recipe ({', '.join(changed)}); use another --out")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

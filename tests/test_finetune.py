@@ -125,3 +125,16 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in expected)
     records = predict(out, [str(data / "val")], workers=0, device="cpu")  # the run folder works with predict
     assert accuracy(records)[1] == 48 and np.isfinite(records[0]["logits"]).all()
+
+
+def test_resume_refuses_another_recipe_and_takes_fields_added_since(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    cfg = FinetuneConfig(backbone="resnet18", weights="none", resize=40, crop=32, batch_size=4, epochs=1, workers=0,
+                         device="cpu")
+    Run(data, tmp_path / "run", cfg).fit()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del state["config"]["reader"]  # as a checkpoint written before `reader` existed
+    torch.save(state, tmp_path / "run" / "last.pt")
+    assert Run(data, tmp_path / "run", cfg).resume()  # a missing field means its default
+    with pytest.raises(ValueError, match=r"different recipe \(lr\)"):
+        Run(data, tmp_path / "run", FinetuneConfig(**{**cfg.__dict__, "lr": 0.1})).resume()
