@@ -3,8 +3,8 @@
 The plain loop is the PyTorch tutorial's: torchvision ImageFolder + PIL transforms (Resize 256, CenterCrop 224,
 ToTensor, Normalize) + DataLoader(batch_size=4, num_workers=4) + the eager float32 model under no_grad, moved to
 the device as the tutorial does. A second plain row uses featx's batch size and worker count, so the gain from
-batching alone is visible. featx's time is also split into its stages (decode, host->device, model, write),
-each measured alone in one process.
+batching alone is visible. Every timed run is a fresh process. featx's time is also split into its stages
+(decode, host->device, model, write), each measured alone in one process.
 
     python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data
     python benchmarks/bench_extract.py --device cuda --copies 25 --decode-on-device --backbones resnet50
@@ -25,7 +25,7 @@ import torch
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, mirror, replicated, synchronize, timed, write_results  # noqa: E402
+from common import RESULTS, in_fresh_process, mirror, rate_of, replicated, synchronize, timed, write_results  # noqa: E402
 
 from featx.backbones import create_backbone  # noqa: E402
 from featx.data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402
@@ -111,35 +111,33 @@ def main() -> None:
         data = replicated(args.data, args.copies, Path(folder)) if args.copies > 1 else args.data
         rows, table = [], ["| backbone | loop | images/s | vs tutorial loop |", "|---|---|---|---|"]
         for backbone in args.backbones.split(","):
-            runs = {
-                "plain (tutorial: batch 4, 4 workers)": lambda: plain_loop(data, backbone, 4, 4, device),
+            runs = {  # name -> (function, args), each timed in a fresh process
+                "plain (tutorial: batch 4, 4 workers)": (plain_loop, (data, backbone, 4, 4, device)),
                 f"plain (batch {args.batch_size}, {workers} workers)":
-                    lambda: plain_loop(data, backbone, args.batch_size, workers, device),
-                "featx extract": lambda: featx_extract(data, backbone, featx_options, False),
+                    (plain_loop, (data, backbone, args.batch_size, workers, device)),
+                "featx extract": (featx_extract, (data, backbone, featx_options, False)),
             }
             if args.draft:
-                runs["featx extract --draft"] = lambda: featx_extract(data, backbone, featx_options, True)
+                runs["featx extract --draft"] = (featx_extract, (data, backbone, featx_options, True))
             if args.decode_on_device:
                 on_device = replace(featx_options, decode_on_device=True)
-                runs["featx extract --decode-on-device"] = lambda: featx_extract(data, backbone, on_device, False)
+                runs["featx extract --decode-on-device"] = (featx_extract, (data, backbone, on_device, False))
             if args.compile:  # the package is compiled once, outside the timed runs, and its cost reported
                 compiled = replace(featx_options, compile=True)
                 start = time.perf_counter()
-                featx_extract(data, backbone, compiled, False)
+                in_fresh_process(featx_extract, data, backbone, compiled, False)
                 compile_run = time.perf_counter() - start
                 rows.append({"backbone": backbone, "loop": "featx --compile, first run (compiles the package)",
                              "seconds": compile_run})
-                runs["featx extract --compile (package cached)"] = lambda: featx_extract(data, backbone, compiled,
-                                                                                         False)
+                runs["featx extract --compile (package cached)"] = (featx_extract, (data, backbone, compiled, False))
                 if args.draft:
-                    runs["featx extract --compile --draft"] = lambda: featx_extract(data, backbone, compiled, True)
+                    runs["featx extract --compile --draft"] = (featx_extract, (data, backbone, compiled, True))
             rates = dict.fromkeys(runs, 0.0)
             for _ in range(args.repeats):  # interleaved, so a drift of the machine's speed hits every loop
-                for name, run in runs.items():
-                    start = time.perf_counter()
-                    count = run()
-                    rates[name] = max(rates[name], count / (time.perf_counter() - start))
-                    print(f"{backbone} {name}: {count / (time.perf_counter() - start):.1f} images/s", flush=True)
+                for name, (function, function_args) in runs.items():
+                    rate, count = in_fresh_process(rate_of, function, *function_args)
+                    rates[name] = max(rates[name], rate)
+                    print(f"{backbone} {name}: {rate:.1f} images/s", flush=True)
             baseline = next(iter(rates.values()))
             for name, rate in rates.items():
                 rows.append({"backbone": backbone, "loop": name, "images_per_second": rate, "ratio": rate / baseline,

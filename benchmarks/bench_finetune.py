@@ -3,7 +3,7 @@
 d2l loop (`train_ch13` with `train_batch_ch13`): ImageFolder + PIL RandomResizedCrop(224)/flip/ToTensor/Normalize,
 DataLoader(shuffle, num_workers=4), eager contiguous model in train mode, SGD with the head at 10x lr, loss summed
 over the batch, model and batches moved to the device. Changed: batch 32 instead of 128 on the CPU, one epoch
-over the ants/bees train split (linked --copies times for a GPU).
+over the ants/bees train split (linked --copies times for a GPU). Every epoch runs in a fresh process.
 
     python benchmarks/bench_finetune.py --backbones resnet18,mobilenet_v2
     python benchmarks/bench_finetune.py --device cuda --batch-size 128 --copies 20
@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, mirror, replicated, synchronize, write_results  # noqa: E402
+from common import RESULTS, in_fresh_process, mirror, replicated, synchronize, write_results  # noqa: E402
 
 from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
 from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -83,8 +83,8 @@ def main() -> None:
             data = replicated(args.data, args.copies, Path(folder)) if args.copies > 1 else args.data
             d2l = featx = 0.0
             for _ in range(args.repeats):  # interleaved, so a drift of the machine's speed hits both loops
-                d2l = max(d2l, d2l_loop(data, backbone, args.batch_size, device))
-                featx = max(featx, featx_loop(data, backbone, args.batch_size, device))
+                d2l = max(d2l, in_fresh_process(d2l_loop, data, backbone, args.batch_size, device))
+                featx = max(featx, in_fresh_process(featx_loop, data, backbone, args.batch_size, device))
                 print(f"{backbone}: d2l {d2l:.1f}, featx {featx:.1f} examples/s (best so far)", flush=True)
         rows.append({"backbone": backbone, "d2l_examples_per_second": d2l, "featx_examples_per_second": featx,
                      "ratio": featx / d2l})

@@ -1,6 +1,7 @@
 """What this machine can do at most, for reading the other benchmarks: float32 matrix-multiply GFLOP/s; each
 backbone's forward pass alone (random input, no decode) eager, channels_last and compiled, at batch 64 and at
-featx's CPU forward batch; one training step alone (the d2l loop's contiguous layout vs featx's channels_last);
+featx's CPU forward batch, and featx's Embedder; one training step alone (the d2l loop's contiguous layout vs
+featx's channels_last and malloc settings, each in a fresh process);
 the streaming linear head's SGD step on rows already in memory, and its HDF5 block reader alone.
 
     python benchmarks/ceilings.py --backbones mobilenet_v2,resnet18
@@ -20,12 +21,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, in_fresh_process, write_results  # noqa: E402
 
 from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
-from featx.embed import CPU_FORWARD_BATCH  # noqa: E402
+from featx.embed import CPU_FORWARD_BATCH, Embedder  # noqa: E402
 from featx.heads.linear import BlockStream, GridSGD, LinearHead  # noqa: E402
+from featx.memory import keep_freed_memory  # noqa: E402
 
 
 def per_second(run, count: int, repeats: int = 3) -> float:
@@ -53,24 +55,30 @@ def forward_rates(name: str, batch_size: int) -> dict[str, float]:
     return rates
 
 
-def train_step_rates(name: str, batch_size: int) -> dict[str, float]:
-    """Training examples/s of forward + backward + SGD step on one random batch, contiguous vs channels_last."""
-    rates = {}
-    for layout in (torch.contiguous_format, torch.channels_last):
-        model = create_model(name, "none")[0]
-        replace_classifier(model, name, 2)
-        model = model.to(memory_format=layout).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        x, y = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=layout), torch.randint(0, 2, (batch_size,))
+def train_step_rate(name: str, batch_size: int, channels_last: bool, keep_memory: bool) -> float:
+    """Training examples/s of forward + backward + SGD step on one random batch (run it in a fresh process)."""
+    if keep_memory:
+        keep_freed_memory()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(name, "none")[0]
+    replace_classifier(model, name, 2)
+    model = model.to(memory_format=layout).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    x, y = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=layout), torch.randint(0, 2, (batch_size,))
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
 
-        rates["contiguous (d2l loop)" if layout == torch.contiguous_format else "channels_last (featx)"] = \
-            per_second(step, batch_size, 2)
-    return rates
+    return per_second(step, batch_size, 2)
+
+
+def featx_forward_rate(name: str, batch_size: int) -> float:
+    """Images/s of featx's Embedder on uint8 batches: compiled, CPU forward batch, freed memory kept."""
+    embedder = Embedder(create_backbone(name, "none"), "cpu", compile=True)
+    images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+    return per_second(lambda: embedder(images), batch_size)
 
 
 def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10, batch: int = 1024) -> dict[str, float]:
@@ -110,7 +118,13 @@ def main() -> None:
     for name in args.backbones.split(","):
         for what, rate in forward_rates(name, args.batch_size).items():
             add(f"{name} forward alone, {what}", rate, "img/s")
-        for what, rate in train_step_rates(name, args.train_batch_size).items():
+        add(f"{name} forward alone, featx Embedder (uint8 in, compiled, batch {args.batch_size} called in "
+            f"{CPU_FORWARD_BATCH}s, freed memory kept)", in_fresh_process(featx_forward_rate, name, args.batch_size),
+            "img/s")
+        steps = {"contiguous (d2l loop)": (False, False), "channels_last": (True, False),
+                 "channels_last, freed memory kept (featx)": (True, True)}
+        for what, (channels_last, keep_memory) in steps.items():
+            rate = in_fresh_process(train_step_rate, name, args.train_batch_size, channels_last, keep_memory)
             add(f"{name} training step alone, batch {args.train_batch_size}, {what}", rate, "examples/s")
     for what, rate in linear_head_rates().items():
         add(what, rate, "rows/s")

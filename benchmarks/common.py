@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +48,26 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a new interpreter, so that process-wide settings one loop makes (featx's malloc
+    options, torch threads, caches) never reach the loop it is compared with. ``function`` must be importable."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic:
+        return pool.submit(_forking, function, *args).result()  # the loop may start DataLoader workers
+
+
+def _forking(function, *args):
+    # a spawned process would spawn its DataLoader workers too (re-importing torch in each): fork, as usual
+    multiprocessing.set_start_method("fork", force=True)
+    return function(*args)
+
+
+def rate_of(function, *args) -> tuple[float, int]:
+    """(items/s, items) of ``function(*args)``, which returns how many items it processed."""
+    start = time.perf_counter()
+    count = function(*args)
+    return count / (time.perf_counter() - start), count
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import torch
 
 from featx.backbones import Backbone
 from featx.compiled import compiled_model
+from featx.memory import keep_freed_memory
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,12 +62,14 @@ class Embedder:
 
     ``forward_batch``: images per model call (batches are cut into such chunks); None is
     ``CPU_FORWARD_BATCH`` on CPU and the whole batch on a GPU. Each image's features do not depend on it.
+    Sets ``featx.memory.keep_freed_memory`` for the process.
     """
 
     def __init__(self, backbone: Backbone, device: str = "auto", amp: str = "auto", channels_last: bool = True,
                  compile: bool = False, forward_batch: int | None = None):
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
+        keep_freed_memory()
         self.channels_last = channels_last
         self.feature_dim = backbone.feature_dim
         self.name = backbone.name

@@ -23,6 +23,7 @@ from featx.backbones import classifier_layer, classifier_layer_name, create_mode
 from featx.data import READERS, AugmentTransform, ImageFiles, Split, discover, read_batches
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
 from featx.heads import load_head
+from featx.memory import keep_freed_memory
 from featx.metrics import classification_metrics, summary_line, write_metrics
 
 HEAD_INITS = ("random", "probe", "reuse")
@@ -210,7 +211,8 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 
 # --- run ------------------------------------------------------------------------------------------------
 class Run:
-    """One fine-tuning run in a folder: model, optimiser, schedule, history, checkpoints."""
+    """One fine-tuning run in a folder: model, optimiser, schedule, history, checkpoints. Sets
+    ``featx.memory.keep_freed_memory`` for the process."""
 
     def __init__(self, data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig,
                  mirror: str | None = None):
@@ -223,6 +225,7 @@ class Run:
         if self.val is None:
             raise ValueError(f"{data} has no val/ or test/ split to select and report on")
         torch.manual_seed(cfg.seed)
+        keep_freed_memory()
         weights = "none" if cfg.init == "scratch" else cfg.weights
         self.model, self.weights, preset = create_model(cfg.backbone, weights, mirror)
         self.transform = replace(preset, resize=cfg.resize or preset.resize, crop=cfg.crop or preset.crop)

@@ -1,0 +1,29 @@
+"""Process memory settings for the convolutional stages (extract, finetune).
+
+glibc's malloc serves every block above its mmap threshold (at most 32 MB) with fresh pages from the kernel
+and unmaps them on free, so each forward or training step that allocates large activations pays the kernel
+for zeroed pages again: at batch 32 a MobileNetV2 training step spent 20 % of its time in page faults here
+(sys 3.0 s of 16.7). ``keep_freed_memory`` makes glibc serve large blocks from its heap and keep freed memory
+for the next step instead (measured: blocks up to ~40 MB are reused without a page fault; blocks of 64 MB and
+more still come fresh from the kernel). Process-wide and not undone; ``FEATX_MALLOC=system`` leaves malloc alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+KEEP_UP_TO = 1 << 30  # bytes of freed heap top kept instead of returned to the kernel
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed memory for reuse; True if it took effect (glibc on Linux, not opted out)."""
+    if os.environ.get("FEATX_MALLOC") == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO))
+    except (OSError, AttributeError):  # not glibc
+        return False
