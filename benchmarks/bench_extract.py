@@ -25,7 +25,8 @@ import torch
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, in_fresh_process, mirror, rate_of, replicated, synchronize, timed, write_results  # noqa: E402
+from common import (RESULTS, in_fresh_process, mirror, rate_of, replicated, synchronize, timed,  # noqa: E402
+                    write_results)
 
 from featx.backbones import create_backbone  # noqa: E402
 from featx.data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402

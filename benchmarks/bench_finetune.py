@@ -91,7 +91,8 @@ def main() -> None:
         table += [f"| {backbone} | d2l train_ch13 style | {d2l:.1f} | 1.00x |",
                   f"| {backbone} | featx finetune | {featx:.1f} | {featx / d2l:.2f}x |"]
     write_results(f"bench_finetune{'' if device.type == 'cpu' else '_' + device.type}",
-                  {"batch_size": args.batch_size, "copies": args.copies, "repeats": args.repeats, "rows": rows}, table, args.out)
+                  {"batch_size": args.batch_size, "copies": args.copies, "repeats": args.repeats, "rows": rows},
+                  table, args.out)
 
 
 if __name__ == "__main__":

@@ -299,12 +299,18 @@ def decode_on_device(batch: Batch, transform: EvalTransform, device: torch.devic
     return Batch(*_stack(sorted(decoded, key=lambda item: item[0])), failed)  # rows stay in file order
 
 
-def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int, device: torch.device,
+def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Items 0..count-1 in order, cut in batches of ``batch_size``."""
+    return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+
+
+def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int | None, device: torch.device,
                  reader: str = "auto") -> Iterator[Batch]:
-    """Decoded batches in order. ``threads`` (``auto`` on a CPU-only run): a thread pool decodes each batch
-    while the model waits, then the model runs while the pool waits, so the cores never serve both (decode
-    processes would preempt the model's threads). ``processes`` (``auto`` with a GPU): DataLoader workers
-    overlap decoding with the device."""
+    """Decoded batches in order, by ``workers`` threads or processes (None: one per core). ``threads`` (``auto``
+    on a CPU-only run): a thread pool decodes each batch while the model waits, then the model runs while the
+    pool waits, so the cores never serve both (decode processes would preempt the model's threads).
+    ``processes`` (``auto`` with a GPU): DataLoader workers overlap decoding with the device."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if reader == "threads" or (reader == "auto" and device.type == "cpu"):
         with ThreadPoolExecutor(max(workers, 1)) as pool:
             for batch in batches:

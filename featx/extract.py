@@ -68,10 +68,6 @@ class ExtractOptions:
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
 
-    @property
-    def num_workers(self) -> int:
-        return (os.cpu_count() or 1) if self.workers is None else self.workers
-
 
 def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
@@ -156,7 +152,7 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
     batches = [batch for batches in shards.values() for batch in batches]
     writer = None
     try:
-        reader = read_batches(dataset, batches, options.num_workers, embedder.device, options.reader)
+        reader = read_batches(dataset, batches, options.workers, embedder.device, options.reader)
         for batch, (number, last) in zip(reader, order):
             batch = decode_on_device(batch, dataset.transform, embedder.device)
             if writer is None:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from featx.backbones import classifier_layer, classifier_layer_name, create_model, replace_classifier
-from featx.data import READERS, AugmentTransform, ImageFiles, Split, discover, read_batches
+from featx.data import READERS, AugmentTransform, ImageFiles, Split, discover, read_batches, sequential_batches
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
 from featx.heads import load_head
 from featx.memory import keep_freed_memory
@@ -242,7 +242,6 @@ class Run:
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
-        self.workers = (os.cpu_count() or 1) if cfg.workers is None else cfg.workers
         self.epoch, self.step, self.best_accuracy, self.history = 0, 0, -1.0, []
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -256,7 +255,8 @@ class Run:
         set_train_mode(self.model)
         loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
         data = ImageFiles(self.train.root, self.train.paths, self.transform, 1, augment)
-        for batch in tqdm(read_batches(data, batches, self.workers, self.device, cfg.reader), desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=1.0):
+        reader = read_batches(data, batches, cfg.workers, self.device, cfg.reader)
+        for batch in tqdm(reader, desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=1.0):
             labels = torch.from_numpy(self.train.labels[batch.indices.numpy()]).to(self.device)
             with autocast(self.device, self.amp):
                 logits = self.model(self.inputs(batch.images))
@@ -278,11 +278,10 @@ class Run:
     def predict(self, split: Split) -> tuple[np.ndarray, np.ndarray, float]:
         """Logits and labels of every decodable image of ``split``; and examples/s."""
         self.model.eval()
-        batches = [list(range(i, min(i + self.cfg.batch_size * 2, len(split))))
-                   for i in range(0, len(split), self.cfg.batch_size * 2)]
         logits, labels, start = [], [], time.perf_counter()
         data = ImageFiles(split.root, split.paths, self.transform)
-        for batch in read_batches(data, batches, self.workers, self.device, self.cfg.reader):
+        batches = sequential_batches(len(split), self.cfg.batch_size * 2)
+        for batch in read_batches(data, batches, self.cfg.workers, self.device, self.cfg.reader):
             with autocast(self.device, self.amp):
                 logits.append(self.model(self.inputs(batch.images)).float().cpu())
             labels.append(split.labels[batch.indices.numpy()])

@@ -14,7 +14,8 @@ import torch
 from scipy.special import softmax
 
 from featx.backbones import Backbone, WeightsInfo, backbone_from_source
-from featx.data import IMAGE_EXTENSIONS, EvalTransform, ImageFiles, list_images, load_rgb, read_batches
+from featx.data import (IMAGE_EXTENSIONS, EvalTransform, ImageFiles, list_images, load_rgb, read_batches,
+                        sequential_batches)
 from featx.embed import Embedder, resolve_device
 from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
@@ -57,11 +58,9 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
     folder's name, when that is a class), prediction, top-k, logits; undecodable images get an ``error``."""
     classify, transform, names = load_classifier(head, device, mirror)
     files = collect_images(inputs)
-    batches = [list(range(i, min(i + batch_size, len(files)))) for i in range(0, len(files), batch_size)]
     dataset = ImageFiles(Path(), tuple(files), transform)
     records: list[dict | None] = [None] * len(files)
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    for batch in read_batches(dataset, batches, workers, resolve_device(device)):
+    for batch in read_batches(dataset, sequential_batches(len(files), batch_size), workers, resolve_device(device)):
         logits = classify(batch.images)
         probabilities = softmax(logits, axis=1)
         for index, row_logits, row_probabilities in zip(batch.indices.tolist(), logits, probabilities):

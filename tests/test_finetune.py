@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -137,4 +138,4 @@ def test_resume_refuses_another_recipe_and_takes_fields_added_since(tmp_path):
     torch.save(state, tmp_path / "run" / "last.pt")
     assert Run(data, tmp_path / "run", cfg).resume()  # a missing field means its default
     with pytest.raises(ValueError, match=r"different recipe \(lr\)"):
-        Run(data, tmp_path / "run", FinetuneConfig(**{**cfg.__dict__, "lr": 0.1})).resume()
+        Run(data, tmp_path / "run", replace(cfg, lr=0.1)).resume()
