@@ -26,7 +26,8 @@ from common import RESULTS, in_fresh_process, write_results  # noqa: E402
 from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
 from featx.embed import CPU_FORWARD_BATCH, Embedder  # noqa: E402
-from featx.heads.linear import BlockStream, GridSGD, LinearHead  # noqa: E402
+from featx.heads.blocks import BlockStream
+from featx.heads.linear import GridSGD, LinearHead  # noqa: E402
 from featx.memory import keep_freed_memory  # noqa: E402
 
 
@@ -84,9 +85,10 @@ def featx_forward_rate(name: str, batch_size: int) -> float:
 def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10, batch: int = 1024) -> dict[str, float]:
     """Rows/s of the linear head's SGD step alone (one head, rows in memory) and of its block reader alone."""
     features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))
+    onehot = nn.functional.one_hot(labels, classes).float()
     sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim))
     rates = {"SGD step alone, rows in memory": per_second(
-        lambda: [sgd.step(features[a:a + batch], labels[a:a + batch], 1.0) for a in range(0, rows, batch)], rows)}
+        lambda: [sgd.step(features[a:a + batch], onehot[a:a + batch], 1.0) for a in range(0, rows, batch)], rows)}
     with tempfile.TemporaryDirectory() as folder:
         with h5py.File(Path(folder) / "x.h5", "w") as f:  # chunked as bench_heads writes it
             f.create_dataset("x", data=features.numpy(), chunks=(2**18 // dim, dim))

@@ -1,0 +1,226 @@
+"""Feature rows in shuffled blocks: the streaming ``linear`` head's data stage.
+
+A block joins a few contiguous runs of rows from random places (class-sorted files still mix) and shuffles
+them in short row groups. An uncompressed float32 HDF5 dataset is read straight from its file with
+``preadv`` on every core, each row group landing at its shuffled place (``RowFile``); anything else goes
+through h5py and a gather. Blocks are read when the consumer asks for them, so on a CPU the cores take turns
+between reading and training (faster than sharing them: ``benchmarks/ceilings.py``), or ahead by a background
+thread (``ahead=True``) for a consumer on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+import torch
+
+BLOCK_BYTES = 128 << 20  # float32 features per block
+RUNS_PER_BLOCK = 8  # a block joins this many contiguous runs from random places
+GROUP_ROWS = 16  # rows are shuffled in groups this long (near-sequential copies), then batches are cut
+
+try:  # preadv through ctypes: one call reads a file range into many buffers without a Python object per buffer
+    _preadv = ctypes.CDLL(None, use_errno=True).preadv
+    _preadv.argtypes, _preadv.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64], ctypes.c_ssize_t
+except (AttributeError, OSError):  # no C library exposing preadv (e.g. Windows): h5py reads instead
+    _preadv = None
+CALL_BUFFERS = 256  # buffers per preadv call (IOV_MAX is at least 1024); small calls share out across threads
+SKIP_ROWS = 8  # unwanted rows this many in a row are not read; shorter gaps are read into scratch
+
+
+class RowFile:
+    """Rows of an uncompressed little-endian float32 HDF5 dataset, read from its file with ``preadv``.
+
+    ``RowFile.open(X)`` returns None where that is not possible (filters, another dtype, a file open for
+    writing, unallocated chunks, external or virtual storage, no ``preadv``); the caller then reads with h5py.
+    """
+
+    def __init__(self, path: str, chunk_offsets: np.ndarray, chunk_rows: int, dim: int):
+        self.path, self.chunk_offsets, self.chunk_rows = path, chunk_offsets, chunk_rows
+        self.row_bytes = 4 * dim
+
+    @classmethod
+    def open(cls, X) -> RowFile | None:
+        if not (_preadv and isinstance(X, h5py.Dataset) and X.ndim == 2 and X.dtype == "<f4"):
+            return None
+        plist = X.id.get_create_plist()
+        if (X.file.mode != "r" or X.file.driver != "sec2" or X.file.userblock_size or X.is_virtual
+                or plist.get_nfilters() or plist.get_external_count() or X.shape[0] == 0):
+            return None
+        if X.chunks is None:
+            offset = X.id.get_offset()
+            if offset is None:
+                return None
+            found = cls(X.file.filename, np.array([offset], np.int64), X.shape[0], X.shape[1])
+        else:
+            if X.chunks[1] != X.shape[1]:
+                return None
+            starts = []
+            X.id.chunk_iter(lambda chunk: starts.append((chunk.chunk_offset[0], chunk.byte_offset)))
+            if len(starts) != -(-X.shape[0] // X.chunks[0]):
+                return None
+            found = cls(X.file.filename, np.array([b for _, b in sorted(starts)], np.int64), X.chunks[0], X.shape[1])
+        # self-check on the first and last rows: any surprise in the layout means h5py reads instead
+        out = np.empty((2, X.shape[1]), np.float32)
+        found.read(np.array([0, X.shape[0] - 1]), np.array([0, 1]), out)
+        return found if np.array_equal(out, X[[0, X.shape[0] - 1]]) else None
+
+    def read(self, rows: np.ndarray, dest: np.ndarray, out: np.ndarray, workers: int = 1) -> None:
+        """File rows ``rows`` (ascending within runs) into ``out[dest]``, skipping rows whose ``dest`` is -1.
+
+        Each contiguous file range is one ``preadv`` whose buffers are the destinations of its pieces, so
+        shuffling costs no copy; ``workers`` threads share the calls.
+        """
+        size = self.row_bytes
+        if dest.max(initial=-1) >= len(out) or not (out.flags.c_contiguous and out.dtype == np.float32):
+            raise ValueError("out must be a contiguous float32 array holding every destination row")
+        offsets = self.chunk_offsets[rows // self.chunk_rows] + (rows % self.chunk_rows) * size
+        wanted = dest >= 0
+        jump = np.ones(len(rows), bool)  # a row that does not follow the previous one in the file
+        jump[1:] = offsets[1:] != offsets[:-1] + size
+        cut = jump.copy()  # a row that starts another buffer
+        cut[1:] |= (wanted[1:] != wanted[:-1]) | (wanted[1:] & (dest[1:] != dest[:-1] + 1))
+        starts = np.flatnonzero(cut)
+        lengths = np.diff(np.append(starts, len(rows)))
+        skip = ~wanted[starts] & (lengths >= SKIP_ROWS)
+        new_call = jump[starts] | np.append(False, skip[:-1])
+        starts, lengths, new_call = starts[~skip], lengths[~skip], new_call[~skip]
+        if not len(starts):
+            return
+        rank = np.arange(len(starts)) - np.flatnonzero(new_call)[np.cumsum(new_call) - 1]
+        calls = np.flatnonzero(new_call | (rank % CALL_BUFFERS == 0))
+        scratch = np.empty(SKIP_ROWS * size, np.uint8)
+        iovecs = np.empty((len(starts), 2), np.uint64)  # struct iovec {void *base; size_t len;}
+        iovecs[:, 0] = np.where(dest[starts] >= 0, out.ctypes.data + dest[starts] * size, scratch.ctypes.data)
+        iovecs[:, 1] = lengths * size
+        jobs = list(zip(calls.tolist(), np.append(calls[1:], len(starts)).tolist(), offsets[starts[calls]].tolist(),
+                        (np.add.reduceat(lengths, calls) * size).tolist()))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            def run(share):
+                for first, last, offset, expected in share:
+                    done = _preadv(fd, iovecs.ctypes.data + 16 * first, last - first, offset)
+                    if done != expected:
+                        error = ctypes.get_errno() if done < 0 else 0
+                        raise OSError(error, f"reading {self.path}: "
+                                             f"{os.strerror(error) if error else 'the file changed while read'}")
+            if workers > 1 and len(jobs) > 1:
+                with ThreadPoolExecutor(workers - 1) as pool:
+                    helpers = [pool.submit(run, jobs[i::workers]) for i in range(1, workers)]
+                    run(jobs[::workers])
+                    for helper in helpers:
+                        helper.result()
+            else:
+                run(jobs)
+        finally:
+            os.close(fd)
+
+
+def _read(X, start: int, stop: int, out: np.ndarray, offset: int) -> None:
+    """Rows start:stop of X into out[offset:], without a temporary for HDF5 datasets."""
+    if isinstance(X, h5py.Dataset):
+        X.read_direct(out, np.s_[start:stop], np.s_[offset:offset + stop - start])
+    else:
+        out[offset:offset + stop - start] = X[start:stop]
+
+
+class BlockStream:
+    """Iterates (features float32 [n, D], file rows [n]) over the rows of X where ``mask`` is true.
+
+    With a generator, blocks join RUNS_PER_BLOCK runs in random order and rows are shuffled in groups of
+    GROUP_ROWS; without one, rows come in file order. A block's features stay valid until the next is asked for
+    (``ahead=False``: read then, on all cores) or the one after (``ahead=True``: read by a background thread).
+    """
+
+    def __init__(self, X, mask: np.ndarray, block_rows: int, rng: np.random.Generator | None = None,
+                 ahead: bool = False):
+        self.X, self.mask, self.rng, self.ahead = X, mask, rng, ahead
+        runs = RUNS_PER_BLOCK if rng is not None else 1
+        run_rows = max(1, -(-min(block_rows, X.shape[0]) // runs))
+        starts = np.arange(0, X.shape[0], run_rows)
+        if rng is not None:
+            starts = rng.permutation(starts)
+        self.blocks = [[(s, min(s + run_rows, X.shape[0])) for s in starts[i:i + runs]]
+                       for i in range(0, len(starts), runs)]
+        self.capacity = run_rows * runs
+        self.source = RowFile.open(X)
+
+    def _order(self, runs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The block's file rows, and the positions of its masked rows in the order they are served."""
+        rows = np.concatenate([np.arange(a, b) for a, b in runs])
+        chosen = np.flatnonzero(self.mask[rows])
+        if self.rng is not None:
+            group = np.arange(len(chosen)) // GROUP_ROWS
+            chosen = chosen[np.argsort(self.rng.permutation(-(-len(chosen) // GROUP_ROWS))[group], kind="stable")]
+        return rows, chosen
+
+    def _fill(self, runs: list[tuple[int, int]], out: torch.Tensor, staging: np.ndarray | None,
+              workers: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Read one block into ``out`` in served order; ``staging`` holds the runs where h5py reads."""
+        rows, chosen = self._order(runs)
+        features = out[:len(chosen)]
+        if self.source is not None:
+            dest = np.full(len(rows), -1)
+            dest[chosen] = np.arange(len(chosen))
+            self.source.read(rows, dest, features.numpy(), workers)
+        else:
+            offset = 0
+            for start, stop in runs:
+                _read(self.X, start, stop, staging, offset)
+                offset += stop - start
+            torch.index_select(torch.from_numpy(staging), 0, torch.from_numpy(chosen), out=features)
+        return features, rows[chosen]
+
+    def _buffers(self, count: int) -> tuple[list[torch.Tensor], np.ndarray | None]:
+        """``count`` block buffers, and the staging buffer h5py reads runs into."""
+        dim = self.X.shape[1]
+        staging = np.empty((self.capacity, dim), np.float32) if self.source is None else None
+        return [torch.empty(self.capacity, dim) for _ in range(count)], staging
+
+    def __iter__(self):
+        return self._from_thread() if self.ahead else self._in_turn()
+
+    def _in_turn(self):
+        """Each block read when asked for, on all cores."""
+        (out,), staging = self._buffers(1)
+        for runs in self.blocks:
+            yield self._fill(runs, out, staging, torch.get_num_threads())
+
+    def _from_thread(self):
+        """Blocks read ahead by a background thread, one core, while the consumer (a GPU) uses this one."""
+        # One queued block + one being used + one being filled: a pool of three buffers is never overwritten early.
+        blocks: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(blocks, stop), daemon=True)
+        thread.start()
+        try:
+            while (item := blocks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            pool, staging = self._buffers(3)
+            for number, runs in enumerate(self.blocks):
+                item = self._fill(runs, pool[number % 3], staging, 1)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread, which raises it
+            out.put(error)
+

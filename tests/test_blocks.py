@@ -1,0 +1,121 @@
+"""The linear head's data stage and SGD step: direct file reads against h5py, the step against autograd."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from featx.heads.blocks import BlockStream, RowFile
+from featx.heads.linear import MOMENTUM, GridSGD
+
+ROWS, DIM = 5000, 24
+MASKS = {"all": np.ones(ROWS, bool), "random 80%": np.random.default_rng(1).random(ROWS) < 0.8,
+         "first 3000": np.arange(ROWS) < 3000, "random 10%": np.random.default_rng(2).random(ROWS) < 0.1}
+
+
+@pytest.fixture(scope="module")
+def features():
+    return np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+
+
+def _blocks(stream: BlockStream) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy().copy(), rows) for x, rows in stream]
+
+
+@pytest.mark.parametrize("chunks", [(100, DIM), (37, DIM), None], ids=["chunks of 100", "chunks of 37", "contiguous"])
+def test_direct_reads_serve_what_h5py_serves(features, chunks, tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("X", data=features, chunks=chunks)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        for name, mask in MASKS.items():
+            for seed, ahead in ((None, False), (3, False), (3, True)):
+                direct = BlockStream(f["X"], mask, 700, seed and np.random.default_rng(seed), ahead=ahead)
+                through_h5py = BlockStream(f["X"], mask, 700, seed and np.random.default_rng(seed), ahead=ahead)
+                through_h5py.source = None
+                assert direct.source is not None
+                served, expected = _blocks(direct), _blocks(through_h5py)
+                assert len(served) == len(expected)
+                for (x, rows), (x_h5py, rows_h5py) in zip(served, expected):
+                    np.testing.assert_array_equal(rows, rows_h5py, err_msg=name)
+                    np.testing.assert_array_equal(x, x_h5py, err_msg=name)
+                    np.testing.assert_array_equal(x, features[rows], err_msg=name)
+                np.testing.assert_array_equal(np.sort(np.concatenate([r for _, r in served])), np.flatnonzero(mask))
+                if seed is None:  # file order
+                    np.testing.assert_array_equal(np.concatenate([r for _, r in served]), np.flatnonzero(mask))
+
+
+def test_shuffled_blocks_mix_a_class_sorted_file(tmp_path):
+    labels = np.repeat(np.arange(10), 2000)  # class-sorted, as extract writes ImageFolder classes
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("X", data=np.zeros((len(labels), 8), np.float32), chunks=(256, 8))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        stream = BlockStream(f["X"], np.ones(len(labels), bool), 4096, np.random.default_rng(0))
+        batches = [labels[rows[a:a + 256]] for _, rows in stream for a in range(0, len(rows), 256)]
+    assert np.median([len(np.unique(batch)) for batch in batches]) >= 3
+
+
+def test_row_file_declines_what_it_cannot_read_directly(features, tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("gzip", data=features, chunks=(100, DIM), compression="gzip")
+        f.create_dataset("half", data=features.astype(np.float16), chunks=(100, DIM))
+        f.create_dataset("narrow chunks", data=features, chunks=(100, 8))
+        f.create_dataset("plain", data=features, chunks=(100, DIM))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        for name in ("gzip", "half", "narrow chunks"):
+            assert RowFile.open(f[name]) is None, name
+            rows = np.concatenate([r for _, r in BlockStream(f[name], MASKS["random 80%"], 700)])
+            np.testing.assert_array_equal(rows, np.flatnonzero(MASKS["random 80%"]))
+        assert RowFile.open(f["plain"]) is not None
+    with h5py.File(tmp_path / "f.h5", "r+") as f:  # a file open for writing may hold rows not yet on disk
+        assert RowFile.open(f["plain"]) is None
+    assert RowFile.open(features) is None
+
+
+def test_row_file_reads_rows_into_scattered_places(features, tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("X", data=features, chunks=(64, DIM))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        source = RowFile.open(f["X"])
+    rows = np.concatenate([np.arange(100, 400), np.arange(4000, 4100), np.arange(10, 20)])
+    dest = np.random.default_rng(0).permutation(len(rows))
+    dest[::7] = -1  # short gaps: read into scratch; a long one: not read
+    dest[150:250] = -1
+    out = np.full((len(rows), DIM), np.nan, np.float32)
+    source.read(rows, dest, out, workers=2)
+    np.testing.assert_array_equal(out[dest[dest >= 0]], features[rows[dest >= 0]])
+    with pytest.raises(ValueError, match="destination"):
+        source.read(rows, np.arange(len(rows)), out[:10])
+
+
+def test_grid_sgd_step_matches_autograd():
+    """Closed-form steps of two heads vs torch autograd + torch.optim.SGD on the standardised features."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(2.0, 3.0, (600, 20)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 4, 600))
+    mean, std = x.mean(0), x.std(0)
+    grid = [(0.1, 0.0), (0.5, 0.01)]
+    sgd = GridSGD(grid, 4, mean, std)
+    models = [nn.Linear(20, 4) for _ in grid]
+    optimizers = []
+    for model, (lr, decay) in zip(models, grid):
+        nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+        optimizers.append(torch.optim.SGD([{"params": [model.weight], "weight_decay": decay},
+                                           {"params": [model.bias], "weight_decay": 0.0}], lr=lr, momentum=MOMENTUM))
+    onehot = nn.functional.one_hot(labels, 4).float()
+    for step, first in enumerate(range(0, 600, 128)):  # the last batch is short
+        factor = 1.0 - step / 10
+        sgd.step(x[first:first + 128], onehot[first:first + 128], factor)
+        for model, optimizer, (lr, _) in zip(models, optimizers, grid):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model((x[first:first + 128] - mean) / std), labels[first:first + 128])
+            loss.backward()
+            optimizer.step()
+    for head, model in enumerate(models):
+        torch.testing.assert_close(sgd.weight[4 * head:4 * head + 4], model.weight.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sgd.bias[4 * head:4 * head + 4], model.bias.detach(), rtol=1e-4, atol=1e-5)
+    assert sgd.weight.abs().max() > 0.05  # the heads moved
