@@ -23,14 +23,20 @@ def holdout_split(labels: np.ndarray, groups: np.ndarray, fraction: float = 0.2,
     Whole groups (all views of one image) go to one side; per class, ``fraction`` of its groups are held out.
     """
     rng = np.random.default_rng(seed)
-    held_groups = []
-    for label in np.unique(labels):
-        class_groups = np.unique(groups[labels == label])
+    group_ids, group_index = np.unique(groups, return_inverse=True)
+    classes, class_index = np.unique(labels, return_inverse=True)
+    # the (class, group) pairs present, sorted by class then group: one sort instead of one per class
+    pairs = np.sort(class_index.ravel() * len(group_ids) + group_index.ravel())
+    pair_class, pair_group = np.divmod(pairs[np.append(True, pairs[1:] != pairs[:-1])], len(group_ids))
+    bounds = np.searchsorted(pair_class, np.arange(len(classes) + 1))
+    held = np.zeros(len(group_ids), bool)
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        class_groups = group_ids[pair_group[first:last]]
         take = int(round(fraction * len(class_groups)))
         if len(class_groups) > 1:
             take = min(max(take, 1), len(class_groups) - 1)
-            held_groups.append(rng.permutation(class_groups)[:take])
-    return np.isin(groups, np.concatenate(held_groups)) if held_groups else np.zeros(len(labels), bool)
+            held[np.searchsorted(group_ids, rng.permutation(class_groups)[:take])] = True
+    return held[group_index.ravel()]
 
 
 class Head(ClassifierMixin, BaseEstimator):

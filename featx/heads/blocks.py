@@ -102,9 +102,11 @@ class RowFile:
                         (np.add.reduceat(lengths, calls) * size).tolist()))
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            address = iovecs.ctypes.data
+
             def run(share):
                 for first, last, offset, expected in share:
-                    done = _preadv(fd, iovecs.ctypes.data + 16 * first, last - first, offset)
+                    done = _preadv(fd, address + 16 * first, last - first, offset)
                     if done != expected:
                         error = ctypes.get_errno() if done < 0 else 0
                         raise OSError(error, f"reading {self.path}: "

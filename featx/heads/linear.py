@@ -112,9 +112,9 @@ class LinearHead(Head):
         """Mean and std of the training rows, estimated on the first shuffled block (the scale SGD needs)."""
         rng = np.random.default_rng(self.seed)
         features, _ = next(iter(BlockStream(X, rows, self._block_rows(X.shape[1]), rng)))
-        mean = features.mean(0, dtype=torch.float64)
-        std = (features - mean.float()).square().mean(0, dtype=torch.float64).sqrt()
-        return mean.float(), (std + 1e-6).float()
+        mean = features.mean(0)  # two passes, in slices (torch.var_mean over rows is 5x slower here)
+        variance = sum((rows - mean).square_().sum(0) for rows in features.split(4096)) / len(features)
+        return mean, variance.sqrt() + 1e-6
 
     def fit(self, X, y, X_val=None, y_val=None, groups=None):
         """Train every (lr, weight decay) head on X, pick the best on validation. X may be an h5py.Dataset."""
