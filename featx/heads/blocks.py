@@ -1,7 +1,7 @@
 """Feature rows in shuffled blocks: the streaming ``linear`` head's data stage.
 
 A block joins a few contiguous runs of rows from random places (class-sorted files still mix) and shuffles
-them in short row groups. An uncompressed float32 HDF5 dataset is read straight from its file with
+them in short row groups. An uncompressed float32 or float16 HDF5 dataset is read straight from its file with
 ``preadv`` on every core, each row group landing at its shuffled place (``RowFile``); anything else goes
 through h5py and a gather. Blocks are read when the consumer asks for them, so on a CPU the cores take turns
 between reading and training (faster than sharing them: ``benchmarks/ceilings.py``), or ahead by a background
@@ -34,19 +34,19 @@ SKIP_ROWS = 8  # unwanted rows this many in a row are not read; shorter gaps are
 
 
 class RowFile:
-    """Rows of an uncompressed little-endian float32 HDF5 dataset, read from its file with ``preadv``.
+    """Rows of an uncompressed little-endian float32 or float16 HDF5 dataset, read from its file with ``preadv``.
 
     ``RowFile.open(X)`` returns None where that is not possible (filters, another dtype, a file open for
     writing, unallocated chunks, external or virtual storage, no ``preadv``); the caller then reads with h5py.
     """
 
-    def __init__(self, path: str, chunk_offsets: np.ndarray, chunk_rows: int, dim: int):
-        self.path, self.chunk_offsets, self.chunk_rows = path, chunk_offsets, chunk_rows
-        self.row_bytes = 4 * dim
+    def __init__(self, path: str, chunk_offsets: np.ndarray, chunk_rows: int, dim: int, dtype: np.dtype):
+        self.path, self.chunk_offsets, self.chunk_rows, self.dtype = path, chunk_offsets, chunk_rows, dtype
+        self.row_bytes = dtype.itemsize * dim
 
     @classmethod
     def open(cls, X) -> RowFile | None:
-        if not (_preadv and isinstance(X, h5py.Dataset) and X.ndim == 2 and X.dtype == "<f4"):
+        if not (_preadv and isinstance(X, h5py.Dataset) and X.ndim == 2 and X.dtype in ("<f4", "<f2")):
             return None
         plist = X.id.get_create_plist()
         if (X.file.mode != "r" or X.file.driver != "sec2" or X.file.userblock_size or X.is_virtual
@@ -56,7 +56,7 @@ class RowFile:
             offset = X.id.get_offset()
             if offset is None:
                 return None
-            found = cls(X.file.filename, np.array([offset], np.int64), X.shape[0], X.shape[1])
+            found = cls(X.file.filename, np.array([offset], np.int64), X.shape[0], X.shape[1], X.dtype)
         else:
             if X.chunks[1] != X.shape[1]:
                 return None
@@ -64,9 +64,10 @@ class RowFile:
             X.id.chunk_iter(lambda chunk: starts.append((chunk.chunk_offset[0], chunk.byte_offset)))
             if len(starts) != -(-X.shape[0] // X.chunks[0]):
                 return None
-            found = cls(X.file.filename, np.array([b for _, b in sorted(starts)], np.int64), X.chunks[0], X.shape[1])
+            offsets = np.array([b for _, b in sorted(starts)], np.int64)
+            found = cls(X.file.filename, offsets, X.chunks[0], X.shape[1], X.dtype)
         # self-check on the first and last rows: any surprise in the layout means h5py reads instead
-        out = np.empty((2, X.shape[1]), np.float32)
+        out = np.empty((2, X.shape[1]), X.dtype)
         found.read(np.array([0, X.shape[0] - 1]), np.array([0, 1]), out)
         return found if np.array_equal(out, X[[0, X.shape[0] - 1]]) else None
 
@@ -77,8 +78,8 @@ class RowFile:
         shuffling costs no copy; ``workers`` threads share the calls.
         """
         size = self.row_bytes
-        if dest.max(initial=-1) >= len(out) or not (out.flags.c_contiguous and out.dtype == np.float32):
-            raise ValueError("out must be a contiguous float32 array holding every destination row")
+        if dest.max(initial=-1) >= len(out) or not (out.flags.c_contiguous and out.dtype == self.dtype):
+            raise ValueError(f"out must be a contiguous {self.dtype} array holding every destination row")
         offsets = self.chunk_offsets[rows // self.chunk_rows] + (rows % self.chunk_rows) * size
         wanted = dest >= 0
         jump = np.ones(len(rows), bool)  # a row that does not follow the previous one in the file
@@ -163,25 +164,31 @@ class BlockStream:
 
     def _fill(self, runs: list[tuple[int, int]], out: torch.Tensor, staging: np.ndarray | None,
               workers: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Read one block into ``out`` in served order; ``staging`` holds the runs where h5py reads."""
+        """Read one block into ``out`` in served order, through ``staging`` where the file is not float32."""
         rows, chosen = self._order(runs)
         features = out[:len(chosen)]
-        if self.source is not None:
-            dest = np.full(len(rows), -1)
-            dest[chosen] = np.arange(len(chosen))
-            self.source.read(rows, dest, features.numpy(), workers)
-        else:
+        if self.source is None:  # h5py reads the runs, then a gather serves them
             offset = 0
             for start, stop in runs:
                 _read(self.X, start, stop, staging, offset)
                 offset += stop - start
             torch.index_select(torch.from_numpy(staging), 0, torch.from_numpy(chosen), out=features)
+        else:
+            dest = np.full(len(rows), -1)
+            dest[chosen] = np.arange(len(chosen))
+            if staging is None:
+                self.source.read(rows, dest, features.numpy(), workers)
+            else:  # float16 rows, half the bytes to read, converted in one pass
+                self.source.read(rows, dest, staging[:len(chosen)], workers)
+                features.copy_(torch.from_numpy(staging[:len(chosen)]))
         return features, rows[chosen]
 
     def _buffers(self, count: int) -> tuple[list[torch.Tensor], np.ndarray | None]:
-        """``count`` block buffers, and the staging buffer h5py reads runs into."""
-        dim = self.X.shape[1]
-        staging = np.empty((self.capacity, dim), np.float32) if self.source is None else None
+        """``count`` float32 block buffers, and a staging buffer where rows arrive in another form."""
+        dim, source = self.X.shape[1], self.source
+        staging = None
+        if source is None or source.dtype != np.float32:
+            staging = np.empty((self.capacity, dim), np.float32 if source is None else source.dtype)
         return [torch.empty(self.capacity, dim) for _ in range(count)], staging
 
     def __iter__(self):
