@@ -64,10 +64,11 @@ def test_row_file_declines_what_it_cannot_read_directly(features, tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f.create_dataset("gzip", data=features, chunks=(100, DIM), compression="gzip")
         f.create_dataset("double", data=features.astype(np.float64), chunks=(100, DIM))
+        f.create_dataset("big-endian", data=features.astype(">f4"), chunks=(100, DIM))
         f.create_dataset("narrow chunks", data=features, chunks=(100, 8))
         f.create_dataset("plain", data=features, chunks=(100, DIM))
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        for name in ("gzip", "double", "narrow chunks"):
+        for name in ("gzip", "double", "big-endian", "narrow chunks"):
             assert RowFile.open(f[name]) is None, name
             rows = np.concatenate([r for _, r in BlockStream(f[name], MASKS["random 80%"], 700)])
             np.testing.assert_array_equal(rows, np.flatnonzero(MASKS["random 80%"]))

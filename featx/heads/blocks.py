@@ -36,8 +36,8 @@ SKIP_ROWS = 8  # unwanted rows this many in a row are not read; shorter gaps are
 class RowFile:
     """Rows of an uncompressed little-endian float32 or float16 HDF5 dataset, read from its file with ``preadv``.
 
-    ``RowFile.open(X)`` returns None where that is not possible (filters, another dtype, a file open for
-    writing, unallocated chunks, external or virtual storage, no ``preadv``); the caller then reads with h5py.
+    ``RowFile.open(X)`` returns None where that is not possible (filters, another dtype or byte order, a file
+    open for writing, unallocated chunks, external or virtual storage, no ``preadv``); h5py reads then.
     """
 
     def __init__(self, path: str, chunk_offsets: np.ndarray, chunk_rows: int, dim: int, dtype: np.dtype):
@@ -46,7 +46,8 @@ class RowFile:
 
     @classmethod
     def open(cls, X) -> RowFile | None:
-        if not (_preadv and isinstance(X, h5py.Dataset) and X.ndim == 2 and X.dtype in ("<f4", "<f2")):
+        if not (_preadv and isinstance(X, h5py.Dataset) and X.ndim == 2 and X.dtype.isnative
+                and X.dtype in (np.float32, np.float16)):
             return None
         plist = X.id.get_create_plist()
         if (X.file.mode != "r" or X.file.driver != "sec2" or X.file.userblock_size or X.is_virtual
@@ -77,9 +78,35 @@ class RowFile:
         Each contiguous file range is one ``preadv`` whose buffers are the destinations of its pieces, so
         shuffling costs no copy; ``workers`` threads share the calls.
         """
-        size = self.row_bytes
-        if dest.max(initial=-1) >= len(out) or not (out.flags.c_contiguous and out.dtype == self.dtype):
+        if dest.min(initial=0) < -1 or dest.max(initial=-1) >= len(out) or not (
+                out.flags.c_contiguous and out.dtype == self.dtype):
             raise ValueError(f"out must be a contiguous {self.dtype} array holding every destination row")
+        scratch = np.empty(SKIP_ROWS * self.row_bytes, np.uint8)
+        iovecs, calls = self._plan(rows, dest, out, scratch)
+        fd = os.open(self.path, os.O_RDONLY)
+
+        def run(share: list[tuple[int, int, int, int]]) -> None:
+            for first, count, offset, expected in share:
+                done = _preadv(fd, iovecs.ctypes.data + 16 * first, count, offset)
+                if done != expected:
+                    error = ctypes.get_errno() if done < 0 else 0
+                    raise OSError(error, f"reading {self.path}: "
+                                         f"{os.strerror(error) if error else 'the file changed while read'}")
+        try:
+            if workers > 1 and len(calls) > 1:
+                with ThreadPoolExecutor(workers - 1) as pool:
+                    helpers = [pool.submit(run, calls[i::workers]) for i in range(1, workers)]
+                    run(calls[::workers])
+                    for helper in helpers:
+                        helper.result()
+            else:
+                run(calls)
+        finally:
+            os.close(fd)
+
+    def _plan(self, rows: np.ndarray, dest: np.ndarray, out: np.ndarray, scratch: np.ndarray):
+        """The iovecs (struct {void *base; size_t len;}) of ``read`` and its calls: (first, count, offset, bytes)."""
+        size = self.row_bytes
         offsets = self.chunk_offsets[rows // self.chunk_rows] + (rows % self.chunk_rows) * size
         wanted = dest >= 0
         jump = np.ones(len(rows), bool)  # a row that does not follow the previous one in the file
@@ -88,40 +115,19 @@ class RowFile:
         cut[1:] |= (wanted[1:] != wanted[:-1]) | (wanted[1:] & (dest[1:] != dest[:-1] + 1))
         starts = np.flatnonzero(cut)
         lengths = np.diff(np.append(starts, len(rows)))
-        skip = ~wanted[starts] & (lengths >= SKIP_ROWS)
+        skip = ~wanted[starts] & (lengths >= SKIP_ROWS)  # long gaps are not read; short ones go to scratch
         new_call = jump[starts] | np.append(False, skip[:-1])
         starts, lengths, new_call = starts[~skip], lengths[~skip], new_call[~skip]
         if not len(starts):
-            return
+            return np.empty((0, 2), np.uint64), []
         rank = np.arange(len(starts)) - np.flatnonzero(new_call)[np.cumsum(new_call) - 1]
         calls = np.flatnonzero(new_call | (rank % CALL_BUFFERS == 0))
-        scratch = np.empty(SKIP_ROWS * size, np.uint8)
-        iovecs = np.empty((len(starts), 2), np.uint64)  # struct iovec {void *base; size_t len;}
-        iovecs[:, 0] = np.where(dest[starts] >= 0, out.ctypes.data + dest[starts] * size, scratch.ctypes.data)
+        iovecs = np.empty((len(starts), 2), np.uint64)
+        iovecs[:, 0] = np.where(wanted[starts], out.ctypes.data + dest[starts] * size, scratch.ctypes.data)
         iovecs[:, 1] = lengths * size
-        jobs = list(zip(calls.tolist(), np.append(calls[1:], len(starts)).tolist(), offsets[starts[calls]].tolist(),
-                        (np.add.reduceat(lengths, calls) * size).tolist()))
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            address = iovecs.ctypes.data
-
-            def run(share):
-                for first, last, offset, expected in share:
-                    done = _preadv(fd, address + 16 * first, last - first, offset)
-                    if done != expected:
-                        error = ctypes.get_errno() if done < 0 else 0
-                        raise OSError(error, f"reading {self.path}: "
-                                             f"{os.strerror(error) if error else 'the file changed while read'}")
-            if workers > 1 and len(jobs) > 1:
-                with ThreadPoolExecutor(workers - 1) as pool:
-                    helpers = [pool.submit(run, jobs[i::workers]) for i in range(1, workers)]
-                    run(jobs[::workers])
-                    for helper in helpers:
-                        helper.result()
-            else:
-                run(jobs)
-        finally:
-            os.close(fd)
+        counts = np.diff(np.append(calls, len(starts)))
+        return iovecs, list(zip(calls.tolist(), counts.tolist(), offsets[starts[calls]].tolist(),
+                                (np.add.reduceat(lengths, calls) * size).tolist()))
 
 
 def _read(X, start: int, stop: int, out: np.ndarray, offset: int) -> None:
