@@ -2,7 +2,7 @@
 backbone's forward pass alone (random input, no decode) eager, channels_last and compiled, at batch 64 and at
 featx's CPU forward batch, and featx's Embedder; one training step alone (the d2l loop's contiguous layout vs
 featx's channels_last and malloc settings, each in a fresh process);
-the streaming linear head's SGD step on rows already in memory, and its HDF5 block reader alone.
+the streaming linear head's SGD step on rows already in memory, its HDF5 block reader, and the copies beneath it.
 
     python benchmarks/ceilings.py --backbones mobilenet_v2,resnet18
 """
@@ -26,7 +26,8 @@ from common import RESULTS, in_fresh_process, write_results  # noqa: E402
 from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
 from featx.embed import CPU_FORWARD_BATCH, Embedder  # noqa: E402
-from featx.heads.blocks import BlockStream
+from featx.heads import holdout_split  # noqa: E402
+from featx.heads.blocks import BlockStream, RowFile  # noqa: E402
 from featx.heads.linear import GridSGD, LinearHead  # noqa: E402
 from featx.memory import keep_freed_memory  # noqa: E402
 
@@ -83,19 +84,28 @@ def featx_forward_rate(name: str, batch_size: int) -> float:
 
 
 def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10, batch: int = 1024) -> dict[str, float]:
-    """Rows/s of the linear head's SGD step alone (one head, rows in memory) and of its block reader alone."""
+    """Rows/s of the streaming linear head's stages, each alone: the SGD step (one head, rows in memory); the
+    block reader on all cores, all rows or fit-head's 20 % hold-out masked out (rows served per second); the file
+    copy beneath it (every row in file order, no shuffle); and a memory-to-memory copy of as many bytes."""
     features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))
     onehot = nn.functional.one_hot(labels, classes).float()
     sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim))
-    rates = {"SGD step alone, rows in memory": per_second(
+    rates = {f"SGD step alone, rows in memory, {torch.get_num_threads()} threads": per_second(
         lambda: [sgd.step(features[a:a + batch], onehot[a:a + batch], 1.0) for a in range(0, rows, batch)], rows)}
     with tempfile.TemporaryDirectory() as folder:
         with h5py.File(Path(folder) / "x.h5", "w") as f:  # chunked as bench_heads writes it
             f.create_dataset("x", data=features.numpy(), chunks=(2**18 // dim, dim))
         with h5py.File(Path(folder) / "x.h5", "r") as f:
-            mask, rng = np.ones(rows, bool), np.random.default_rng(0)
-            rates["block reader alone (read + group shuffle)"] = per_second(
-                lambda: sum(len(r) for _, r in BlockStream(f["x"], mask, LinearHead()._block_rows(dim), rng)), rows)
+            stream = BlockStream(f["x"], LinearHead()._block_rows(dim))
+            for what, mask in {"all rows": np.ones(rows, bool),
+                               "20% hold-out masked out": ~holdout_split(labels.numpy(), np.arange(rows))}.items():
+                rng = np.random.default_rng(0)
+                rates[f"block reader alone (shuffled), all cores, {what}"] = per_second(
+                    lambda: sum(len(r) for _, r in stream.blocks(mask, rng)), int(mask.sum()))
+            source, out = RowFile.open(f["x"]), np.empty((rows, dim), np.float32)
+            rates["file copy alone: preadv in file order, all cores"] = per_second(
+                lambda: source.read(np.arange(rows), np.arange(rows), out, torch.get_num_threads()), rows)
+    rates["memory copy of as many bytes, numpy"] = per_second(lambda: np.copyto(out, features.numpy()), rows)
     return {f"linear head {rows}x{dim}, {classes} classes, batch {batch}: {k}": v for k, v in rates.items()}
 
 

@@ -21,8 +21,8 @@ def features():
     return np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
 
 
-def _blocks(stream: BlockStream) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(x.numpy().copy(), rows) for x, rows in stream]
+def _blocks(blocks) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy().copy(), rows) for x, rows in blocks]
 
 
 @pytest.mark.parametrize("chunks, dtype", [((100, DIM), "float32"), ((37, DIM), "float32"), (None, "float32"),
@@ -33,13 +33,15 @@ def test_direct_reads_serve_what_h5py_serves(features, chunks, dtype, tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f.create_dataset("X", data=features, chunks=chunks)
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        for name, mask in MASKS.items():
+        # per mode, one stream serves every pass; the h5py path is the reference
+        streams = {ahead: (BlockStream(f["X"], 700, ahead), BlockStream(f["X"], 700, ahead, direct=False))
+                   for ahead in (False, True)}
+        assert all(direct.source is not None for direct, _ in streams.values())
+        for name, mask in MASKS.items():  # one stream per mode serves every pass
             for seed, ahead in ((None, False), (3, False), (3, True)):
-                direct = BlockStream(f["X"], mask, 700, seed and np.random.default_rng(seed), ahead=ahead)
-                through_h5py = BlockStream(f["X"], mask, 700, seed and np.random.default_rng(seed), ahead=ahead)
-                through_h5py.source = None
-                assert direct.source is not None
-                served, expected = _blocks(direct), _blocks(through_h5py)
+                direct, through_h5py = streams[ahead]
+                served = _blocks(direct.blocks(mask, seed and np.random.default_rng(seed)))
+                expected = _blocks(through_h5py.blocks(mask, seed and np.random.default_rng(seed)))
                 assert len(served) == len(expected)
                 for (x, rows), (x_h5py, rows_h5py) in zip(served, expected):
                     np.testing.assert_array_equal(rows, rows_h5py, err_msg=name)
@@ -55,8 +57,8 @@ def test_shuffled_blocks_mix_a_class_sorted_file(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f.create_dataset("X", data=np.zeros((len(labels), 8), np.float32), chunks=(256, 8))
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        stream = BlockStream(f["X"], np.ones(len(labels), bool), 4096, np.random.default_rng(0))
-        batches = [labels[rows[a:a + 256]] for _, rows in stream for a in range(0, len(rows), 256)]
+        blocks = BlockStream(f["X"], 4096).blocks(np.ones(len(labels), bool), np.random.default_rng(0))
+        batches = [labels[rows[a:a + 256]] for _, rows in blocks for a in range(0, len(rows), 256)]
     assert np.median([len(np.unique(batch)) for batch in batches]) >= 3
 
 
@@ -70,7 +72,7 @@ def test_row_file_declines_what_it_cannot_read_directly(features, tmp_path):
     with h5py.File(tmp_path / "f.h5", "r") as f:
         for name in ("gzip", "double", "big-endian", "narrow chunks"):
             assert RowFile.open(f[name]) is None, name
-            rows = np.concatenate([r for _, r in BlockStream(f[name], MASKS["random 80%"], 700)])
+            rows = np.concatenate([r for _, r in BlockStream(f[name], 700).blocks(MASKS["random 80%"])])
             np.testing.assert_array_equal(rows, np.flatnonzero(MASKS["random 80%"]))
         assert RowFile.open(f["plain"]) is not None
     with h5py.File(tmp_path / "f.h5", "r+") as f:  # a file open for writing may hold rows not yet on disk

@@ -1,15 +1,14 @@
 """``linear``: torch nn.Linear heads, a grid of learning rates x weight decays trained together in one pass.
 
-X may be an ``h5py.Dataset`` larger than memory: it is streamed in blocks of about ``BLOCK_BYTES`` by a
-background thread while the main thread trains, so memory is bounded by the block size, not N. Each block
-joins a few contiguous runs from random places (class-sorted files still mix) and is shuffled in short row
-groups. The gradient is computed in closed form for all heads at once, in the standardised feature space
+X may be an ``h5py.Dataset`` larger than memory: it is streamed in shuffled blocks of about ``BLOCK_BYTES``
+(``featx.heads.blocks``), so memory is bounded by the block size, not N. The gradient is computed in closed form for all heads at once, in the standardised feature space
 without standardising the rows. The head with the best validation accuracy wins (as in DINOv2's linear
 evaluation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -55,7 +54,7 @@ class GridSGD:
 
     @torch.inference_mode()
     def step(self, x: torch.Tensor, onehot: torch.Tensor, lr_factor: float) -> None:
-        """One step on raw features ``x`` [B, D] with one-hot float labels ``onehot`` [B, K], at ``lr_factor`` x the lrs."""
+        """One step on raw features ``x`` [B, D], float one-hot labels ``onehot`` [B, K], at ``lr_factor`` x the lrs."""
         # logits of the standardised x, from raw x: x @ (W / std).T + (b - (W / std) @ mean)
         scale = self.weight / self.std
         logits = torch.addmm(torch.addmv(self.bias, scale, self.mean, alpha=-1), x, scale.T)
@@ -108,12 +107,12 @@ class LinearHead(Head):
     def _block_rows(self, dim: int) -> int:
         return self.block_rows or max(1024, BLOCK_BYTES // (4 * dim))
 
-    def _moments(self, X, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(self, stream: BlockStream, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the training rows, estimated on the first shuffled block (the scale SGD needs)."""
-        rng = np.random.default_rng(self.seed)
-        features, _ = next(iter(BlockStream(X, rows, self._block_rows(X.shape[1]), rng)))
+        with contextlib.closing(stream.blocks(rows, np.random.default_rng(self.seed))) as blocks:
+            features, _ = next(blocks)
         mean = features.mean(0)  # two passes, in slices (torch.var_mean over rows is 5x slower here)
-        variance = sum((rows - mean).square_().sum(0) for rows in features.split(4096)) / len(features)
+        variance = sum((piece - mean).square_().sum(0) for piece in features.split(4096)) / len(features)
         return mean, variance.sqrt() + 1e-6
 
     def fit(self, X, y, X_val=None, y_val=None, groups=None):
@@ -129,9 +128,12 @@ class LinearHead(Head):
         else:
             val_rows = np.ones(X_val.shape[0], bool)
             val_targets = torch.from_numpy(np.searchsorted(self.classes_, np.asarray(y_val)))
-        mean, std = self._moments(X, train_rows)
-        weight, bias, epochs = self._train(X, targets, train_rows, mean, std)
-        scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), X_val, val_targets, val_rows)
+        device = resolve_device(self.device)
+        stream = BlockStream(X, self._block_rows(X.shape[1]), ahead=device.type != "cpu")
+        mean, std = self._moments(stream, train_rows)
+        weight, bias, epochs = self._train(stream, targets, train_rows, mean, std, device)
+        val_stream = stream if X_val is X else BlockStream(X_val, self._block_rows(X_val.shape[1]))
+        scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), val_stream, val_targets, val_rows)
         grid = self._grid()
         best = max(range(len(grid)), key=lambda i: (scores[i]["val_accuracy"], -scores[i]["val_loss"]))
         self.selection_ = {"parameter": "lr, weight_decay", "chosen": {"lr": grid[best][0],
@@ -143,9 +145,9 @@ class LinearHead(Head):
         return self
 
     @torch.inference_mode()
-    def _train(self, X, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor):
+    def _train(self, stream: BlockStream, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor,
+               std: torch.Tensor, device: torch.device):
         """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
-        device = resolve_device(self.device)
         sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device))
         classes = torch.eye(len(self.classes_))  # row i: the one-hot of class i
         rng = np.random.default_rng(self.seed)
@@ -155,8 +157,7 @@ class LinearHead(Head):
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
         total_rows, rows_seen = epochs * n_train, 0
         for _ in range(epochs):
-            blocks = BlockStream(X, train_rows, self._block_rows(X.shape[1]), rng, ahead=device.type != "cpu")
-            for features, file_rows in blocks:
+            for features, file_rows in stream.blocks(train_rows, rng):
                 features = features.to(device, non_blocking=True)
                 onehot = classes[targets[file_rows]].to(device)
                 for first in range(0, len(onehot), batch):
@@ -165,11 +166,12 @@ class LinearHead(Head):
                     rows_seen += len(x)
         return sgd.weight.cpu(), sgd.bias.cpu(), epochs
 
-    def _score_grid(self, stacked: StandardisedLinear, X, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
+    def _score_grid(self, stacked: StandardisedLinear, stream: BlockStream, targets: torch.Tensor,
+                    rows: np.ndarray) -> list[dict]:
         """Validation accuracy and loss of every head of the grid."""
         grid, num_classes = self._grid(), len(self.classes_)
         correct, losses = np.zeros(len(grid)), np.zeros(len(grid))
-        for features, file_rows in BlockStream(X, rows, self._block_rows(X.shape[1])):
+        for features, file_rows in stream.blocks(rows):
             with torch.no_grad():
                 logits = stacked(features).view(-1, len(grid), num_classes).transpose(0, 1)
             labels = targets[file_rows]
