@@ -1,9 +1,9 @@
 """``linear``: torch nn.Linear heads, a grid of learning rates x weight decays trained together in one pass.
 
 X may be an ``h5py.Dataset`` larger than memory: it is streamed in shuffled blocks of about ``BLOCK_BYTES``
-(``featx.heads.blocks``), so memory is bounded by the block size, not N. The gradient is computed in closed form for all heads at once, in the standardised feature space
-without standardising the rows. The head with the best validation accuracy wins (as in DINOv2's linear
-evaluation).
+(``featx.heads.blocks``), so memory is bounded by the block size, not N. The gradient is computed in closed
+form for all heads at once, in the standardised feature space without standardising the rows. The head with the
+best validation accuracy wins (as in DINOv2's linear evaluation).
 """
 
 from __future__ import annotations
