@@ -34,7 +34,7 @@ SKIP_ROWS = 8  # unwanted rows this many in a row are not read; shorter gaps are
 
 
 class RowFile:
-    """Rows of an uncompressed little-endian float32 or float16 HDF5 dataset, read from its file with ``preadv``.
+    """Rows of an uncompressed float32 or float16 HDF5 dataset (native byte order), read from its file with ``preadv``.
 
     ``RowFile.open(X)`` returns None where that is not possible (filters, another dtype or byte order, a file
     open for writing, unallocated chunks, external or virtual storage, no ``preadv``); h5py reads then.
