@@ -207,7 +207,7 @@ class BlockStream:
         return features, rows[chosen]
 
     def _from_thread(self, plan: list, mask: np.ndarray, rng: np.random.Generator | None):
-        """Blocks read ahead by a background thread, one core, while the consumer (a GPU) uses this one."""
+        """Blocks read ahead by a background thread (and its helpers) while the consumer (a GPU) uses this one."""
         blocks: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(plan, mask, rng, blocks, stop), daemon=True)
@@ -225,7 +225,7 @@ class BlockStream:
                  stop: threading.Event) -> None:
         try:
             for number, runs in enumerate(plan):
-                item = self._fill(runs, mask, rng, self._buffers[number % 3], 1)
+                item = self._fill(runs, mask, rng, self._buffers[number % 3], torch.get_num_threads())
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
