@@ -71,7 +71,7 @@ class GridSGD:
 
 def _error_t_x(error: torch.Tensor, x: torch.Tensor, pieces: int = 4) -> torch.Tensor:
     """error.T @ x summed over row pieces: the cores take whole pieces instead of splitting one skinny product
-    (1.6x faster on 2 CPU cores at 1024 x 512, K = 10; ``benchmarks/ceilings.py`` times the step)."""
+    (one-off probe, 2 CPU cores, 1024 x 512, K = 10: 2.8M vs 1.7M rows/s)."""
     if x.device.type != "cpu" or len(x) % pieces:
         return error.T @ x
     rows = len(x) // pieces
