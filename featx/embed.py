@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from featx.backbones import Backbone
 from featx.compiled import compiled_model
@@ -54,19 +56,28 @@ def channel_stats(transform, device: torch.device) -> tuple[torch.Tensor, torch.
             torch.tensor(transform.std, device=device).view(shape))
 
 
-CPU_FORWARD_BATCH = 8  # MobileNetV2 1.2-1.3x faster than at 64 (activations stay in cache); ResNets the same
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of eval-mode ``model`` with every BatchNorm that follows a convolution folded into its weights and
+    bias (one pass over the activations less per pair: MobileNetV2 ~1.3x on 2 CPU cores, ResNet-18 ~1.03x).
+    Features move by float32 rounding only. A model torch.fx cannot trace is returned as it is."""
+    try:
+        return fuse(model)
+    except Exception:  # symbolic tracing refuses data-dependent control flow; such a model runs unfolded
+        return model
 
 
 class Embedder:
     """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU.
 
-    ``forward_batch``: images per model call (batches are cut into such chunks); None is
-    ``CPU_FORWARD_BATCH`` on CPU and the whole batch on a GPU. Each image's features do not depend on it.
+    ``forward_batch``: images per model call (batches are cut into such chunks); None is the whole batch.
+    Each image's features do not depend on it.
+    ``fold_batch_norm``: fold BatchNorms into the convolutions before them (``fold_batch_norms``), in float32
+    runs (not under autocast).
     Sets ``featx.memory.keep_freed_memory`` for the process.
     """
 
     def __init__(self, backbone: Backbone, device: str = "auto", amp: str = "auto", channels_last: bool = True,
-                 compile: bool = False, forward_batch: int | None = None):
+                 compile: bool = False, forward_batch: int | None = None, fold_batch_norm: bool = True):
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
         keep_freed_memory()
@@ -74,11 +85,11 @@ class Embedder:
         self.feature_dim = backbone.feature_dim
         self.name = backbone.name
         self.model = backbone.model.eval().to(self.device)
+        if fold_batch_norm and self.amp is None:  # folded weights lose more to bf16 (MobileNetV2: min cosine
+            self.model = fold_batch_norms(self.model)  # to float32 0.982 vs 0.99+ unfolded)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if forward_batch is None:
-            forward_batch = CPU_FORWARD_BATCH if self.device.type == "cpu" else 0
-        self.forward_batch = forward_batch  # 0: whole batches
+        self.forward_batch = forward_batch  # None: whole batches
         self.compile = compile
         self.compiled = None  # made for the first chunk's size; smaller chunks are padded up to it
         self.compiled_size = 0

@@ -45,7 +45,8 @@ class ExtractOptions:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    forward_batch: int | None = None  # images per model call; None: 8 on CPU, the whole batch on a GPU
+    fold_batch_norm: bool = True  # BatchNorms folded into the convolutions before them (float32 rounding only)
+    forward_batch: int | None = None  # images per model call; None: the whole batch
     decode_on_device: bool = False  # JPEGs decoded by torchvision on the model's device (nvjpeg on CUDA)
     dtype: str = "float32"
     compression: str | None = None
@@ -81,7 +82,7 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         all_splits = [s for s in all_splits if s.name in splits]
     extractor = create_backbone(backbone, weights, mirror, transform)
     embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile,
-                        options.forward_batch)
+                        options.forward_batch, options.fold_batch_norm)
     return {split.name: extract_split(split, extractor, embedder, Path(out) / backbone / f"{split.name}.h5",
                                       options)
             for split in all_splits}

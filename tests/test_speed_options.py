@@ -14,7 +14,7 @@ from featx import store
 from featx.backbones import create_backbone
 from featx.compiled import package_key
 from featx.data import EvalTransform, ImageFiles, collate, discover
-from featx.embed import Embedder
+from featx.embed import Embedder, fold_batch_norms
 from featx.extract import ExtractOptions, extract
 
 
@@ -77,16 +77,39 @@ def test_decode_on_device_stays_close_on_real_photos(hymenoptera, hymenoptera_fe
 def test_forward_batch_chunks_give_the_whole_batch_features(real_batch, mobilenet_weights):
     backbone = create_backbone("mobilenet_v2", str(mobilenet_weights))
     whole = Embedder(backbone, "cpu", forward_batch=len(real_batch))(real_batch)
-    chunked = Embedder(backbone, "cpu", forward_batch=5)(real_batch)  # the CPU default is 8; 5 leaves a ragged end
+    chunked = Embedder(backbone, "cpu", forward_batch=5)(real_batch)  # 5 leaves a ragged end
     assert chunked.shape == whole.shape and (chunked - whole).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="forward_batch must be a positive integer, got 0"):
         ExtractOptions(forward_batch=0)
 
 
+def test_folded_batch_norms_match_the_unfolded_model(real_batch, mobilenet_weights):
+    backbone = create_backbone("mobilenet_v2", str(mobilenet_weights))
+    folded = Embedder(backbone, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.model.modules()) == 52  # left as it was
+    exact = Embedder(backbone, "cpu", fold_batch_norm=False)(real_batch)
+    assert (folded(real_batch) - exact).abs().max() <= 1e-4 * exact.abs().max()
+
+
+def test_untraceable_model_runs_unfolded():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y  # symbolic tracing cannot branch on a value
+
+    model = DataDependent().eval()
+    assert fold_batch_norms(model) is model
+
+
 KEPT_PAGES = """
 import resource, torch
 from featx.backbones import create_backbone
-from featx.embed import Embedder
+from featx.embed import Embedder, fold_batch_norms
 from featx.memory import keep_freed_memory
 embedder = Embedder(create_backbone("mobilenet_v2", "none"), "cpu")  # sets keep_freed_memory
 images = torch.zeros(16, 3, 224, 224, dtype=torch.uint8)
