@@ -109,7 +109,7 @@ def test_untraceable_model_runs_unfolded():
 KEPT_PAGES = """
 import resource, torch
 from featx.backbones import create_backbone
-from featx.embed import Embedder, fold_batch_norms
+from featx.embed import Embedder
 from featx.memory import keep_freed_memory
 embedder = Embedder(create_backbone("mobilenet_v2", "none"), "cpu")  # sets keep_freed_memory
 images = torch.zeros(16, 3, 224, 224, dtype=torch.uint8)
