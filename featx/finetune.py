@@ -374,13 +374,11 @@ class Run:
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
     """Loss, train accuracy and val accuracy per epoch (the d2l figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     trained = [h for h in history if "train_loss" in h]
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
     axes.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], label="train loss")
     axes.plot([h["epoch"] for h in trained], [h["train_accuracy"] for h in trained], "--", label="train acc")
     axes.plot([h["epoch"] for h in history], [h["val_accuracy"] for h in history], "-o", label="val acc")
@@ -390,7 +388,6 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def load_finetuned(folder: str | os.PathLike) -> tuple[nn.Module, dict]:

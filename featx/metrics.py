@@ -37,14 +37,12 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, class_names: 
 
 def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> Path:
     """Write the confusion matrix of ``metrics`` as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and open figures are left alone
 
     matrix, names = np.asarray(metrics["confusion_matrix"]), metrics["class_names"]
     size = max(4.0, 0.5 * len(names) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    axes = figure.subplots()
     axes.imshow(matrix, cmap="Blues")
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), names)
@@ -56,7 +54,6 @@ def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> P
     axes.set_title(title or f"accuracy {metrics['accuracy']:.3f}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return Path(path)
 
 

@@ -105,15 +105,13 @@ def write_records(records: list[dict], out: str | os.PathLike) -> Path:
 
 def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, columns: int = 6) -> Path:
     """PNG grid of images titled with prediction (probability) and true class; green right, red wrong."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     decoded = [r for r in records if "predicted" in r]
     shown = decoded[::max(1, -(-len(decoded) // limit))]  # spread over the whole input
     rows = max(1, -(-len(shown) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    figure = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, record in zip(axes.flat, shown):
@@ -128,5 +126,4 @@ def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, 
         axis.set_title(title, fontsize=8, color=colour)
     figure.tight_layout()
     figure.savefig(out, dpi=80)
-    plt.close(figure)
     return Path(out)

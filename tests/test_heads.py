@@ -19,6 +19,7 @@ from featx import store
 from featx.extract import ExtractOptions, extract
 from featx.fit import evaluate, fit_head
 from featx.heads import KNNHead, LinearHead, LogRegHead, holdout_split, load_head, make_head
+from featx.metrics import classification_metrics, plot_confusion
 
 THRESHOLDS = {"logreg": 0.95, "linear": 0.95, "knn": 0.90}
 
@@ -40,6 +41,15 @@ def test_real_head_accuracy_on_unseen_val(real_heads, hymenoptera_features, kind
     assert saved["confusion_matrix"] == metrics["confusion_matrix"] and (tmp_path / "confusion.png").stat().st_size
     record = json.loads((real_heads[kind] / "head.json").read_text())
     assert record["selection"]["chosen"] is not None and record["source"]["backbone"] == "mobilenet_v2"
+
+
+def test_confusion_plot_leaves_the_callers_matplotlib_alone(tmp_path):
+    import matplotlib
+
+    matplotlib.use("svg")  # a caller's choice, e.g. a notebook's backend
+    metrics = classification_metrics(np.array([0, 1, 1]), np.array([[2.0, 1.0], [0.0, 1.0], [3.0, 1.0]]), ["a", "b"])
+    path = plot_confusion(metrics, tmp_path / "confusion.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.get_backend() == "svg"
 
 
 def test_selection_on_val_marks_evaluation_not_held_out(hymenoptera_features, tmp_path, capsys):
