@@ -28,7 +28,7 @@ from featx.compiled import compiled_model  # noqa: E402
 from featx.embed import Embedder, fold_batch_norms  # noqa: E402
 from featx.heads import holdout_split  # noqa: E402
 from featx.heads.blocks import BlockStream, RowFile  # noqa: E402
-from featx.heads.linear import GridSGD, LinearHead  # noqa: E402
+from featx.heads.linear import GridSGD, LinearHead, _error_t_x  # noqa: E402
 from featx.memory import keep_freed_memory  # noqa: E402
 
 
@@ -80,15 +80,29 @@ def featx_forward_rate(name: str, batch_size: int) -> float:
     return per_second(lambda: embedder(images), batch_size)
 
 
-def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10, batch: int = 1024) -> dict[str, float]:
-    """Rows/s of the streaming linear head's stages, each alone: the SGD step (one head, rows in memory); the
-    block reader on all cores, all rows or fit-head's 20 % hold-out masked out (rows served per second); the file
-    copy beneath it (every row in file order, no shuffle); and a memory-to-memory copy of as many bytes."""
+def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10,
+                      batch: int = 1024) -> dict[str, tuple[float, str]]:
+    """The streaming linear head's stages, each alone: the SGD step (one head, rows in memory) at ``batch`` and
+    4x it, its cost per call (at 16 rows), its two K = ``classes`` products; the block reader on all cores, all
+    rows or fit-head's 20 % hold-out masked out (rows served per second); the file copy beneath it (every row in
+    file order, no shuffle); and a memory-to-memory copy of as many bytes."""
     features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))
     onehot = nn.functional.one_hot(labels, classes).float()
     sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim))
-    rates = {f"SGD step alone, rows in memory, {torch.get_num_threads()} threads": per_second(
-        lambda: [sgd.step(features[a:a + batch], onehot[a:a + batch], 1.0) for a in range(0, rows, batch)], rows)}
+    threads = torch.get_num_threads()
+    rates = {f"SGD step alone, batch {b}, rows in memory, {threads} threads": (per_second(
+        lambda: [sgd.step(features[a:a + b], onehot[a:a + b], 1.0) for a in range(0, rows, b)], rows), "rows/s")
+        for b in (batch, 4 * batch)}
+    calls = 64
+    rates["SGD step cost per call (batch 16)"] = (1e6 / per_second(
+        lambda: [sgd.step(features[:16], onehot[:16], 1.0) for _ in range(calls)], calls), "µs")
+    x, weight, error = features[:batch], torch.randn(classes, dim), torch.randn(batch, classes)
+    flops = 2 * batch * dim * classes
+    with torch.inference_mode():
+        rates[f"logits product alone (x @ W.T), batch {batch}"] = (
+            per_second(lambda: torch.addmm(weight[:, 0], x, weight.T), flops, 50) / 1e9, "GFLOP/s")
+        rates[f"gradient product alone (error.T @ x), batch {batch}"] = (
+            per_second(lambda: _error_t_x(error, x), flops, 50) / 1e9, "GFLOP/s")
     with tempfile.TemporaryDirectory() as folder:
         with h5py.File(Path(folder) / "x.h5", "w") as f:  # chunked as bench_heads writes it
             f.create_dataset("x", data=features.numpy(), chunks=(2**18 // dim, dim))
@@ -97,13 +111,14 @@ def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10, bat
             for what, mask in {"all rows": np.ones(rows, bool),
                                "20% hold-out masked out": ~holdout_split(labels.numpy(), np.arange(rows))}.items():
                 rng = np.random.default_rng(0)
-                rates[f"block reader alone (shuffled), all cores, {what}"] = per_second(
-                    lambda: sum(len(r) for _, r in stream.blocks(mask, rng)), int(mask.sum()))
+                rates[f"block reader alone (shuffled), all cores, {what}"] = (per_second(
+                    lambda: sum(len(r) for _, r in stream.blocks(mask, rng)), int(mask.sum())), "rows/s")
             source, out = RowFile.open(f["x"]), np.empty((rows, dim), np.float32)
-            rates["file copy alone: preadv in file order, all cores"] = per_second(
-                lambda: source.read(np.arange(rows), np.arange(rows), out, torch.get_num_threads()), rows)
-    rates["memory copy of as many bytes, numpy"] = per_second(lambda: np.copyto(out, features.numpy()), rows)
-    return {f"linear head {rows}x{dim}, {classes} classes, batch {batch}: {k}": v for k, v in rates.items()}
+            rates["file copy alone: preadv in file order, all cores"] = (per_second(
+                lambda: source.read(np.arange(rows), np.arange(rows), out, threads), rows), "rows/s")
+    rates["memory copy of as many bytes, numpy"] = (per_second(lambda: np.copyto(out, features.numpy()), rows),
+                                                    "rows/s")
+    return {f"linear head {rows}x{dim}, {classes} classes: {k}": v for k, v in rates.items()}
 
 
 def main() -> None:
@@ -134,8 +149,8 @@ def main() -> None:
         for what, (channels_last, keep_memory) in steps.items():
             rate = in_fresh_process(train_step_rate, name, args.train_batch_size, channels_last, keep_memory)
             add(f"{name} training step alone, batch {args.train_batch_size}, {what}", rate, "examples/s")
-    for what, rate in linear_head_rates().items():
-        add(what, rate, "rows/s")
+    for what, (rate, unit) in linear_head_rates().items():
+        add(what, rate, unit)
     write_results("ceilings", {"rows": rows}, table, args.out)
 
 
