@@ -82,20 +82,21 @@ def featx_forward_rate(name: str, batch_size: int) -> float:
 
 def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10,
                       batch: int = 1024) -> dict[str, tuple[float, str]]:
-    """The streaming linear head's stages, each alone: the SGD step (one head, rows in memory) at ``batch`` and
-    4x it, its cost per call (at 16 rows), its two K = ``classes`` products; the block reader on all cores, all
+    """The streaming linear head's stages, each alone: the SGD step (one head, rows in memory; PyTorch ops and
+    the fused kernel) at ``batch`` and 4x it, its cost per call (at 16 rows), the PyTorch step's two
+    K = ``classes`` products; the block reader on all cores, all
     rows or fit-head's 20 % hold-out masked out (rows served per second); the file copy beneath it (every row in
     file order, no shuffle); and a memory-to-memory copy of as many bytes."""
     features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))
-    onehot = nn.functional.one_hot(labels, classes).float()
-    sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim))
-    threads = torch.get_num_threads()
-    rates = {f"SGD step alone, batch {b}, rows in memory, {threads} threads": (per_second(
-        lambda: [sgd.step(features[a:a + b], onehot[a:a + b], 1.0) for a in range(0, rows, b)], rows), "rows/s")
-        for b in (batch, 4 * batch)}
-    calls = 64
-    rates["SGD step cost per call (batch 16)"] = (1e6 / per_second(
-        lambda: [sgd.step(features[:16], onehot[:16], 1.0) for _ in range(calls)], calls), "µs")
+    threads, calls, rates = torch.get_num_threads(), 64, {}
+    for kernel in ("torch", "fused"):
+        sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim), fused=kernel == "fused")
+        for b in (batch, 4 * batch):
+            rates[f"SGD step alone ({kernel}), batch {b}, rows in memory, {threads} threads"] = (per_second(
+                lambda: [sgd.step(features[a:a + b], labels[a:a + b], 1.0) for a in range(0, rows, b)], rows),
+                "rows/s")
+        rates[f"SGD step ({kernel}) cost per call (batch 16)"] = (1e6 / per_second(
+            lambda: [sgd.step(features[:16], labels[:16], 1.0) for _ in range(calls)], calls), "µs")
     x, weight, error = features[:batch], torch.randn(classes, dim), torch.randn(batch, classes)
     flops = 2 * batch * dim * classes
     with torch.inference_mode():

@@ -84,7 +84,7 @@ def fit_head(train, val="auto", head="logreg", out=None, **params):
             lr x weight decay trained together, streamed from the file), or knn (cosine, k chosen on val).
         out: head folder.
         params: head parameters, e.g. --Cs=[0.01,0.1,1] (logreg), --lrs=[0.01,0.1] --weight_decays=[0,1e-4]
-            --epochs=20 --device=cuda (linear), --ks=[1,5,20] --temperature=0.07 (knn), --seed=0.
+            --epochs=20 --device=cuda --kernel=fused (linear), --ks=[1,5,20] --temperature=0.07 (knn), --seed=0.
     """
     fit.fit_head(train, val, head, out, **params)
 

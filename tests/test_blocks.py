@@ -110,10 +110,9 @@ def test_grid_sgd_step_matches_autograd():
         nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
         optimizers.append(torch.optim.SGD([{"params": [model.weight], "weight_decay": decay},
                                            {"params": [model.bias], "weight_decay": 0.0}], lr=lr, momentum=MOMENTUM))
-    onehot = nn.functional.one_hot(labels, 4).float()
     for step, first in enumerate(range(0, 600, 128)):  # the last batch is short
         factor = 1.0 - step / 10
-        sgd.step(x[first:first + 128], onehot[first:first + 128], factor)
+        sgd.step(x[first:first + 128], labels[first:first + 128], factor)
         for model, optimizer, (lr, _) in zip(models, optimizers, grid):
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
@@ -125,3 +124,19 @@ def test_grid_sgd_step_matches_autograd():
         torch.testing.assert_close(sgd.weight[4 * head:4 * head + 4], model.weight.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(sgd.bias[4 * head:4 * head + 4], model.bias.detach(), rtol=1e-4, atol=1e-5)
     assert sgd.weight.abs().max() > 0.05  # the heads moved
+
+
+def test_fused_kernel_step_matches_the_torch_step():
+    """The numba kernel vs GridSGD's PyTorch ops: three heads (decay on two), odd batch sizes, a falling lr."""
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(1.0, 2.0, (1000, 48)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 5, 1000))
+    mean, std = x.mean(0), x.std(0)
+    grid = [(0.05, 0.0), (0.2, 1e-3), (0.5, 1e-2)]
+    reference, fused = GridSGD(grid, 5, mean, std), GridSGD(grid, 5, mean, std, fused=True)
+    for step, first in enumerate(range(0, 1000, 203)):  # 203 rows: shares of 101/102, not multiples of four
+        for sgd in (reference, fused):
+            sgd.step(x[first:first + 203], labels[first:first + 203], 1.0 - step / 8)
+    torch.testing.assert_close(fused.weight, reference.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused.bias, reference.bias, rtol=1e-4, atol=1e-6)
+    assert reference.weight.abs().max() > 0.05

@@ -43,6 +43,18 @@ def test_real_head_accuracy_on_unseen_val(real_heads, hymenoptera_features, kind
     assert record["selection"]["chosen"] is not None and record["source"]["backbone"] == "mobilenet_v2"
 
 
+def test_fused_kernel_linear_head_on_real_features(hymenoptera_features, tmp_path):
+    """The numba step (what long CPU fits use) vs PyTorch ops: same choice, same unseen-val accuracy."""
+    metrics, chosen = {}, {}
+    for kernel in ("torch", "fused"):
+        head = fit_head(hymenoptera_features / "train.h5", "none", "linear", tmp_path / kernel, kernel=kernel)
+        chosen[kernel] = head.selection_["chosen"]
+        metrics[kernel] = evaluate(tmp_path / kernel, hymenoptera_features / "val.h5", tmp_path / f"{kernel}-eval")
+    assert chosen["fused"] == chosen["torch"]
+    assert metrics["fused"]["accuracy"] >= THRESHOLDS["linear"]
+    assert abs(metrics["fused"]["accuracy"] - metrics["torch"]["accuracy"]) <= 1 / 153 + 1e-9
+
+
 def test_confusion_plot_leaves_the_callers_matplotlib_alone(tmp_path):
     import matplotlib
 
@@ -134,6 +146,7 @@ def test_logreg_head_drops_into_a_sklearn_pipeline():
     (lambda: LogRegHead(Cs=[1.0, -1.0]), "Cs"),
     (lambda: LinearHead(epochs=0), "epochs"),
     (lambda: LinearHead(lrs=[]), "lrs"),
+    (lambda: LinearHead(kernel="numba"), "kernel.*'numba'"),
     (lambda: KNNHead(ks=[0]), "ks"),
     (lambda: make_head("svm"), "svm"),
     (lambda: make_head("logreg", lrs=[0.1]), "no parameter lrs"),

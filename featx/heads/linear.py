@@ -21,6 +21,8 @@ from featx.heads.base import Head, check_grid, check_positive
 from featx.heads.blocks import BLOCK_BYTES, BlockStream
 
 MOMENTUM = 0.9
+KERNELS = ("auto", "torch", "fused")
+FUSED_MIN_ROWS = 4_000_000  # row-steps (rows x epochs) from which kernel="auto" trains with the fused kernel
 
 
 class StandardisedLinear(nn.Module):
@@ -42,19 +44,31 @@ class GridSGD:
 
     The gradient of the mean cross-entropy is closed-form and taken in the standardised space
     ``(x - mean) / std`` without standardising the rows; weight decay applies to the weights only.
+    ``fused=True`` (CPU) runs each step as one compiled kernel (``featx.heads.fused``) instead of PyTorch ops.
     """
 
-    def __init__(self, grid: list[tuple[float, float]], num_classes: int, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, grid: list[tuple[float, float]], num_classes: int, mean: torch.Tensor, std: torch.Tensor,
+                 fused: bool = False):
         device, rows = mean.device, len(grid) * num_classes
         self.num_classes, self.mean, self.std = num_classes, mean, std
+        self.onehot = torch.eye(num_classes, device=device)  # row i: the one-hot of class i
         self.lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(num_classes)[:, None]
         self.decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)[:, None]
         self.weight, self.bias = torch.zeros(rows, len(mean), device=device), torch.zeros(rows, device=device)
         self.weight_velocity, self.bias_velocity = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        self._fused = None
+        if fused:
+            from featx.heads.fused import FusedStep  # numba: imported (and compiled) only when asked for
+
+            self._fused = FusedStep(self.weight, self.bias, self.weight_velocity, self.bias_velocity, mean, std,
+                                    self.lr, self.decay, num_classes, MOMENTUM)
 
     @torch.inference_mode()
-    def step(self, x: torch.Tensor, onehot: torch.Tensor, lr_factor: float) -> None:
-        """One step on raw features ``x`` [B, D], float one-hot labels ``onehot`` [B, K], at ``lr_factor`` x the lrs."""
+    def step(self, x: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> None:
+        """One step on raw features ``x`` [B, D] with class indices ``labels`` [B], at ``lr_factor`` x the lrs."""
+        if self._fused is not None:
+            return self._fused(x, labels, lr_factor)
+        onehot = self.onehot[labels]
         # logits of the standardised x, from raw x: x @ (W / std).T + (b - (W / std) @ mean)
         scale = self.weight / self.std
         logits = torch.addmm(torch.addmv(self.bias, scale, self.mean, alpha=-1), x, scale.T)
@@ -82,15 +96,18 @@ class LinearHead(Head):
     """Multinomial linear classifiers trained by SGD (momentum 0.9, cosine schedule) on standardised features.
 
     ``block_rows`` (default: about 128 MB of features) bounds memory when X is an HDF5 dataset. Weight decay
-    applies to the weights, not the biases.
+    applies to the weights, not the biases. ``kernel``: ``torch`` (PyTorch ops), ``fused`` (one compiled numba
+    kernel per step, CPU only) or ``auto`` (``fused`` on CPU for fits of at least FUSED_MIN_ROWS row-steps).
     """
 
     kind = "linear"
 
     def __init__(self, lrs=(0.003, 0.03, 0.3), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), epochs: int | None = None,
-                 batch_size: int = 1024, block_rows: int | None = None, device: str = "auto", seed: int = 0):
+                 batch_size: int = 1024, block_rows: int | None = None, device: str = "auto", seed: int = 0,
+                 kernel: str = "auto"):
         self.lrs, self.weight_decays, self.epochs = lrs, weight_decays, epochs
         self.batch_size, self.block_rows, self.device, self.seed = batch_size, block_rows, device, seed
+        self.kernel = kernel
         self._validate()
 
     def _validate(self):
@@ -101,6 +118,8 @@ class LinearHead(Head):
         check_positive("batch_size", self.batch_size, int)
         if self.block_rows is not None:
             check_positive("block_rows", self.block_rows, int)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
     def _grid(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
@@ -149,23 +168,31 @@ class LinearHead(Head):
     def _train(self, stream: BlockStream, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor,
                std: torch.Tensor, device: torch.device):
         """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
-        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device))
-        classes = torch.eye(len(self.classes_))  # row i: the one-hot of class i
         rng = np.random.default_rng(self.seed)
         n_train = int(train_rows.sum())
         batch = min(self.batch_size, n_train)
         epochs = self.epochs or max(5, math.ceil(300 / math.ceil(n_train / batch)))
+        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device),
+                      fused=self._fused(device, epochs * n_train))
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
         total_rows, rows_seen = epochs * n_train, 0
         for _ in range(epochs):
             for features, file_rows in stream.blocks(train_rows, rng):
                 features = features.to(device, non_blocking=True)
-                onehot = classes[targets[file_rows]].to(device)
-                for first in range(0, len(onehot), batch):
+                labels = targets[file_rows].to(device)
+                for first in range(0, len(labels), batch):
                     x = features[first:first + batch]
-                    sgd.step(x, onehot[first:first + batch], 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows)))
+                    sgd.step(x, labels[first:first + batch], 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows)))
                     rows_seen += len(x)
         return sgd.weight.cpu(), sgd.bias.cpu(), epochs
+
+    def _fused(self, device: torch.device, row_steps: int) -> bool:
+        """Whether to train with the fused kernel: asked for, or ``auto`` on a CPU fit long enough to repay
+        numba's start-up (import and cached kernel ~1 s; the first compile ~10 s)."""
+        if self.kernel == "fused" and device.type != "cpu":
+            raise ValueError(f"kernel='fused' runs on CPU only, not on {device}; use kernel='torch' or 'auto'")
+        return self.kernel == "fused" or (self.kernel == "auto" and device.type == "cpu"
+                                          and row_steps >= FUSED_MIN_ROWS)
 
     def _score_grid(self, stacked: StandardisedLinear, stream: BlockStream, targets: torch.Tensor,
                     rows: np.ndarray) -> list[dict]:
