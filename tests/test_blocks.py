@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from featx.heads.blocks import BlockStream, RowFile
-from featx.heads.linear import MOMENTUM, GridSGD
+from featx.heads.linear import MOMENTUM, GridSGD, LinearHead
 
 ROWS, DIM = 5000, 24
 MASKS = {"all": np.ones(ROWS, bool), "random 80%": np.random.default_rng(1).random(ROWS) < 0.8,
@@ -50,6 +50,27 @@ def test_direct_reads_serve_what_h5py_serves(features, chunks, dtype, tmp_path):
                 np.testing.assert_array_equal(np.sort(np.concatenate([r for _, r in served])), np.flatnonzero(mask))
                 if seed is None:  # file order
                     np.testing.assert_array_equal(np.concatenate([r for _, r in served]), np.flatnonzero(mask))
+
+
+@pytest.mark.parametrize("chunks", [(100, DIM), (37, DIM), None], ids=["chunks of 100", "chunks of 37", "contiguous"])
+def test_mapped_rows_are_the_rows_blocks_serve(features, chunks, tmp_path):
+    """``served`` gives the file rows ``blocks`` reads, in the same order; the mapped file holds those rows."""
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("X", data=features, chunks=chunks)
+        f.create_dataset("half", data=features.astype(np.float16), chunks=chunks)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        stream = BlockStream(f["X"], 700)
+        mapped = stream.source.map()
+        assert mapped is not None and RowFile.open(f["half"]).map() is None  # float16 rows need converting
+        for name, mask in MASKS.items():
+            read = _blocks(stream.blocks(mask, np.random.default_rng(3)))
+            served = list(stream.served(mask, np.random.default_rng(3)))
+            assert len(served) == len(read)
+            for rows, (x, read_rows) in zip(served, read):
+                np.testing.assert_array_equal(rows, read_rows, err_msg=name)
+                np.testing.assert_array_equal(mapped.data[mapped.starts(rows)[:, None] + np.arange(DIM)], x)
+            mapped.release()
+        mapped.close()
 
 
 def test_shuffled_blocks_mix_a_class_sorted_file(tmp_path):
@@ -140,3 +161,23 @@ def test_fused_kernel_step_matches_the_torch_step():
     torch.testing.assert_close(fused.weight, reference.weight, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused.bias, reference.bias, rtol=1e-4, atol=1e-6)
     assert reference.weight.abs().max() > 0.05
+
+
+def test_fused_fit_on_mapped_rows_matches_the_block_reader(tmp_path):
+    """A fused-kernel fit reading rows through the memory map (uncompressed file) equals one reading them through
+    blocks (the same rows in a gzip file, which cannot be mapped)."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 3000)
+    x = (rng.normal(0, 1, (3, 16))[labels] + rng.normal(0, 1.5, (3000, 16))).astype(np.float32)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("plain", data=x, chunks=(100, 16))
+        f.create_dataset("gzip", data=x, chunks=(100, 16), compression="gzip")
+    heads = {}
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert RowFile.open(f["plain"]).map() is not None and RowFile.open(f["gzip"]) is None
+        for name in ("plain", "gzip"):
+            heads[name] = LinearHead(lrs=[0.1], weight_decays=[0.0, 1e-3], epochs=3, block_rows=700,
+                                     kernel="fused").fit(f[name], labels)
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(heads["plain"].state_[key], heads["gzip"].state_[key], rtol=1e-6, atol=1e-7)
+    assert heads["plain"].selection_ == heads["gzip"].selection_ and heads["plain"].selection_["val_accuracy"] > 0.7

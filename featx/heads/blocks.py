@@ -11,6 +11,7 @@ thread (``ahead=True``) for a consumer on a GPU.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import queue
 import threading
@@ -104,6 +105,14 @@ class RowFile:
         finally:
             os.close(fd)
 
+    def map(self) -> MappedRows | None:
+        """The file's float32 rows mapped into memory (no copy), or None (float16, rows not 4-byte aligned, no
+        ``madvise``)."""
+        offsets_aligned = not (self.chunk_offsets % 4).any() and self.row_bytes % 4 == 0
+        if self.dtype != np.float32 or not offsets_aligned or not hasattr(mmap.mmap, "madvise"):
+            return None
+        return MappedRows(self)
+
     def _plan(self, rows: np.ndarray, dest: np.ndarray, out: np.ndarray, scratch: np.ndarray):
         """The iovecs (struct {void *base; size_t len;}) of ``read`` and its calls: (first, count, offset, bytes)."""
         size = self.row_bytes
@@ -128,6 +137,31 @@ class RowFile:
         counts = np.diff(np.append(calls, len(starts)))
         return iovecs, list(zip(calls.tolist(), counts.tolist(), offsets[starts[calls]].tolist(),
                                 (np.add.reduceat(lengths, calls) * size).tolist()))
+
+
+class MappedRows:
+    """A ``RowFile``'s rows straight from the page cache: ``data`` (the file as float32) and ``starts(rows)`` (where
+    each row begins in it). ``release()`` unmaps the pages touched so far, so they leave the process's RSS; the
+    file must not shrink while mapped (reading past its end would kill the process with SIGBUS)."""
+
+    def __init__(self, source: RowFile):
+        self.source = source
+        with open(source.path, "rb") as file:
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._map, np.float32, len(self._map) // 4)
+
+    def starts(self, rows: np.ndarray) -> np.ndarray:
+        """Offsets in ``data`` (float32 elements) of file rows ``rows``."""
+        source = self.source
+        byte_offsets = source.chunk_offsets[rows // source.chunk_rows] + (rows % source.chunk_rows) * source.row_bytes
+        return byte_offsets // 4
+
+    def release(self) -> None:
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.data = None  # the array holds the map's buffer until it goes
+        self._map.close()
 
 
 def _read(X, start: int, stop: int, out: np.ndarray, offset: int) -> None:
@@ -161,19 +195,30 @@ class BlockStream:
 
     def blocks(self, mask: np.ndarray, rng: np.random.Generator | None = None):
         """One pass over the rows where ``mask`` is true."""
-        runs = RUNS_PER_BLOCK if rng is not None else 1
-        run_rows = -(-self.block_rows // runs)
-        starts = np.arange(0, self.X.shape[0], run_rows)
-        if rng is not None:
-            starts = rng.permutation(starts)
-        plan = [[(s, min(s + run_rows, self.X.shape[0])) for s in starts[i:i + runs]]
-                for i in range(0, len(starts), runs)]
+        plan = self._plan(rng)
         count = 3 if self.ahead else 1  # ahead: one queued block + one being used + one being filled
         while len(self._buffers) < count:
             self._buffers.append(torch.empty(self.capacity, self.X.shape[1]))
         if not self.ahead:
             return (self._fill(runs, mask, rng, self._buffers[0], torch.get_num_threads()) for runs in plan)
         return self._from_thread(plan, mask, rng)
+
+    def served(self, mask: np.ndarray, rng: np.random.Generator | None = None):
+        """The file rows ``blocks(mask, rng)`` would serve, block by block, without reading them (for a consumer
+        that reads rows itself, e.g. through ``RowFile.map``); draws from ``rng`` exactly as ``blocks`` does."""
+        for runs in self._plan(rng):
+            rows, chosen = self._order(runs, mask, rng)
+            yield rows[chosen]
+
+    def _plan(self, rng: np.random.Generator | None) -> list[list[tuple[int, int]]]:
+        """A pass's blocks, each a list of (start, stop) runs of file rows."""
+        runs = RUNS_PER_BLOCK if rng is not None else 1
+        run_rows = -(-self.block_rows // runs)
+        starts = np.arange(0, self.X.shape[0], run_rows)
+        if rng is not None:
+            starts = rng.permutation(starts)
+        return [[(s, min(s + run_rows, self.X.shape[0])) for s in starts[i:i + runs]]
+                for i in range(0, len(starts), runs)]
 
     def _order(self, runs: list[tuple[int, int]], mask: np.ndarray,
                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:

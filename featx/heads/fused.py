@@ -32,9 +32,9 @@ def _softmax_minus_onehot(logits: np.ndarray, label: int, num_classes: int) -> N
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _step(x, labels, weight, bias, weight_velocity, bias_velocity, mean, std, lr, decay, lr_factor, num_classes,
-          momentum, partial_grads, partial_sums):
-    rows, dim = x.shape
+def _step(data, starts, dim, labels, weight, bias, weight_velocity, bias_velocity, mean, std, lr, decay, lr_factor,
+          num_classes, momentum, partial_grads, partial_sums):
+    rows = len(starts)  # row r is data[starts[r]:starts[r] + dim]
     outputs, workers = weight.shape[0], partial_grads.shape[0]
     scale = np.empty((outputs, dim), np.float32)  # logits = x @ scale.T + shift (the standardisation folded in)
     shift = np.empty(outputs, np.float32)
@@ -51,7 +51,9 @@ def _step(x, labels, weight, bias, weight_velocity, bias_velocity, mean, std, lr
         error = np.empty((ROWS_AT_ONCE, outputs), np.float32)
         first, stop = worker * rows // workers, (worker + 1) * rows // workers
         for r in range(first, stop, ROWS_AT_ONCE):  # past the share's end, its last row stands in, with no error
-            x0, x1, x2, x3 = x[r], x[min(r + 1, stop - 1)], x[min(r + 2, stop - 1)], x[min(r + 3, stop - 1)]
+            last = stop - 1
+            a0, a1, a2, a3 = starts[r], starts[min(r + 1, last)], starts[min(r + 2, last)], starts[min(r + 3, last)]
+            x0, x1, x2, x3 = data[a0:a0 + dim], data[a1:a1 + dim], data[a2:a2 + dim], data[a3:a3 + dim]
             for j in range(outputs):
                 s0 = s1 = s2 = s3 = shift[j]
                 for d in range(dim):
@@ -90,18 +92,38 @@ def _step(x, labels, weight, bias, weight_velocity, bias_velocity, mean, std, lr
         bias[j] -= step * bias_velocity[j]
 
 
+@njit(parallel=True, cache=True)
+def _gather(data, starts, out):
+    dim = out.shape[1]
+    for i in prange(len(starts)):
+        out[i, :] = data[starts[i]:starts[i] + dim]
+
+
+def gather_rows(data: np.ndarray, starts: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows ``data[starts[i]:starts[i] + D]`` into ``out[:len(starts)]`` [n, D], on all cores; returns that slice."""
+    _gather(data, np.ascontiguousarray(starts, np.int64), out[:len(starts)])
+    return out[:len(starts)]
+
+
 class FusedStep:
-    """``GridSGD.step`` on CPU tensors in one kernel call; updates the given parameter tensors in place."""
+    """``GridSGD.step`` on CPU in one kernel call; updates the given parameter tensors in place."""
 
     def __init__(self, weight, bias, weight_velocity, bias_velocity, mean, std, lr, decay, num_classes: int,
                  momentum: float):
         arrays = [t.numpy() for t in (weight, bias, weight_velocity, bias_velocity, mean, std)]
         self.arrays = arrays + [np.ascontiguousarray(t.numpy().ravel()) for t in (lr, decay)]
-        self.num_classes, self.momentum = num_classes, momentum
+        self.num_classes, self.momentum, self.dim = num_classes, momentum, weight.shape[1]
         workers = numba.get_num_threads()
         self.partial_grads = np.empty((workers, *weight.shape), np.float32)
         self.partial_sums = np.empty((workers, weight.shape[0]), np.float32)
 
     def __call__(self, x, labels, lr_factor: float) -> None:
-        _step(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(labels.numpy(), np.int64), *self.arrays,
-              float(lr_factor), self.num_classes, self.momentum, self.partial_grads, self.partial_sums)
+        """One step on rows ``x``: a [B, D] tensor, or ``(data, starts)``, rows ``data[starts[i]:starts[i] + D]``
+        of one float32 array (e.g. a memory-mapped file)."""
+        if isinstance(x, tuple):
+            data, starts = x
+        else:
+            rows = np.ascontiguousarray(x.numpy())
+            data, starts = rows.reshape(-1), np.arange(len(rows)) * self.dim
+        _step(data, np.ascontiguousarray(starts, np.int64), self.dim, np.ascontiguousarray(labels.numpy(), np.int64),
+              *self.arrays, float(lr_factor), self.num_classes, self.momentum, self.partial_grads, self.partial_sums)

@@ -18,7 +18,7 @@ from torch import nn
 
 from featx.embed import resolve_device
 from featx.heads.base import Head, check_grid, check_positive
-from featx.heads.blocks import BLOCK_BYTES, BlockStream
+from featx.heads.blocks import BLOCK_BYTES, BlockStream, MappedRows
 
 MOMENTUM = 0.9
 KERNELS = ("auto", "torch", "fused")
@@ -64,8 +64,9 @@ class GridSGD:
                                     self.lr, self.decay, num_classes, MOMENTUM)
 
     @torch.inference_mode()
-    def step(self, x: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> None:
-        """One step on raw features ``x`` [B, D] with class indices ``labels`` [B], at ``lr_factor`` x the lrs."""
+    def step(self, x, labels: torch.Tensor, lr_factor: float) -> None:
+        """One step on raw features ``x`` [B, D] with class indices ``labels`` [B], at ``lr_factor`` x the lrs.
+        The fused kernel also takes ``x = (data, starts)``: rows ``data[starts[i]:starts[i] + D]`` of an array."""
         if self._fused is not None:
             return self._fused(x, labels, lr_factor)
         onehot = self.onehot[labels]
@@ -81,6 +82,35 @@ class GridSGD:
         self.bias_velocity.mul_(MOMENTUM).add_(bias_grad)
         self.weight.addcmul_(self.weight_velocity, self.lr, value=-lr_factor)
         self.bias.addcmul_(self.bias_velocity, self.lr[:, 0], value=-lr_factor)
+
+
+def _training_blocks(stream: BlockStream, mask: np.ndarray, rng: np.random.Generator, device: torch.device,
+                     mapped: MappedRows | None):
+    """One shuffled pass: (rows(first, stop) -> that slice's rows for ``GridSGD.step``, file rows) per block.
+    With ``mapped`` the rows are read straight from the page cache (no copy), then unmapped after the block."""
+    if mapped is None:
+        for features, file_rows in stream.blocks(mask, rng):
+            features = features.to(device, non_blocking=True)
+            yield (lambda first, stop: features[first:stop]), file_rows
+        return
+    for file_rows in stream.served(mask, rng):
+        starts = mapped.starts(file_rows)
+        yield (lambda first, stop: (mapped.data, starts[first:stop])), file_rows
+        mapped.release()
+
+
+def _file_order_blocks(stream: BlockStream, mask: np.ndarray, mapped: MappedRows | None):
+    """(features, file rows) blocks in file order. With ``mapped``, only the wanted rows are gathered from the
+    mapped file (a scattered hold-out costs its own pages, not a pass over the file)."""
+    if mapped is None:
+        yield from stream.blocks(mask)
+        return
+    from featx.heads.fused import gather_rows
+
+    out = np.empty((stream.block_rows, stream.X.shape[1]), np.float32)
+    for file_rows in stream.served(mask):
+        yield torch.from_numpy(gather_rows(mapped.data, mapped.starts(file_rows), out)), file_rows
+        mapped.release()
 
 
 def _error_t_x(error: torch.Tensor, x: torch.Tensor, pieces: int = 4) -> torch.Tensor:
@@ -150,10 +180,20 @@ class LinearHead(Head):
             val_targets = torch.from_numpy(np.searchsorted(self.classes_, np.asarray(y_val)))
         device = resolve_device(self.device)
         stream = BlockStream(X, self._block_rows(X.shape[1]), ahead=device.type != "cpu")
-        mean, std = self._moments(stream, train_rows)
-        weight, bias, epochs = self._train(stream, targets, train_rows, mean, std, device)
-        val_stream = stream if X_val is X else BlockStream(X_val, self._block_rows(X_val.shape[1]))
-        scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), val_stream, val_targets, val_rows)
+        batch, epochs = self._schedule(int(train_rows.sum()))
+        fused = self._fused(device, epochs * int(train_rows.sum()))
+        mapped = stream.source.map() if fused and stream.source is not None else None
+        try:
+            mean, std = self._moments(stream, train_rows)
+            weight, bias = self._train(stream, mapped, targets, train_rows, mean, std, device, batch, epochs, fused)
+            if X_val is X:
+                val_blocks = _file_order_blocks(stream, val_rows, mapped)
+            else:
+                val_blocks = BlockStream(X_val, self._block_rows(X_val.shape[1])).blocks(val_rows)
+            scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), val_blocks, val_targets, val_rows)
+        finally:
+            if mapped is not None:
+                mapped.close()
         grid = self._grid()
         best = max(range(len(grid)), key=lambda i: (scores[i]["val_accuracy"], -scores[i]["val_loss"]))
         self.selection_ = {"parameter": "lr, weight_decay", "chosen": {"lr": grid[best][0],
@@ -164,27 +204,28 @@ class LinearHead(Head):
                        "std": std}
         return self
 
-    @torch.inference_mode()
-    def _train(self, stream: BlockStream, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor,
-               std: torch.Tensor, device: torch.device):
-        """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
-        rng = np.random.default_rng(self.seed)
-        n_train = int(train_rows.sum())
+    def _schedule(self, n_train: int) -> tuple[int, int]:
+        """Batch size and epochs (default: at least 5, and at least 300 steps)."""
         batch = min(self.batch_size, n_train)
-        epochs = self.epochs or max(5, math.ceil(300 / math.ceil(n_train / batch)))
-        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device),
-                      fused=self._fused(device, epochs * n_train))
+        return batch, self.epochs or max(5, math.ceil(300 / math.ceil(n_train / batch)))
+
+    @torch.inference_mode()
+    def _train(self, stream: BlockStream, mapped: MappedRows | None, targets: torch.Tensor, train_rows: np.ndarray,
+               mean: torch.Tensor, std: torch.Tensor, device: torch.device, batch: int, epochs: int, fused: bool):
+        """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space).
+        ``fused``: the numba kernel takes the steps, reading rows straight from ``mapped`` when given."""
+        rng = np.random.default_rng(self.seed)
+        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device), fused=fused)
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
-        total_rows, rows_seen = epochs * n_train, 0
+        total_rows, rows_seen = epochs * int(train_rows.sum()), 0
         for _ in range(epochs):
-            for features, file_rows in stream.blocks(train_rows, rng):
-                features = features.to(device, non_blocking=True)
+            for rows, file_rows in _training_blocks(stream, train_rows, rng, device, mapped):
                 labels = targets[file_rows].to(device)
                 for first in range(0, len(labels), batch):
-                    x = features[first:first + batch]
-                    sgd.step(x, labels[first:first + batch], 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows)))
-                    rows_seen += len(x)
-        return sgd.weight.cpu(), sgd.bias.cpu(), epochs
+                    factor = 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows))
+                    sgd.step(rows(first, first + batch), labels[first:first + batch], factor)
+                    rows_seen += min(batch, len(labels) - first)
+        return sgd.weight.cpu(), sgd.bias.cpu()
 
     def _fused(self, device: torch.device, row_steps: int) -> bool:
         """Whether to train with the fused kernel: asked for, or ``auto`` on a CPU fit long enough to repay
@@ -194,12 +235,11 @@ class LinearHead(Head):
         return self.kernel == "fused" or (self.kernel == "auto" and device.type == "cpu"
                                           and row_steps >= FUSED_MIN_ROWS)
 
-    def _score_grid(self, stacked: StandardisedLinear, stream: BlockStream, targets: torch.Tensor,
-                    rows: np.ndarray) -> list[dict]:
-        """Validation accuracy and loss of every head of the grid."""
+    def _score_grid(self, stacked: StandardisedLinear, blocks, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
+        """Validation accuracy and loss of every head of the grid, over ``blocks`` of (features, file rows)."""
         grid, num_classes = self._grid(), len(self.classes_)
         correct, losses = np.zeros(len(grid)), np.zeros(len(grid))
-        for features, file_rows in stream.blocks(rows):
+        for features, file_rows in blocks:
             with torch.no_grad():
                 logits = stacked(features).view(-1, len(grid), num_classes).transpose(0, 1)
             labels = targets[file_rows]
