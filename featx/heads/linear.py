@@ -127,7 +127,7 @@ class LinearHead(Head):
 
     ``block_rows`` (default: about 128 MB of features) bounds memory when X is an HDF5 dataset. Weight decay
     applies to the weights, not the biases. ``kernel``: ``torch`` (PyTorch ops), ``fused`` (one compiled numba
-    kernel per step, CPU only) or ``auto`` (``fused`` on CPU for fits of at least FUSED_MIN_ROWS row-steps).
+    kernel per step, CPU only) or ``auto`` (``fused`` on CPU for one head and at least FUSED_MIN_ROWS row-steps).
     """
 
     kind = "linear"
@@ -228,12 +228,13 @@ class LinearHead(Head):
         return sgd.weight.cpu(), sgd.bias.cpu()
 
     def _fused(self, device: torch.device, row_steps: int) -> bool:
-        """Whether to train with the fused kernel: asked for, or ``auto`` on a CPU fit long enough to repay
-        numba's start-up (import and cached kernel ~1 s; the first compile ~10 s)."""
+        """Whether to train with the fused kernel: asked for, or ``auto`` on a one-head CPU fit long enough to repay
+        numba's start-up (import and cached kernel ~1 s; the first compile ~10 s). A grid's products are FLOP-bound:
+        there MKL is as fast, and faster than the kernel on mapped rows (bench_heads, 1M x 512, 12 heads)."""
         if self.kernel == "fused" and device.type != "cpu":
             raise ValueError(f"kernel='fused' runs on CPU only, not on {device}; use kernel='torch' or 'auto'")
         return self.kernel == "fused" or (self.kernel == "auto" and device.type == "cpu"
-                                          and row_steps >= FUSED_MIN_ROWS)
+                                          and len(self._grid()) == 1 and row_steps >= FUSED_MIN_ROWS)
 
     def _score_grid(self, stacked: StandardisedLinear, blocks, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
         """Validation accuracy and loss of every head of the grid, over ``blocks`` of (features, file rows)."""
