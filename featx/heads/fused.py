@@ -124,6 +124,7 @@ class FusedStep:
             data, starts = x
         else:
             rows = np.ascontiguousarray(x.numpy())
-            data, starts = rows.reshape(-1), np.arange(len(rows)) * self.dim
+            data, starts = rows.reshape(-1).view(), np.arange(len(rows)) * self.dim
+            data.flags.writeable = False  # typed as a read-only map is: one compiled signature serves both
         _step(data, np.ascontiguousarray(starts, np.int64), self.dim, np.ascontiguousarray(labels.numpy(), np.int64),
               *self.arrays, float(lr_factor), self.num_classes, self.momentum, self.partial_grads, self.partial_sums)
