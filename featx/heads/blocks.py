@@ -196,12 +196,20 @@ class BlockStream:
     def blocks(self, mask: np.ndarray, rng: np.random.Generator | None = None):
         """One pass over the rows where ``mask`` is true."""
         plan = self._plan(rng)
-        count = 3 if self.ahead else 1  # ahead: one queued block + one being used + one being filled
-        while len(self._buffers) < count:
-            self._buffers.append(torch.empty(self.capacity, self.X.shape[1]))
+        self._keep_buffers(3 if self.ahead else 1)  # ahead: one queued block + one being used + one being filled
         if not self.ahead:
             return (self._fill(runs, mask, rng, self._buffers[0], torch.get_num_threads()) for runs in plan)
         return self._from_thread(plan, mask, rng)
+
+    def buffer(self) -> torch.Tensor:
+        """The stream's block buffer, float32 [capacity, D], for a consumer that fills blocks itself (``served``);
+        ``blocks`` overwrites it."""
+        self._keep_buffers(1)
+        return self._buffers[0]
+
+    def _keep_buffers(self, count: int) -> None:
+        while len(self._buffers) < count:
+            self._buffers.append(torch.empty(self.capacity, self.X.shape[1]))
 
     def served(self, mask: np.ndarray, rng: np.random.Generator | None = None):
         """The file rows ``blocks(mask, rng)`` would serve, block by block, without reading them (for a consumer

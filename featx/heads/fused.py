@@ -1,6 +1,6 @@
 """The ``linear`` head's SGD step as one compiled CPU kernel (numba), for long fits.
 
-PyTorch runs ``GridSGD.step`` as ~20 ops, each paying its dispatch (~370 µs a call on 2 cores), and its two
+PyTorch runs ``GridSGD.step`` as ~20 ops, each paying its dispatch (370–430 µs a call on 2 cores), and its two
 products with K = 10 outputs at under half the matmul ceiling (``benchmarks/ceilings.py``). This kernel computes
 the same step in one call: four rows at a time, each weight load serves four dot products and each gradient
 update four rows, on all cores. It is compiled on first use and cached on disk (numba's ``cache=True``).

@@ -107,7 +107,7 @@ def _file_order_blocks(stream: BlockStream, mask: np.ndarray, mapped: MappedRows
         return
     from featx.heads.fused import gather_rows
 
-    out = np.empty((stream.block_rows, stream.X.shape[1]), np.float32)
+    out = stream.buffer().numpy()  # the stream's idle block buffer, not another block-sized allocation
     for file_rows in stream.served(mask):
         yield torch.from_numpy(gather_rows(mapped.data, mapped.starts(file_rows), out)), file_rows
         mapped.release()
@@ -180,8 +180,9 @@ class LinearHead(Head):
             val_targets = torch.from_numpy(np.searchsorted(self.classes_, np.asarray(y_val)))
         device = resolve_device(self.device)
         stream = BlockStream(X, self._block_rows(X.shape[1]), ahead=device.type != "cpu")
-        batch, epochs = self._schedule(int(train_rows.sum()))
-        fused = self._fused(device, epochs * int(train_rows.sum()))
+        n_train = int(train_rows.sum())
+        batch, epochs = self._schedule(n_train)
+        fused = self._fused(device, epochs * n_train)
         mapped = stream.source.map() if fused and stream.source is not None else None
         try:
             mean, std = self._moments(stream, train_rows)
