@@ -113,6 +113,7 @@ from featx.embed import Embedder
 from featx.memory import keep_freed_memory
 embedder = Embedder(create_backbone("mobilenet_v2", "none"), "cpu")  # sets keep_freed_memory
 images = torch.zeros(16, 3, 224, 224, dtype=torch.uint8)
+embedder(images)  # the heap grows over the first two calls (the second by 0-14,000 pages, varying run to run)
 embedder(images)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 embedder(images)
@@ -132,4 +133,4 @@ def test_keep_freed_memory_reuses_pages_and_can_be_opted_out():
     kept, faults = run({})
     system, system_faults = run({"FEATX_MALLOC": "system"})
     assert (kept, system) == ("True", "False")
-    assert system_faults > 50_000 and faults < system_faults / 10  # measured: 0 vs ~200,000 page faults
+    assert system_faults > 30_000 and faults < system_faults / 10  # measured: 0 vs ~66,000 page faults
