@@ -39,13 +39,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def machine_info() -> dict:
-    """CPU model, cores, torch version and device, recorded with every result."""
+    """CPU model (with its family and model numbers: VMs of one name differ), its vector ISA as torch uses it,
+    cores, torch version and device, recorded with every result."""
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
+        first_cpu = open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu)}
+        cpu = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -86,7 +90,7 @@ def write_results(name: str, results: dict, table: list[str], out: Path = RESULT
     record = {"benchmark": name, "machine": machine_info(), **results}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     machine = record["machine"]
-    header = f"# {name}\n\n{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, " \
-             f"device {machine['cuda'] or 'cpu'}, {machine['date']}\n\n"
+    header = f"# {name}\n\n{machine['cpu']}, {machine['cpu_capability']}, {machine['cores']} cores, " \
+             f"torch {machine['torch']}, device {machine['cuda'] or 'cpu'}, {machine['date']}\n\n"
     (out / f"{name}.md").write_text(header + "\n".join(table) + "\n")
     print(header + "\n".join(table))
