@@ -133,4 +133,4 @@ def test_keep_freed_memory_reuses_pages_and_can_be_opted_out():
     kept, faults = run({})
     system, system_faults = run({"FEATX_MALLOC": "system"})
     assert (kept, system) == ("True", "False")
-    assert system_faults > 30_000 and faults < system_faults / 10  # measured: 0 vs ~66,000 page faults
+    assert system_faults > 50_000 and faults < system_faults / 10  # measured: 0 vs ~66,000 page faults
