@@ -155,12 +155,27 @@ def test_fused_kernel_step_matches_the_torch_step():
     mean, std = x.mean(0), x.std(0)
     grid = [(0.05, 0.0), (0.2, 1e-3), (0.5, 1e-2)]
     reference, fused = GridSGD(grid, 5, mean, std), GridSGD(grid, 5, mean, std, fused=True)
-    for step, first in enumerate(range(0, 1000, 203)):  # 203 rows: shares of 101/102, not multiples of four
+    for step, first in enumerate(range(0, 1000, 203)):  # 203 rows: shares of 101/102, not whole tiles
         for sgd in (reference, fused):
             sgd.step(x[first:first + 203], labels[first:first + 203], 1.0 - step / 8)
     torch.testing.assert_close(fused.weight, reference.weight, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused.bias, reference.bias, rtol=1e-4, atol=1e-6)
     assert reference.weight.abs().max() > 0.05
+
+
+def test_fused_softmax_matches_torch_on_extreme_logits():
+    """The kernel's tile softmax (its own exp) vs torch.softmax, logits from -200 to 200, two heads, a part tile."""
+    from featx.heads.fused import TILE, _softmax_minus_onehot
+
+    rng = np.random.default_rng(2)
+    logits = (rng.normal(0, 1, (2 * 5, TILE)) * rng.choice([0.01, 1, 30, 200], (2 * 5, TILE))).astype(np.float32)
+    labels, count = rng.integers(0, 5, TILE), TILE - 3
+    error = logits.copy()
+    _softmax_minus_onehot(error, labels, count, 5, *np.empty((2, TILE), np.float32), np.empty(TILE, np.int32))
+    expected = torch.from_numpy(logits.T[:count]).view(count, 2, 5).softmax(2)
+    expected[torch.arange(count), :, torch.from_numpy(labels[:count])] -= 1
+    torch.testing.assert_close(torch.from_numpy(error.T[:count]), expected.view(count, -1), rtol=1e-6, atol=1e-6)
+    assert not error[:, count:].any()
 
 
 def test_fused_fit_on_mapped_rows_matches_the_block_reader(tmp_path):
