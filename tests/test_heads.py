@@ -44,7 +44,7 @@ def test_real_head_accuracy_on_unseen_val(real_heads, hymenoptera_features, kind
 
 
 def test_fused_kernel_linear_head_on_real_features(hymenoptera_features, tmp_path):
-    """The numba step (what long CPU fits use) vs PyTorch ops: same choice, same unseen-val accuracy."""
+    """The C kernel (what CPU fits use) vs PyTorch ops: same choice, same unseen-val accuracy."""
     metrics, chosen = {}, {}
     for kernel in ("torch", "fused"):
         head = fit_head(hymenoptera_features / "train.h5", "none", "linear", tmp_path / kernel, kernel=kernel)
@@ -154,6 +154,20 @@ def test_logreg_head_drops_into_a_sklearn_pipeline():
 def test_bad_parameters_are_named_up_front(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_linear_head_without_the_compiled_kernel(monkeypatch):
+    """Where featx/heads/_fused.c was not built: ``auto`` trains with PyTorch ops, ``fused`` says how to build it."""
+    from featx.heads import fused
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    X = (rng.normal(0, 1, (3, 8))[y] + rng.normal(0, 0.5, (600, 8))).astype(np.float32)
+    monkeypatch.setattr(fused, "_LIBRARY", None)
+    assert not fused.available()
+    assert LinearHead(epochs=3).fit(X, y).score(X, y) > 0.9
+    with pytest.raises(RuntimeError, match="not built.*pip install"):
+        LinearHead(epochs=3, kernel="fused").fit(X, y)
 
 
 @pytest.mark.parametrize("kind", ["logreg", "linear", "knn"])

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from featx.embed import resolve_device
+from featx.heads import fused as fused_kernel
 from featx.heads.base import Head, check_grid, check_positive
 from featx.heads.blocks import BLOCK_BYTES, BlockStream, MappedRows
 
 MOMENTUM = 0.9
 KERNELS = ("auto", "torch", "fused")
-FUSED_MIN_ROWS = 4_000_000  # row-steps (rows x epochs) from which kernel="auto" trains with the fused kernel
 
 
 class StandardisedLinear(nn.Module):
@@ -58,10 +58,8 @@ class GridSGD:
         self.weight_velocity, self.bias_velocity = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
         self._fused = None
         if fused:
-            from featx.heads.fused import FusedStep  # numba: imported (and compiled) only when asked for
-
-            self._fused = FusedStep(self.weight, self.bias, self.weight_velocity, self.bias_velocity, mean, std,
-                                    self.lr, self.decay, num_classes, MOMENTUM)
+            self._fused = fused_kernel.FusedStep(self.weight, self.bias, self.weight_velocity, self.bias_velocity,
+                                                 mean, std, self.lr, self.decay, num_classes, MOMENTUM)
 
     @torch.inference_mode()
     def step(self, x, labels: torch.Tensor, lr_factor: float) -> None:
@@ -105,11 +103,9 @@ def _file_order_blocks(stream: BlockStream, mask: np.ndarray, mapped: MappedRows
     if mapped is None:
         yield from stream.blocks(mask)
         return
-    from featx.heads.fused import gather_rows
-
     out = stream.buffer().numpy()  # the stream's idle block buffer, not another block-sized allocation
     for file_rows in stream.served(mask):
-        yield torch.from_numpy(gather_rows(mapped.data, mapped.starts(file_rows), out)), file_rows
+        yield torch.from_numpy(fused_kernel.gather_rows(mapped.data, mapped.starts(file_rows), out)), file_rows
         mapped.release()
 
 
@@ -126,8 +122,8 @@ class LinearHead(Head):
     """Multinomial linear classifiers trained by SGD (momentum 0.9, cosine schedule) on standardised features.
 
     ``block_rows`` (default: about 128 MB of features) bounds memory when X is an HDF5 dataset. Weight decay
-    applies to the weights, not the biases. ``kernel``: ``torch`` (PyTorch ops), ``fused`` (one compiled numba
-    kernel per step, CPU only) or ``auto`` (``fused`` on CPU for one head and at least FUSED_MIN_ROWS row-steps).
+    applies to the weights, not the biases. ``kernel``: ``torch`` (PyTorch ops), ``fused`` (one compiled C
+    kernel call per step, CPU only) or ``auto`` (``fused`` on CPU where the kernel was built, else ``torch``).
     """
 
     kind = "linear"
@@ -182,7 +178,7 @@ class LinearHead(Head):
         stream = BlockStream(X, self._block_rows(X.shape[1]), ahead=device.type != "cpu")
         n_train = int(train_rows.sum())
         batch, epochs = self._schedule(n_train)
-        fused = self._fused(device, epochs * n_train)
+        fused = self._fused(device)
         mapped = stream.source.map() if fused and stream.source is not None else None
         try:
             mean, std = self._moments(stream, train_rows)
@@ -214,7 +210,7 @@ class LinearHead(Head):
     def _train(self, stream: BlockStream, mapped: MappedRows | None, targets: torch.Tensor, train_rows: np.ndarray,
                mean: torch.Tensor, std: torch.Tensor, device: torch.device, batch: int, epochs: int, fused: bool):
         """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space).
-        ``fused``: the numba kernel takes the steps, reading rows straight from ``mapped`` when given."""
+        ``fused``: the C kernel takes the steps, reading rows straight from ``mapped`` when given."""
         rng = np.random.default_rng(self.seed)
         sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device), fused=fused)
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
@@ -228,14 +224,12 @@ class LinearHead(Head):
                     rows_seen += min(batch, len(labels) - first)
         return sgd.weight.cpu(), sgd.bias.cpu()
 
-    def _fused(self, device: torch.device, row_steps: int) -> bool:
-        """Whether to train with the fused kernel: asked for, or ``auto`` on a one-head CPU fit long enough to repay
-        numba's start-up (import and cached kernel ~1 s; the first compile ~10 s). A grid's products are FLOP-bound:
-        there MKL is as fast, and faster than the kernel on mapped rows (bench_heads, 1M x 512, 12 heads)."""
+    def _fused(self, device: torch.device) -> bool:
+        """Whether to train with the compiled kernel: asked for, or ``auto`` on CPU where it was built (faster than
+        PyTorch ops for one head and for the grid: bench_heads)."""
         if self.kernel == "fused" and device.type != "cpu":
             raise ValueError(f"kernel='fused' runs on CPU only, not on {device}; use kernel='torch' or 'auto'")
-        return self.kernel == "fused" or (self.kernel == "auto" and device.type == "cpu"
-                                          and len(self._grid()) == 1 and row_steps >= FUSED_MIN_ROWS)
+        return self.kernel == "fused" or (self.kernel == "auto" and device.type == "cpu" and fused_kernel.available())
 
     def _score_grid(self, stacked: StandardisedLinear, blocks, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
         """Validation accuracy and loss of every head of the grid, over ``blocks`` of (features, file rows)."""
