@@ -165,7 +165,8 @@ def test_fused_kernel_step_matches_the_torch_step():
 
 def test_fused_softmax_matches_torch_on_extreme_logits():
     """The kernel's tile softmax (its own exp) vs a float64 softmax: 400 heads of 5 classes, logits from -200 to
-    200, a part tile (its other columns zeroed); probabilities within 2e-6 relative (or 1e-9), the label's p - 1 within 2e-7."""
+    200, a part tile (its other columns zeroed); probabilities within 2e-6 relative (or 1e-9), the label's p - 1
+    within 2e-7."""
     from featx.heads.fused import TILE, softmax_minus_onehot
 
     rng = np.random.default_rng(2)

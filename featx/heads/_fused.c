@@ -9,7 +9,6 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define TILE 8
@@ -24,8 +23,9 @@
 /* In place on a tile of logits error[outputs][TILE], per head of num_classes rows: softmax minus the one-hot of
    labels[i] for the first count columns; the other columns (no row) become 0. exp(x - max) is 2**n * exp(g),
    |g| <= ln2 / 2, by a degree-6 Taylor polynomial (relative error < 2e-7) and the exponent bits. */
-static inline __attribute__((always_inline)) void softmax_minus_onehot(float *error, const int64_t *labels, int64_t count, int64_t outputs,
-                                        int64_t num_classes) {
+static inline __attribute__((always_inline)) void softmax_minus_onehot(float *error, const int64_t *labels,
+                                                                      int64_t count, int64_t outputs,
+                                                                      int64_t num_classes) {
     for (int64_t head = 0; head < outputs; head += num_classes) {
         float top[TILE], total[TILE];
         for (int i = 0; i < TILE; i++) {
@@ -39,7 +39,8 @@ static inline __attribute__((always_inline)) void softmax_minus_onehot(float *er
                 float t = error[k * TILE + i] - top[i];
                 t = (t > -87.0f ? t : -87.0f) * 1.44269504088896341f;
                 float n = floorf(t + 0.5f), g = (t - n) * 0.693147180559945309f;
-                float p = 1.0f + g * (1.0f + g * (0.5f + g * (1.0f / 6 + g * (1.0f / 24 + g * (1.0f / 120 + g / 720)))));
+                float p = 1.0f + g * (1.0f + g * (0.5f + g * (1.0f / 6 + g * (1.0f / 24
+                                                                              + g * (1.0f / 120 + g / 720)))));
                 int32_t bits = ((int32_t)n + 127) << 23;
                 float power;
                 memcpy(&power, &bits, sizeof power);

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 TILE = 8  # rows at once, as in _fused.c
+MAX_WORKERS = 64  # as in _fused.c
 
 
 def _load() -> ctypes.CDLL | None:
@@ -48,11 +49,18 @@ def _address(array: np.ndarray, dtype) -> int:
     return array.ctypes.data
 
 
+def _row_starts(data: np.ndarray, starts: np.ndarray, dim: int) -> np.ndarray:
+    """``starts`` as contiguous int64, checked so that every row ``data[start:start + dim]`` lies inside ``data``
+    (the C code does not check)."""
+    starts = np.ascontiguousarray(starts, np.int64)
+    if len(starts) and (starts.min() < 0 or starts.max() + dim > len(data)):
+        raise IndexError("row starts fall outside the data")
+    return starts
+
+
 def gather_rows(data: np.ndarray, starts: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Rows ``data[starts[i]:starts[i] + D]`` into ``out[:len(starts)]`` [n, D]; returns that slice."""
-    starts = np.ascontiguousarray(starts, np.int64)
-    if len(starts) and (starts.min() < 0 or starts.max() + out.shape[1] > len(data)):
-        raise IndexError("row starts fall outside the data")
+    starts = _row_starts(data, starts, out.shape[1])
     _LIBRARY.featx_gather_rows(_address(data, np.float32), _address(starts, np.int64), len(starts), out.shape[1],
                                _address(out, np.float32))
     return out[:len(starts)]
@@ -79,20 +87,17 @@ class FusedStep:
         self.addresses = [_address(a, np.float32) for a in self.arrays]
         self.num_classes, self.momentum = num_classes, momentum
         self.outputs, self.dim = weight.shape
-        self.workers = max(1, min(torch.get_num_threads(), 64))
-        self.scratch = [np.empty((self.workers, self.outputs, self.dim), np.float32),
-                        np.empty((self.workers, self.outputs), np.float32), np.empty((self.outputs, self.dim), np.float32),
-                        np.empty(self.outputs, np.float32), np.empty((self.workers, self.outputs, TILE), np.float32)]
+        self.workers = max(1, min(torch.get_num_threads(), MAX_WORKERS))
+        shapes = [(self.workers, self.outputs, self.dim), (self.workers, self.outputs), (self.outputs, self.dim),
+                  (self.outputs,), (self.workers, self.outputs, TILE)]  # featx_sgd_step's scratch, in its order
+        self.scratch = [np.empty(shape, np.float32) for shape in shapes]
         self.scratch_addresses = [a.ctypes.data for a in self.scratch]
 
     def __call__(self, x, labels, lr_factor: float) -> None:
         """One step on rows ``x``: a [B, D] tensor, or ``(data, starts)``, rows ``data[starts[i]:starts[i] + D]``
         of one float32 array (e.g. a memory-mapped file)."""
         if isinstance(x, tuple):
-            data, starts = x
-            starts = np.ascontiguousarray(starts, np.int64)
-            if len(starts) and (starts.min() < 0 or starts.max() + self.dim > len(data)):
-                raise IndexError("row starts fall outside the data")
+            data, starts = x[0], _row_starts(*x, self.dim)
         else:
             data = np.ascontiguousarray(x.numpy(), np.float32)
             starts = np.arange(len(data), dtype=np.int64) * self.dim
@@ -100,7 +105,7 @@ class FusedStep:
         if len(labels) != len(starts) or (len(labels) and not 0 <= labels.min() <= labels.max() < self.num_classes):
             raise ValueError("labels must be class indices, one per row")
         status = _LIBRARY.featx_sgd_step(
-            data.ctypes.data, starts.ctypes.data, len(starts), self.dim, labels.ctypes.data, *self.addresses,
+            _address(data, np.float32), starts.ctypes.data, len(starts), self.dim, labels.ctypes.data, *self.addresses,
             float(lr_factor), self.outputs, self.num_classes, self.momentum, self.workers, *self.scratch_addresses)
         if status:
             raise ValueError(f"featx_sgd_step refused its arguments ({len(starts)} rows, {self.outputs} outputs, "
