@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import fire
 
@@ -10,7 +11,6 @@ from featx import backbones as backbone_registry
 from featx import export as export_module
 from featx import fit
 from featx import predict as predict_module
-from featx.data import EvalTransform
 from featx.extract import ExtractError, ExtractOptions
 from featx.finetune import FinetuneConfig, Run
 from featx.extract import extract as run_extract
@@ -19,7 +19,7 @@ from featx.extract import extract as run_extract
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
             workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
             fold_batch_norm=True, forward_batch=None, decode_on_device=False, dtype="float32",
-            compression=None, resize=None, crop=None, draft=False, shard_size=1024, splits=None,
+            compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0):
     """Run a frozen backbone over an ImageFolder tree and cache pooled features in HDF5.
 
@@ -51,6 +51,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         resize: shorter side after resizing (default: the weights' preset, usually 256).
         crop: centre-crop size (default: the weights' preset, usually 224).
         draft: decode JPEGs at reduced size (DCT scaling) before resizing; faster, not bit-exact.
+        resize_crop_only: resample only the region the centre crop keeps (half the resize work); ~1 % of
+            pixel values differ by one level from the exact path. Not with --decode_on_device's JPEGs.
         shard_size: images per committed shard (the most work an interruption can lose).
         splits: only these splits, e.g. --splits train,val.
         overwrite: recompute and replace existing output.
@@ -64,10 +66,10 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
                              decode_on_device=decode_on_device, dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed)
     transform = None
-    if resize is not None or crop is not None or draft:
+    if resize is not None or crop is not None or draft or resize_crop_only:
         preset = backbone_registry.create_model(backbone, weights, mirror)[2]
-        transform = EvalTransform(resize or preset.resize, crop or preset.crop, preset.mean, preset.std,
-                                  preset.interpolation, draft)
+        transform = replace(preset, resize=resize or preset.resize, crop=crop or preset.crop, draft=draft,
+                            resize_crop_only=resize_crop_only)
     if isinstance(splits, str):
         splits = splits.split(",")
     run_extract(data, backbone, weights, out, mirror, transform, splits, options)

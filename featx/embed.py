@@ -44,9 +44,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 on ``mean``'s device: the same ops as ToTensor + Normalize."""
+    """uint8 [B, 3, H, W] -> float32 on ``mean``'s device: the same ops as ToTensor + Normalize. The ops keep
+    the input's memory format, so channels_last batches (featx's reader) need no transposing copy."""
     x = images.to(mean.device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def channel_stats(transform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

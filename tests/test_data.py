@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from featx import store
-from featx.data import discover, load_rgb
+from featx.data import EvalTransform, ImageFiles, collate, discover, load_rgb
 from featx.extract import ExtractOptions, extract
 
 
@@ -117,3 +117,31 @@ def test_decode_on_device_agrees_with_pil_and_reports_the_same_failures(tmp_path
     cosine = (pil.features * nvjpeg.features).sum(1) / np.linalg.norm(pil.features, axis=1) / np.linalg.norm(
         nvjpeg.features, axis=1)
     assert cosine.min() >= 0.999, cosine
+
+
+@pytest.mark.parametrize("size", [(300, 257), (257, 300), (256, 256), (80, 100), (1000, 224), (701, 500)])
+def test_resize_crop_only_is_within_one_level_of_resize_then_crop(size):
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))  # noise: the worst case
+    exact, region = EvalTransform()(image).int(), EvalTransform(resize_crop_only=True)(image).int()
+    assert region.shape == exact.shape == (3, 224, 224)
+    assert (region - exact).abs().max() <= 1
+
+
+def test_resize_crop_only_is_recorded_only_when_set():
+    assert "resize_crop_only" not in EvalTransform().describe()  # files from before the option keep their identity
+    described = EvalTransform(resize_crop_only=True).describe()
+    assert described["resize_crop_only"] and EvalTransform.from_dict(described) == EvalTransform(resize_crop_only=True)
+    with pytest.raises(ValueError, match="resize_crop_only needs one of PIL's filters.*'nearest-exact'"):
+        EvalTransform(interpolation="nearest-exact", resize_crop_only=True)
+
+
+def test_batches_are_channels_last_copies_of_the_pixels(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    for i, array in enumerate(pixels):
+        Image.fromarray(array).save(tmp_path / f"{i}.png")
+    files = ImageFiles(tmp_path, tuple(f"{i}.png" for i in range(3)), EvalTransform(resize=224))
+    batch = collate([files[i] for i in range(3)])
+    assert batch.images.shape == (3, 3, 224, 224) and batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch.images, torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2))
