@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones import Backbone
 from featx.compiled import compiled_model
@@ -60,11 +62,29 @@ def channel_stats(transform, device: torch.device) -> tuple[torch.Tensor, torch.
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """A copy of eval-mode ``model`` with every BatchNorm that follows a convolution folded into its weights and
     bias (one pass over the activations less per pair: MobileNetV2 ~1.3x on 2 CPU cores, ResNet-18 ~1.03x).
-    Features move by float32 rounding only. A model torch.fx cannot trace is returned as it is."""
+    Features move by float32 rounding only. Pairs inside plain ``nn.Sequential`` containers are folded directly;
+    torch.fx traces the model only when BatchNorms remain (ResNets' blocks). A model torch.fx cannot trace keeps
+    those unfolded."""
+    folded = copy.deepcopy(model)
+    for module in folded.modules():
+        if type(module).forward is nn.Sequential.forward:  # runs its children in order, nothing else
+            _fold_sequential_pairs(module)
+    if not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()):
+        return folded
     try:
-        return fuse(model)
-    except Exception:  # symbolic tracing refuses data-dependent control flow; such a model runs unfolded
-        return model
+        return fuse(folded, inplace=True)
+    except Exception:  # symbolic tracing refuses data-dependent control flow; the rest runs unfolded
+        return folded
+
+
+def _fold_sequential_pairs(sequence: nn.Sequential) -> None:
+    names = list(sequence._modules)
+    for first, second in zip(names, names[1:]):
+        conv, norm = sequence._modules[first], sequence._modules[second]
+        if (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and not norm.training
+                and norm.running_mean is not None and norm.num_features == conv.out_channels):
+            sequence._modules[first] = fuse_conv_bn_eval(conv, norm)
+            sequence._modules[second] = nn.Identity()
 
 
 class Embedder:

@@ -112,7 +112,23 @@ def test_untraceable_model_runs_unfolded():
             return y if y.sum() > 0 else -y  # symbolic tracing cannot branch on a value
 
     model = DataDependent().eval()
-    assert fold_batch_norms(model) is model
+    folded = fold_batch_norms(model)
+    assert isinstance(folded.bn, torch.nn.BatchNorm2d) and folded is not model  # a copy, unfolded
+
+
+def test_sequential_with_its_own_forward_is_not_folded_blindly():
+    class Reused(torch.nn.Sequential):  # the convolution's output is used twice: its BatchNorm cannot be folded
+        def forward(self, x):
+            y = self[0](x)
+            return self[1](y) + y
+
+    model = Reused(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 16, 16)
+    folded = fold_batch_norms(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), model(x), atol=1e-6)
 
 
 KEPT_PAGES = """
