@@ -6,7 +6,7 @@ the device as the tutorial does. A second plain row uses featx's batch size and 
 batching alone is visible. Every timed run is a fresh process. featx's time is also split into its stages
 (decode, host->device, model, write), each measured alone in one process.
 
-    python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data
+    python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data --resize-crop-only --compile
     python benchmarks/bench_extract.py --device cuda --copies 25 --decode-on-device --backbones resnet50
 """
 
@@ -51,18 +51,24 @@ def plain_loop(data: Path, backbone: str, batch_size: int, workers: int, device:
     return count
 
 
-def featx_extract(data: Path, backbone: str, options: ExtractOptions, draft: bool) -> int:
+def featx_extract(data: Path, backbone: str, options: ExtractOptions, transform: EvalTransform) -> int:
     with tempfile.TemporaryDirectory() as out:
-        summaries = extract(data, backbone, "none", out, transform=EvalTransform(draft=draft), options=options)
+        summaries = extract(data, backbone, "none", out, transform=transform, options=options)
     return sum(s["num_rows"] + s["num_failed"] for s in summaries.values())
 
 
-def stage_split(data: Path, backbone: str, batch_size: int, device: torch.device, on_device: bool) -> dict:
-    """Milliseconds per image of each featx stage, measured alone on one process."""
+def stage_split(data: Path, backbone: str, batch_size: int, device: torch.device, on_device: bool,
+                region: bool) -> dict:
+    """Milliseconds per image of each featx stage, measured alone on one process (``region``: also the decode
+    with ``resize_crop_only``)."""
     split = discover(data)[0]
     files = ImageFiles(split.root, split.paths, EvalTransform(), encoded=on_device)
     count = min(len(files), 256)
     times: dict = {}
+    if region and not on_device:
+        fast = ImageFiles(split.root, split.paths, EvalTransform(resize_crop_only=True))
+        with timed(times, "decode (PIL, resize_crop_only)"):
+            collate([fast[i] for i in range(count)])
     with timed(times, "decode (PIL)" if not on_device else "read bytes"):
         batch = collate([files[i] for i in range(count)])
     if on_device:
@@ -99,6 +105,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run (interleaved)")
     parser.add_argument("--draft", action="store_true", help="also time featx with reduced-size JPEG decode")
+    parser.add_argument("--resize-crop-only", action="store_true",
+                        help="also time featx resampling only the region the centre crop keeps")
     parser.add_argument("--decode-on-device", action="store_true", help="also time featx decoding JPEGs on DEVICE")
     parser.add_argument("--compile", action="store_true", help="also time featx --compile (after a warm-up run)")
     parser.add_argument("--out", type=Path, default=None)
@@ -108,6 +116,11 @@ def main() -> None:
     os.environ["FEATX_CACHE"] = tempfile.mkdtemp(prefix="featx-bench-cache-")  # so the one-time compile is timed
     workers = args.workers if args.workers is not None else os.cpu_count()
     featx_options = ExtractOptions(batch_size=args.batch_size, workers=workers, device=str(device))
+    featx_transforms = {"": EvalTransform()}  # featx's row suffix -> transform
+    if args.draft:
+        featx_transforms[" --draft"] = EvalTransform(draft=True)
+    if args.resize_crop_only:
+        featx_transforms[" --resize_crop_only"] = EvalTransform(resize_crop_only=True)
     with tempfile.TemporaryDirectory() as folder:
         data = replicated(args.data, args.copies, Path(folder)) if args.copies > 1 else args.data
         rows, table = [], ["| backbone | loop | images/s | vs tutorial loop |", "|---|---|---|---|"]
@@ -116,23 +129,22 @@ def main() -> None:
                 "plain (tutorial: batch 4, 4 workers)": (plain_loop, (data, backbone, 4, 4, device)),
                 f"plain (batch {args.batch_size}, {workers} workers)":
                     (plain_loop, (data, backbone, args.batch_size, workers, device)),
-                "featx extract": (featx_extract, (data, backbone, featx_options, False)),
             }
-            if args.draft:
-                runs["featx extract --draft"] = (featx_extract, (data, backbone, featx_options, True))
+            for suffix, transform in featx_transforms.items():
+                runs[f"featx extract{suffix}"] = (featx_extract, (data, backbone, featx_options, transform))
             if args.decode_on_device:
                 on_device = replace(featx_options, decode_on_device=True)
-                runs["featx extract --decode-on-device"] = (featx_extract, (data, backbone, on_device, False))
+                runs["featx extract --decode-on-device"] = (featx_extract, (data, backbone, on_device, EvalTransform()))
             if args.compile:  # the package is compiled once, outside the timed runs, and its cost reported
                 compiled = replace(featx_options, compile=True)
                 start = time.perf_counter()
-                in_fresh_process(featx_extract, data, backbone, compiled, False)
+                in_fresh_process(featx_extract, data, backbone, compiled, EvalTransform())
                 compile_run = time.perf_counter() - start
                 rows.append({"backbone": backbone, "loop": "featx --compile, first run (compiles the package)",
                              "seconds": compile_run})
-                runs["featx extract --compile (package cached)"] = (featx_extract, (data, backbone, compiled, False))
-                if args.draft:
-                    runs["featx extract --compile --draft"] = (featx_extract, (data, backbone, compiled, True))
+                for suffix, transform in featx_transforms.items():
+                    runs[f"featx extract --compile{suffix} (package cached)"] = (
+                        featx_extract, (data, backbone, compiled, transform))
             rates = dict.fromkeys(runs, 0.0)
             for _ in range(args.repeats):  # interleaved, so a drift of the machine's speed hits every loop
                 for name, (function, function_args) in runs.items():
@@ -148,7 +160,7 @@ def main() -> None:
                 table.append(f"| {backbone} | featx --compile, first run in a fresh cache: "
                              f"{compile_run:.0f} s (compiles once per weights/batch/crop) | | |")
             for on_device in (False, True) if args.decode_on_device else (False,):
-                stages = stage_split(data, backbone, args.batch_size, device, on_device)
+                stages = stage_split(data, backbone, args.batch_size, device, on_device, args.resize_crop_only)
                 what = "featx stages alone" + (" (decode on device)" if on_device else "")
                 rows.append({"backbone": backbone, "loop": f"{what} (ms/image, one process)", **stages})
                 table.append(f"| {backbone} | {what}, ms/image: " +
