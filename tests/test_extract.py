@@ -164,3 +164,9 @@ def test_cli_reports_bad_weights_in_one_line(image_folder, tmp_path):
                              str(tmp_path / "missing.pth")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_cli_extract_starts_without_the_heads_libraries():
+    probe = "import sys, featx.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"  # imported by fit-head / evaluate / predict / finetune when they run
