@@ -31,8 +31,7 @@ _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global genera
 READERS = ("auto", "threads", "processes")  # see read_batches
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-               "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+PIL_FILTERS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # interpolations PIL has by name
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,8 @@ class EvalTransform:
         """PIL RGB image, or uint8 tensor [3, H, W] on any device -> uint8 tensor [3, crop, crop] (same device)."""
         if self.resize_crop_only and isinstance(image, Image.Image):
             size, box = (self.crop, self.crop), self.crop_box(*image.size)
-            return pil_to_uint8(image.resize(size, PIL_FILTERS[self.interpolation], box=box))
+            pil_filter = TF.pil_modes_mapping[InterpolationMode(self.interpolation)]  # as TF.resize picks it
+            return pil_to_uint8(image.resize(size, pil_filter, box=box))
         image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True)
         image = TF.center_crop(image, self.crop)
         return image.contiguous() if isinstance(image, torch.Tensor) else pil_to_uint8(image)
