@@ -15,6 +15,7 @@ from torch import nn
 
 from featx.data import EvalTransform
 from featx.sources import file_digest, mirrored_weights
+from featx.store import load_tensors
 
 # Families whose final layer is not simply the model's last nn.Linear (the rule for every other family:
 # resnet/resnext/regnet `fc`, mobilenet/efficientnet/vgg `classifier.N`, vit `heads.head`, swin `head`, ...).
@@ -176,12 +177,9 @@ def _weights_file(spec: str, mirror) -> Path | None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure is reported the same way
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise WeightsError(f"cannot read weights file {path} as a tensor-only state dict "
-                           f"(torch.load weights_only=True): {reason}") from error
+        state = load_tensors(path, "weights file")
+    except ValueError as error:
+        raise WeightsError(str(error)) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,17 +1,21 @@
-"""Command line: ``python -m featx <command> --help``.
+"""Command line: ``featx <command> --help``.
 
+Flags are checked against the command before it runs (``featx.flags``), so a misspelled flag costs nothing.
 Commands import what only they need when they run (heads pull in scikit-learn and scipy, ~1 s), so
-``featx extract`` starts without them.
+``featx extract`` starts without them. Every user error is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 from dataclasses import replace
 
 import fire
 
+import featx
 from featx import backbones as backbone_registry
+from featx import flags
 from featx.extract import ExtractError, ExtractOptions
 from featx.extract import extract as run_extract
 
@@ -28,10 +32,11 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
 
     Args:
         data: data root (ImageFolder layout, with or without split folders).
-        backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...).
+        backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...;
+            `featx backbones` lists them).
         weights: torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or none (random).
         out: output root folder.
-        mirror: offline mirror folder with weights/ and datasets/ (default: $FEATX_MIRROR).
+        mirror: offline mirror folder holding weights/ and datasets/ (default: $FEATX_MIRROR; none: download).
         batch_size: images decoded and written together.
         workers: decode threads or processes (default: one per CPU core).
         reader: auto (threads on a CPU-only run: decode, then forward, in turn; processes overlapping with a
@@ -84,44 +89,66 @@ def fit_head(train, val="auto", head="logreg", out=None, **params):
             deterministic 20% hold-out of TRAIN (views of one image never split).
         head: logreg (sklearn, C swept on val then refit on train+val), linear (torch nn.Linear, a grid of
             lr x weight decay trained together, streamed from the file), or knn (cosine, k chosen on val).
-        out: head folder.
-        params: head parameters, e.g. --Cs=[0.01,0.1,1] (logreg), --lrs=[0.01,0.1] --weight_decays=[0,1e-4]
-            --epochs=20 --device=cuda --kernel=fused (linear), --ks=[1,5,20] --temperature=0.07 (knn), --seed=0.
+        out: head folder (default: heads/BACKBONE/HEAD). Reports of a head it replaces are deleted.
+        Cs: logreg: the C values swept, e.g. --Cs=[0.01,0.1,1] (default: 23 values, 1e-6 ... 1e5).
+        max_iter: logreg: lbfgs iterations per fit (default 1000).
+        refit: logreg, knn: refit the chosen model on train + val (default True).
+        lrs: linear: learning rates of the grid (default [0.003,0.03,0.3]).
+        weight_decays: linear: weight decays of the grid (default [0,1e-4,1e-3,1e-2]).
+        epochs: linear: passes over train (default: at least 5 and 300 steps).
+        batch_size: linear: rows per SGD step (default 1024); knn: rows scored together.
+        block_rows: linear: rows read per block (default: about 128 MB).
+        device: linear: auto, cpu, cuda (default auto).
+        kernel: linear: auto, torch or fused (the C kernel, CPU only) (default auto).
+        ks: knn: the k values tried (default [1,3,5,10,20,50]).
+        temperature: knn: vote temperature (default 0.07).
+        seed: the hold-out's and the head's seed (default 0).
     """
     from featx import fit
 
     fit.fit_head(train, val, head, out, **params)
 
 
-def evaluate(head, features, out=None):
+def evaluate(head, features, out=None, trust_pickle=False):
     """Evaluate a head on a features file: accuracy, balanced accuracy, top-5, per-class P/R/F1, confusion.
 
-    Writes metrics.json and confusion.png to OUT (default HEAD/eval-SPLIT/).
-    """
-    from featx import fit
-
-    fit.evaluate(head, features, out)
-
-
-def predict(head, *inputs, topk=5, out=None, show=None, batch_size=64, workers=None, device="auto", mirror=None):
-    """Classify image files and folders with backbone + head: top-k classes and probabilities.
+    Writes metrics.json, predictions.csv and confusion.png to OUT.
 
     Args:
         head: head folder (from `featx fit-head`).
+        features: features file to score (from `featx extract`, same backbone and weights as the head).
+        out: report folder (default: HEAD/eval-SPLIT).
+        trust_pickle: also load an older featx's pickled logreg head (model.joblib); it can run code.
+    """
+    from featx import fit
+
+    fit.evaluate(head, features, out, trust_pickle)
+
+
+def predict(head, *inputs, topk=5, out=None, show=None, show_limit=48, batch_size=64, workers=None, device="auto",
+            mirror=None, trust_pickle=False):
+    """Classify image files and folders with backbone + head: top-k classes and probabilities.
+
+    Args:
+        head: head folder (from `featx fit-head`) or finetune run folder.
         inputs: image files and/or folders (searched recursively).
         topk: classes listed per image.
         out: write results here, as JSON if it ends in .json, else CSV (default: CSV on stdout).
-        show: also write a contact sheet PNG of the images with predicted (and true) labels.
+        show: also write a contact sheet PNG: mistakes first, then the least confident, with file names.
+        show_limit: most images on the contact sheet.
         batch_size: images decoded together.
         workers: decode threads (CPU) or processes (GPU); default: one per core.
         device: auto, cpu, cuda ...
         mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
+        trust_pickle: also load an older featx's pickled logreg head (model.joblib); it can run code.
     """
     if not inputs:
         raise ValueError("give at least one image file or folder to classify")
     from featx import predict as predict_module
 
-    records = predict_module.predict(head, list(inputs), topk, batch_size, workers, device, mirror)
+    if show and (isinstance(show_limit, bool) or not isinstance(show_limit, int) or show_limit < 1):
+        raise ValueError(f"show_limit must be a positive integer, got {show_limit!r}")
+    records = predict_module.predict(head, list(inputs), topk, batch_size, workers, device, mirror, trust_pickle)
     if out:
         predict_module.write_records(records, out)
     else:
@@ -133,41 +160,72 @@ def predict(head, *inputs, topk=5, out=None, show=None, batch_size=64, workers=N
     if labelled:
         print(f"accuracy {accuracy:.4f} on {labelled} images whose folder names their class", file=sys.stderr)
     if show:
-        predict_module.contact_sheet(records, show)
+        predict_module.contact_sheet(records, show, show_limit)
 
 
-def export(head, out, onnx=True, mirror=None):
-    """Fuse backbone + head into one model (normalised images -> logits): OUT/model.ts, model.onnx, model.json."""
-    from featx import export as export_module
+def export(head, out, onnx=True, mirror=None, trust_pickle=False):
+    """Fuse backbone + head into one deployable model: normalised images -> logits.
 
-    export_module.export(head, out, onnx, mirror)
-
-
-def finetune(data, out="runs/finetune", resume=False, mirror=None, **recipe):
-    """Fine-tune a backbone end to end with a new head (at --head_lr_mult x the lr), or train from scratch.
-
-    Writes OUT/: run.json, history.json, curves.png, last.pt (every epoch), best.pt (best val accuracy),
-    metrics.json + confusion.png of the best model; OUT works with `featx predict` and `featx export`.
+    Writes OUT/model.ts (TorchScript), model.pt2 (torch.export), model.onnx and model.json (classes, preprocessing).
 
     Args:
-        data: ImageFolder root with train/ and val/ (or test/).
+        head: head folder (from `featx fit-head`) or finetune run folder.
+        out: folder to write the exported model to.
+        onnx: also write model.onnx (needs the onnx extra: pip install 'featx[onnx]').
+        mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
+        trust_pickle: also load an older featx's pickled logreg head (model.joblib); it can run code.
+    """
+    from featx import export as export_module
+
+    export_module.export(head, out, onnx, mirror, trust_pickle)
+
+
+def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=None, trust_pickle=False, **recipe):
+    """Fine-tune a backbone end to end with a new head (at --head_lr_mult x the lr), or train from scratch.
+
+    Writes OUT/: run.json, checkpoint.json -> checkpoints/epoch-N/ (state, best weights, history; each epoch
+    committed as one unit), history.json, curves.png, and metrics.json + predictions.csv + confusion.png of the
+    best model. OUT works with `featx predict` and `featx export`.
+
+    Args:
+        data: ImageFolder root with train/ and val/ (or test/); without val/, --val_fraction of train is held out.
         out: run folder.
-        resume: continue from OUT/last.pt (same recipe) with its optimiser, schedule and RNG state.
+        resume: continue from OUT's last finished epoch (same recipe; --epochs may grow) with its optimiser,
+            schedule and RNG state.
+        overwrite: replace the run already in OUT (without it, featx refuses to touch it).
         mirror: offline mirror for the weights (default: $FEATX_MIRROR).
-        recipe: --backbone resnet18 --weights DEFAULT --init pretrained|scratch
-            --head_init random|probe|reuse --probe HEAD_FOLDER --reuse "ants=310,bees=309"|auto
-            --freeze none|backbone|layer2 --epochs 5 --batch_size 32 --lr 0.01 --head_lr_mult 10
-            --optimizer sgd|adamw --momentum 0.9 --weight_decay 1e-4 --schedule constant|step|cosine
-            --step_size 7 --gamma 0.1 --warmup_epochs 0 --resize 256 --crop 224 --workers N
-            --reader auto|threads|processes --device auto --amp auto
-            --channels_last True|False (default: on for CPU, off for CUDA) --seed 0
+        trust_pickle: let --probe load an older featx's pickled logreg head (model.joblib); it can run code.
+        backbone: torchvision backbone name.
+        weights: torchvision weights name, state-dict file, or none.
+        init: pretrained, or scratch (random backbone: the from-scratch baseline).
+        head_init: random (Xavier), probe (a fit-head head: LP-FT), or reuse (the ImageNet classifier's rows).
+        probe: head folder for --head_init probe.
+        reuse: for --head_init reuse: "ants=310,bees=309", or auto (match ImageNet class names).
+        freeze: none, backbone (train only the head), or a module name: it and everything before it are frozen.
+        epochs: training epochs.
+        batch_size: images per step.
+        lr: backbone learning rate (default: 0.01 for --head_init random, 0.001 for probe and reuse).
+        head_lr_mult: the new head's lr is this times --lr.
+        optimizer: sgd or adamw.
+        momentum: SGD momentum.
+        weight_decay: weight decay.
+        schedule: constant, step, or cosine (per step, after the warm-up).
+        step_size: step schedule: epochs between lr drops.
+        gamma: step schedule: lr factor at each drop.
+        warmup_epochs: linear warm-up length in epochs.
+        resize: shorter side after resizing (default: the weights' preset).
+        crop: crop size (default: the weights' preset).
+        workers: decode threads or processes (default: one per core).
+        reader: auto, threads, or processes.
+        device: auto, cpu, cuda ...
+        amp: auto (bf16 on CUDA), none, bf16, fp16.
+        channels_last: channels_last memory format (default: on for CPU, off on CUDA).
+        val_fraction: share of train held out for validation when DATA has no val/ split.
+        seed: seed of the head, the shuffling, the augmentation and the hold-out.
     """
     from featx.finetune import FinetuneConfig, Run
 
-    unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown finetune options {unknown}; see `featx finetune --help`")
-    Run(data, out, FinetuneConfig(**recipe), mirror).fit(resume)
+    Run(data, out, FinetuneConfig(**recipe), mirror, trust_pickle).fit(resume, overwrite)
 
 
 def backbones():
@@ -177,13 +235,62 @@ def backbones():
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,
             "finetune": finetune, "backbones": backbones}
-USER_ERRORS = (ValueError, FileNotFoundError, ExtractError, ConnectionError)
+USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError)
+
+
+def extra_flags(command: str) -> dict[str, object]:
+    """Flags a command takes through ``**kwargs``: head parameters, the finetune recipe (name -> default)."""
+    if command == "finetune":
+        from featx.finetune import FinetuneConfig
+
+        return {name: field.default for name, field in FinetuneConfig.__dataclass_fields__.items()}
+    if command == "fit-head":
+        from featx.heads import HEADS
+
+        return {name: None for head in HEADS.values() for name in head._get_param_names()}
+    return {}
+
+
+def overview() -> str:
+    """``featx --help``."""
+    lines = [f"featx {featx.__version__}: cache frozen-backbone image features in HDF5, fit heads, fine-tune.", "",
+             "usage: featx COMMAND ARGS [flags]     featx COMMAND --help     featx --version", "", "commands:"]
+    lines += [f"  {name:<12} {flags.documented(function)[0].splitlines()[0]}" for name, function in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> None:
+    """Check ``argv`` (command, then its arguments) and run the command."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return
+    if argv[0] in ("--version", "version"):
+        print(f"featx {featx.__version__}")
+        return
+    command, args = argv[0], flags.normalise(argv[1:])
+    if command not in COMMANDS:
+        close = flags.difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}"
+        raise flags.UsageError(f"no command {command!r}; {hint}")
+    function, extra = COMMANDS[command], extra_flags(command)
+    before_separator = args[:args.index("--")] if "--" in args else args
+    if "-h" in before_separator or "--help" in before_separator:
+        print(flags.help_page(command, function, extra))
+        return
+    flags.check(command, {**flags.signature_flags(function)[1], **extra}, args)
+    fire.Fire(COMMANDS, [command, *args], name="featx")
+
+
+def guarded(function, *args) -> None:
+    """Run ``function(*args)``; a user error prints one line (``featx: error: ...``) and exits with status 2."""
+    try:
+        function(*args)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"featx: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
-    """Entry point: run a command; user errors print one line and exit 2."""
-    try:
-        fire.Fire(COMMANDS, name="featx")
-    except USER_ERRORS as error:
-        print(f"featx: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """Entry point of the ``featx`` command."""
+    guarded(run, sys.argv[1:])

@@ -4,7 +4,9 @@
 for frozen oneDNN weights), which a few hundred images never repay. AOTInductor writes the frozen, compiled
 model to a ``.pt2`` package instead, keyed by everything it depends on: the weights' bytes, the input shape,
 memory format, torch version and machine. The package holds a shared library that is loaded (run), so the
-cache lives in the user's own folder: ``$FEATX_CACHE/compiled`` (default ``~/.cache/featx/compiled``).
+cache lives in the user's own folder: ``$FEATX_CACHE/compiled`` (default ``~/.cache/featx/compiled``), and a
+package is loaded only when the folder and the file belong to the user and nobody else can write them, and the
+file's sha256 matches the one featx recorded (``<package>.sha256``) when it built it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from featx.sources import file_digest
+
+
+class UntrustedCacheError(ValueError):
+    """A compiled package featx will not load: someone else could have written it."""
 
 
 def cache_dir() -> Path:
@@ -40,14 +48,33 @@ def package_key(model: nn.Module, example: torch.Tensor) -> str:
 
 def compiled_model(model: nn.Module, example: torch.Tensor, name: str = "model"):
     """``model`` frozen and compiled for inputs shaped like ``example``; compiled once, then loaded from the cache."""
-    path = cache_dir() / f"{name}-{package_key(model, example)[:24]}.pt2"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"compiling {name} for input {tuple(example.shape)} once (cached in {path.parent}) ...", flush=True)
+    folder = cache_dir()
+    path = folder / f"{name}-{package_key(model, example)[:24]}.pt2"
+    digest = path.with_name(path.name + ".sha256")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    require_private(folder)
+    if not (path.is_file() and digest.is_file()):
+        print(f"compiling {name} for input {tuple(example.shape)} once (cached in {folder}) ...", flush=True)
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             program = torch.export.export(model, (example,))
-            with tempfile.TemporaryDirectory(dir=path.parent) as folder:
-                partial = Path(folder) / path.name
+            with tempfile.TemporaryDirectory(dir=folder) as scratch:
+                partial = Path(scratch) / path.name
                 torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
-                os.replace(partial, path)  # atomic: a killed compile leaves no half-written package
+                (Path(scratch) / digest.name).write_text(file_digest(partial))
+                os.replace(Path(scratch) / digest.name, digest)  # the digest first: a kill between the two
+                os.replace(partial, path)  # leaves a digest without its package, which is rebuilt
+    require_private(path)
+    if file_digest(path) != digest.read_text().strip():
+        raise UntrustedCacheError(f"refusing the compiled package {path}: its sha256 is not the one featx recorded "
+                                  "when it built it; delete it (featx rebuilds it)")
     return torch._inductor.aoti_load_package(str(path))
+
+
+def require_private(path: Path) -> None:
+    """Refuse ``path`` unless it belongs to this user and neither group nor others can write it."""
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        why = ("it belongs to another user" if info.st_uid != os.getuid() else
+               f"group or others can write it (mode {oct(info.st_mode & 0o777)})")
+        raise UntrustedCacheError(f"refusing the compiled-model cache {path}: {why}; make it yours alone "
+                                  "(chown, chmod go-w) or set $FEATX_CACHE to a private folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -163,11 +164,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Regular image files under ``folder``, sorted; hidden files/folders and other extensions ignored."""
+def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None = None) -> list[Path]:
+    """Regular image files under ``folder``, sorted; hidden files/folders and other extensions ignored.
+
+    Links to files are read like files. Links to directories are followed, but each real directory is walked
+    once: a link to a directory already walked or in ``seen`` (a loop, or a second way to the same images) is
+    not followed, and is added to ``skipped`` with why. ``seen`` holds (device, inode) pairs and grows.
+    """
+    seen = set() if seen is None else seen
+    seen.add(directory_key(folder))
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            key = directory_key(Path(dirpath) / name)
+            if key in seen:
+                if skipped is not None:
+                    skipped.append(f"{Path(dirpath) / name}: a link to a folder already read (a loop, or a second "
+                                   "way to the same images); not followed")
+                continue
+            seen.add(key)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -178,6 +196,15 @@ def list_images(folder: Path) -> list[Path]:
             except OSError:  # dangling link
                 continue
     return found
+
+
+def directory_key(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the directory ``path`` leads to: the same for every link to it."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 @dataclass(frozen=True)
@@ -192,6 +219,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def subset(self, mask: np.ndarray, name: str) -> "Split":
+        """The items where ``mask`` is true, as a split called ``name``."""
+        paths = tuple(p for p, keep in zip(self.paths, mask) if keep)
+        return Split(name, self.root, paths, self.labels[mask], self.class_names)
 
     def fingerprint(self) -> str:
         """sha256 over class names, relative paths and labels: changes when the file list does."""
@@ -228,11 +260,18 @@ def discover(root: str | os.PathLike) -> list[Split]:
                 f"{folder} has class folders {extra} that {split_dirs[0][1].name}/ lacks; "
                 f"classes come from the training split: {', '.join(class_names)}"
             )
-        paths, labels = [], []
+        # the data root, the split and its class folders are walked once each, whatever links lead to them
+        seen = {directory_key(p) for p in (root, folder, *(folder / c for c in class_names))}
+        paths, labels, skipped = [], [], []
         for label, class_name in enumerate(class_names):
-            for path in list_images(folder / class_name) if (folder / class_name).is_dir() else []:
+            class_folder = folder / class_name
+            for path in list_images(class_folder, seen, skipped) if class_folder.is_dir() else []:
                 paths.append(path.relative_to(root).as_posix())
                 labels.append(label)
+        for line in skipped:
+            print(f"featx: skipped {line}", file=sys.stderr)
+        if not paths:
+            raise ValueError(f"{folder} has no images in its class folders ({', '.join(class_names)})")
         splits.append(Split(name, root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names)))
     return splits
 

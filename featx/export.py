@@ -22,22 +22,24 @@ class Classifier(nn.Sequential):
         super().__init__(backbone, nn.Flatten(1), head)
 
 
-def fused_model(folder: str | os.PathLike, mirror: str | None = None) -> tuple[nn.Module, dict]:
+def fused_model(folder: str | os.PathLike, mirror: str | None = None, trust_pickle: bool = False
+                ) -> tuple[nn.Module, dict]:
     """A head folder (fused with its backbone) or a finetune run folder (its best model), in eval mode, and its
     provenance (class names, transform, backbone, weights hash)."""
     if (Path(folder) / RUN_FILE).is_file():
         return load_finetuned(folder)
-    estimator = load_head(folder)
+    estimator = load_head(folder, trust_pickle)
     backbone = backbone_from_source(estimator.source_, mirror)
     return Classifier(backbone.model, estimator.to_torch()).eval(), estimator.source_
 
 
-def export(head: str | os.PathLike, out: str | os.PathLike, onnx: bool = True, mirror: str | None = None) -> dict:
+def export(head: str | os.PathLike, out: str | os.PathLike, onnx: bool = True, mirror: str | None = None,
+           trust_pickle: bool = False) -> dict:
     """Export a head folder (fused with its backbone) or a finetune run folder.
 
     Writes ``model.ts`` (TorchScript, traced), ``model.pt2`` (``torch.export``, TorchScript's successor),
     ``model.onnx`` when ``onnx``/``onnxscript`` are installed, and ``model.json`` (class names, preprocessing)."""
-    model, source = fused_model(head, mirror)
+    model, source = fused_model(head, mirror, trust_pickle)
     crop = source["transform"]["crop"]
     example = torch.randn(2, 3, crop, crop)
     out = Path(out)

@@ -7,6 +7,8 @@ any subset), which is the seam for a distributed runner; this module runs them s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
@@ -80,12 +82,36 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         if unknown:
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
+    folder = Path(out) / backbone
     extractor = create_backbone(backbone, weights, mirror, transform)
     embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile,
                         options.forward_batch, options.fold_batch_norm)
-    return {split.name: extract_split(split, extractor, embedder, Path(out) / backbone / f"{split.name}.h5",
-                                      options)
-            for split in all_splits}
+    with exclusive(folder):
+        return {split.name: extract_split(split, extractor, embedder, folder / f"{split.name}.h5", options)
+                for split in all_splits}
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path):
+    """Create ``folder`` and hold an exclusive lock on it (flock on the directory itself: no lock file is left
+    behind). A second featx process writing there fails at once instead of mixing shards."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ExtractError(f"output {existing} exists and is not a folder; choose another --out")
+    with store.writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExtractError(f"output folder {folder} is not writable; choose another --out")
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExtractError(f"another featx process is writing to {folder}; wait for it to finish, or choose "
+                               "another --out") from None
+        yield folder
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def augmentation_for(split: Split, backbone: Backbone, options: ExtractOptions) -> AugmentTransform | None:
@@ -124,6 +150,8 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     if path.exists() and not options.overwrite:
         found = {k: store.read_meta(path).get(k) for k in IDENTITY_KEYS}
         if found == identity:
+            if parts.exists():  # a kill between committing the file and deleting its shards
+                shutil.rmtree(parts)
             return None
         raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
@@ -136,7 +164,8 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
             raise ExtractError(f"{parts} holds an unfinished extraction made differently "
                                f"({_differences(identity, manifest)}); pass --overwrite to start again")
         return manifest["shard_size"]
-    store.write_manifest(parts, {**identity, "shard_size": options.shard_size})
+    with store.writing(parts / "manifest.json"):
+        store.write_manifest(parts, {**identity, "shard_size": options.shard_size})
     return options.shard_size
 
 
@@ -156,15 +185,19 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
         reader = read_batches(dataset, batches, options.workers, embedder.device, options.reader)
         for batch, (number, last) in zip(reader, order):
             batch = decode_on_device(batch, dataset.transform, embedder.device)
-            if writer is None:
-                writer = store.ShardWriter(store.shard_path(parts, number), embedder.feature_dim, options.dtype)
-            writer.append(batch.indices.numpy(), embedder(batch.images).numpy().astype(options.dtype))
-            writer.add_failures(batch.failed)
+            features = embedder(batch.images).numpy().astype(options.dtype)
+            path = store.shard_path(parts, number)
+            with store.writing(path):
+                if writer is None:
+                    shard_items = sum(len(b) for b in shards[number])
+                    writer = store.ShardWriter(path, embedder.feature_dim, options.dtype, shard_items)
+                writer.append(batch.indices.numpy(), features)
+                writer.add_failures(batch.failed)
+                if last:
+                    writer.commit()
+                    writer = None
             if progress is not None:
                 progress.update(batch.size)
-            if last:
-                writer.commit()
-                writer = None
     finally:
         if writer is not None:
             writer.abort()

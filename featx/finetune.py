@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,18 +20,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from featx import checkpoints, store
 from featx.backbones import classifier_layer, classifier_layer_name, create_model, replace_classifier
 from featx.data import READERS, AugmentTransform, ImageFiles, Split, discover, read_batches, sequential_batches
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
-from featx.heads import load_head
+from featx.heads import holdout_split, load_head
 from featx.memory import keep_freed_memory
 from featx.metrics import classification_metrics, summary_line, write_metrics
 
 HEAD_INITS = ("random", "probe", "reuse")
+# Default lr per head_init: a head that already classifies (LP-FT, reused ImageNet rows) is wrecked by the lr a
+# random head needs (ants/bees, reuse at 0.01: val 0.9477 -> 0.4575 after one epoch).
+HEAD_INIT_LR = {"random": 0.01, "probe": 0.001, "reuse": 0.001}
 INITS = ("pretrained", "scratch")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 RUN_FILE = "run.json"
+RUN_OUTPUTS = (RUN_FILE, checkpoints.POINTER, checkpoints.FOLDER, "history.json", "curves.png", "metrics.json",
+               "confusion.png")  # what --overwrite deletes: the run's own files, nothing else in its folder
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class FinetuneConfig:
     freeze: str = "none"  # none, backbone, or a module name: it and everything before it are frozen
     epochs: int = 5
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float | None = None  # None: 0.01 for a random head; 0.001 for a head that starts good (probe, reuse)
     head_lr_mult: float = 10.0
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -63,9 +70,14 @@ class FinetuneConfig:
     amp: str = "auto"
     # None: on for CPU (a measured win), off on CUDA (H100: MobileNetV2's bf16 training ran 5x slower with it)
     channels_last: bool | None = None
+    val_fraction: float = 0.2  # held out of train (stratified, by seed) when the data has no val/ or test/ split
     seed: int = 0
 
     def __post_init__(self):
+        if self.lr is None:
+            object.__setattr__(self, "lr", HEAD_INIT_LR[self.head_init] if self.head_init in HEAD_INIT_LR else 0.01)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
         choices = {"init": INITS, "head_init": HEAD_INITS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "reader": READERS}
         for name, allowed in choices.items():
@@ -101,7 +113,7 @@ def imagenet_rows(class_names: list[str], categories: tuple[str, ...], spec: str
 
 
 def init_head(model: nn.Module, cfg: FinetuneConfig, class_names: list[str], categories: tuple[str, ...],
-              source_sha256: str) -> dict:
+              source_sha256: str, trust_pickle: bool = False) -> dict:
     """Replace the classifier by one sized to the classes and initialise it as ``cfg.head_init`` says."""
     old = classifier_layer(model, cfg.backbone)
     old_weight, old_bias = old.weight.detach().clone(), old.bias.detach().clone()
@@ -121,7 +133,7 @@ def init_head(model: nn.Module, cfg: FinetuneConfig, class_names: list[str], cat
                 head.bias[c] = old_bias[row]
             report["reused_rows"] = {class_names[c]: row for c, row in rows.items()}
         elif cfg.head_init == "probe":
-            probe = load_head(cfg.probe)
+            probe = load_head(cfg.probe, trust_pickle)
             source = probe.source_
             if source["backbone"] != cfg.backbone or source["weights_sha256"] != source_sha256 or \
                     source["class_names"] != class_names:
@@ -203,6 +215,23 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 # --- data -----------------------------------------------------------------------------------------------
+def training_splits(data: str | os.PathLike, cfg: FinetuneConfig) -> tuple[Split, Split]:
+    """(train, val): the data's train/ (or its one split) and val/ (valid/, validation/, test/); without a
+    validation split, a stratified ``cfg.val_fraction`` of train, the same for the same seed."""
+    splits = {s.name: s for s in discover(data)}
+    train = splits.get("train", splits.get("all"))
+    if train is None:
+        raise ValueError(f"{data} has no train/ split to fine-tune on (its splits: {', '.join(splits)})")
+    val = next((splits[n] for n in ("val", "valid", "validation", "test") if n in splits), None)
+    if val is not None:
+        return train, val
+    held = holdout_split(train.labels, np.arange(len(train)), cfg.val_fraction, cfg.seed)
+    print(f"{data} has no val/ split: holding out {int(held.sum())} of {len(train)} training images "
+          f"(--val_fraction {cfg.val_fraction})")
+    return train.subset(~held, "train"), train.subset(held, "val")
+
+
+
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The shuffled batches of one epoch, a function of (seed, epoch) alone."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 10_007 + epoch)).tolist()
@@ -215,15 +244,9 @@ class Run:
     ``featx.memory.keep_freed_memory`` for the process."""
 
     def __init__(self, data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig,
-                 mirror: str | None = None):
+                 mirror: str | None = None, trust_pickle: bool = False):
         self.cfg, self.out = cfg, Path(out)
-        splits = {s.name: s for s in discover(data)}
-        if "train" not in splits:
-            raise ValueError(f"{data} has no train/ split to fine-tune on")
-        self.train = splits["train"]
-        self.val = next((splits[n] for n in ("val", "valid", "validation", "test") if n in splits), None)
-        if self.val is None:
-            raise ValueError(f"{data} has no val/ or test/ split to select and report on")
+        self.train, self.val = training_splits(data, cfg)
         torch.manual_seed(cfg.seed)
         keep_freed_memory()
         weights = "none" if cfg.init == "scratch" else cfg.weights
@@ -231,7 +254,7 @@ class Run:
         self.transform = replace(preset, resize=cfg.resize or preset.resize, crop=cfg.crop or preset.crop)
         self.class_names = list(self.train.class_names)
         self.head_report = init_head(self.model, cfg, self.class_names, self.weights.categories,
-                                     self.weights.sha256)
+                                     self.weights.sha256, trust_pickle)
         self.frozen = freeze(self.model, cfg.backbone, cfg.freeze)
         self.device = resolve_device(cfg.device)
         self.amp = resolve_amp(cfg.amp, self.device)
@@ -296,35 +319,34 @@ class Run:
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def save(self, improved: bool) -> None:
+        """Commit this epoch's checkpoint as one unit (``featx.checkpoints``)."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "epoch": self.epoch, "step": self.step, "best_accuracy": self.best_accuracy,
                  "rng": torch.get_rng_state(), "config": asdict(self.cfg)}
-        tmp = self.out / "last.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "last.pt")
-        if improved:
-            torch.save(self.model.state_dict(), self.out / "best.pt.tmp")
-            os.replace(self.out / "best.pt.tmp", self.out / "best.pt")
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+        checkpoints.commit(self.out, self.epoch, state, self.model.state_dict() if improved else None, self.history)
 
     def resume(self) -> bool:
-        """Continue from ``last.pt`` if it exists and was made with the same recipe."""
-        path = self.out / "last.pt"
-        if not path.is_file():
+        """Continue from the last committed epoch if there is one and it was made with the same recipe (``epochs``
+        may grow: the schedule then runs to the new end)."""
+        found = checkpoints.load(self.out)
+        if found is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        made_with = {**asdict(FinetuneConfig()), **state["config"]}  # fields added since then: their defaults
-        if made_with != asdict(self.cfg):
+        state, history = found
+        made_with = {**asdict(FinetuneConfig()), **state["config"], "epochs": self.cfg.epochs}  # fields added
+        if made_with != asdict(self.cfg):  # since then: their defaults
             changed = sorted(k for k in made_with if made_with[k] != asdict(self.cfg).get(k))
-            raise ValueError(f"{path} was made with a different recipe ({', '.join(changed)}); use another --out")
+            raise ValueError(f"{self.out} was made with a different recipe ({', '.join(changed)}); use another --out")
+        if state["epoch"] > self.cfg.epochs:
+            raise ValueError(f"{self.out} has already trained {state['epoch']} epochs; --epochs "
+                             f"{self.cfg.epochs} cannot shorten it")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"].cpu())
-        self.epoch, self.step, self.best_accuracy = state["epoch"], state["step"], state["best_accuracy"]
-        self.history = json.loads((self.out / "history.json").read_text())
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.step, self.best_accuracy, self.history = (state["epoch"], state["step"],
+                                                                  state["best_accuracy"], history)
         return True
 
     def describe(self) -> dict:
@@ -336,11 +358,23 @@ class Run:
                 **self.head_report}
 
     # --- the loop ---------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
-        """Train to ``cfg.epochs``; returns the final metrics of the best-by-val model."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Train to ``cfg.epochs``; returns the final metrics of the best-by-val model. A folder that holds a run
+        is continued with ``resume``, replaced with ``overwrite``, and otherwise refused."""
+        if (self.out / RUN_FILE).is_file() and not resume:
+            if not overwrite:
+                raise ValueError(f"{self.out} already holds a finetune run; pass --resume to continue it, "
+                                 "--overwrite to replace it, or choose another --out")
+            for path in (self.out / name for name in RUN_OUTPUTS):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / RUN_FILE).write_text(json.dumps(self.describe(), indent=1))
-        if not (resume and self.resume()):
+        store.write_text(self.out / RUN_FILE, json.dumps(self.describe(), indent=1))
+        if resume and self.resume():
+            print(f"resuming from epoch {self.epoch} of {self.cfg.epochs} in {self.out}")
+        else:
             if resume:
                 print(f"nothing to resume in {self.out}; starting fresh")
             self.history = [{"epoch": 0, "steps": 0, **self.evaluate()}]  # before any training: a candidate too
@@ -362,8 +396,7 @@ class Run:
                   f"{record['eval_examples_per_second']:.1f} eval ex/s")
         plot_history(self.history, self.out / "curves.png", f"{self.cfg.backbone} ({self.cfg.init}, "
                                                             f"head {self.cfg.head_init}, freeze {self.cfg.freeze})")
-        if (self.out / "best.pt").is_file():
-            self.model.load_state_dict(torch.load(self.out / "best.pt", map_location=self.device, weights_only=True))
+        self.model.load_state_dict(checkpoints.best_weights(self.out))
         logits, labels, _ = self.predict(self.val)
         metrics = classification_metrics(labels, logits, self.class_names)
         metrics.update(wall_seconds=time.perf_counter() - start, steps=self.step, split=self.val.name)
@@ -396,5 +429,5 @@ def load_finetuned(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     record = json.loads((folder / RUN_FILE).read_text())
     model = create_model(record["backbone"], "none")[0]
     replace_classifier(model, record["backbone"], record["num_classes"])
-    model.load_state_dict(torch.load(folder / "best.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(checkpoints.best_weights(folder))
     return model.eval(), record

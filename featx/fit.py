@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
-
-import h5py
 
 from featx import store
 from featx.heads import Head, load_head, make_head
@@ -34,18 +34,23 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
     meta = store.read_meta(train)
     val_path = _resolve_val(train, val)
     estimator = make_head(head, **params)
-    with h5py.File(train, "r") as f:
+    if val_path is not None:
+        store.require_same_source(meta, store.read_meta(val_path), f"validation file {val_path}")
+    with store.open_h5(train) as f, (store.open_h5(val_path) if val_path else contextlib.nullcontext()) as v:
         X = f["features"] if head == "linear" else f["features"][:]
         y, groups = f["labels"][:], f["image_ids"][:]
-        if val_path is None:
-            estimator.fit(X, y, groups=groups)
-        else:
-            store.require_same_source(meta, store.read_meta(val_path), f"validation file {val_path}")
-            with h5py.File(val_path, "r") as v:
-                X_val = v["features"] if head == "linear" else v["features"][:]
-                estimator.fit(X, y, X_val, v["labels"][:])
+        X_val = None if v is None else v["features"] if head == "linear" else v["features"][:]
+        try:
+            estimator.fit(X, y, X_val, None if v is None else v["labels"][:], groups=groups)
+        except store.NonFiniteError:  # name the file and count its rows
+            store.require_finite(train, f["features"])
+            if v is not None:
+                store.require_finite(val_path, v["features"])
+            raise
     estimator.set_source(meta, train=train.resolve(), val=val_path.resolve() if val_path else None)
     out = Path(out) if out else Path("heads") / meta["backbone"] / head
+    for stale in out.glob("eval-*"):  # reports of the head this one replaces
+        shutil.rmtree(stale)
     estimator.save(out)
     selection = estimator.selection_
     where = f"on {val_path}" if val_path else "on a 20% stratified hold-out of train"
@@ -54,12 +59,14 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
     return estimator
 
 
-def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
+def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike | None = None,
+             trust_pickle: bool = False) -> dict:
     """Metrics of a saved head on a features file, written as ``metrics.json`` + ``confusion.png``."""
-    estimator = load_head(head)
+    estimator = load_head(head, trust_pickle)
     data = store.load(features)
     meta = data.meta
     estimator.check_features(meta, f"features file {features}")
+    store.require_finite(features, data.features)
     metrics = classification_metrics(data.labels, estimator.decision_function(data.features), data.class_names)
     fitted_on = set(estimator.fitted_on_.values())
     metrics["held_out"] = str(Path(features).resolve()) not in fitted_on

@@ -35,8 +35,8 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
     return files
 
 
-def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str | None = None
-                    ) -> tuple[Callable[[torch.Tensor], np.ndarray], EvalTransform, list[str]]:
+def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str | None = None,
+                    trust_pickle: bool = False) -> tuple[Callable[[torch.Tensor], np.ndarray], EvalTransform, list[str]]:
     """(uint8 image batch -> logits, the transform it expects, the class name of each logit column) for a head
     folder (backbone features, then the head's ``decision_function``, as ``evaluate`` does) or a finetune run."""
     if (Path(folder) / RUN_FILE).is_file():
@@ -45,7 +45,7 @@ def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str
         info = WeightsInfo("finetuned", str(folder), "")
         embedder = Embedder(Backbone(record["backbone"], model, record["num_classes"], info, transform), device)
         return (lambda images: embedder(images).numpy()), transform, record["class_names"]
-    estimator = load_head(folder)
+    estimator = load_head(folder, trust_pickle)
     backbone = backbone_from_source(estimator.source_, mirror)
     embedder = Embedder(backbone, device)
     names = [estimator.source_["class_names"][c] for c in estimator.classes_]
@@ -53,14 +53,22 @@ def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str
 
 
 def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
-            workers: int | None = None, device: str = "auto", mirror: str | None = None) -> list[dict]:
+            workers: int | None = None, device: str = "auto", mirror: str | None = None,
+            trust_pickle: bool = False) -> list[dict]:
     """Classify with a head folder or a finetune run folder. One record per image: path, true class (its
     folder's name, when that is a class), prediction, top-k, logits; undecodable images get an ``error``."""
-    classify, transform, names = load_classifier(head, device, mirror)
+    for name, value in (("topk", topk), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    classify, transform, names = load_classifier(head, device, mirror, trust_pickle)
     files = collect_images(inputs)
     dataset = ImageFiles(Path(), tuple(files), transform)
     records: list[dict | None] = [None] * len(files)
     for batch in read_batches(dataset, sequential_batches(len(files), batch_size), workers, resolve_device(device)):
+        for index, reason in batch.failed:
+            records[index] = {"path": files[index], "error": reason}
+        if not len(batch.indices):  # every image of this batch failed
+            continue
         logits = classify(batch.images)
         probabilities = softmax(logits, axis=1)
         for index, row_logits, row_probabilities in zip(batch.indices.tolist(), logits, probabilities):
@@ -68,8 +76,6 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
             top = [(names[i], float(row_probabilities[i])) for i in order]
             records[index] = {"path": files[index], "predicted": top[0][0], "probability": top[0][1],
                               "topk": top, "logits": row_logits.tolist()}
-        for index, reason in batch.failed:
-            records[index] = {"path": files[index], "error": reason}
     for record in records:
         parent = Path(record["path"]).parent.name
         record["true"] = parent if parent in names else None

@@ -18,6 +18,8 @@ complete. Schema of ``<split>.h5``:
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import shutil
@@ -44,6 +46,82 @@ class IncompleteFeaturesError(FileNotFoundError):
     """The features file is missing, or only its unfinished shards exist."""
 
 
+class NonFiniteError(ValueError):
+    """Features with NaN or infinite values: a head fitted or scored on them would be silently wrong."""
+
+
+def nonfinite_rows(features, rows: int = 65536) -> int:
+    """How many rows of ``features`` (an array, or an HDF5 dataset read in blocks) hold NaN or inf."""
+    return sum(int((~np.isfinite(features[a:a + rows])).any(1).sum()) for a in range(0, features.shape[0], rows))
+
+
+def require_finite(path: str | os.PathLike, features) -> None:
+    """Refuse a features file with non-finite rows, naming the file and how many rows."""
+    count = nonfinite_rows(features)
+    if count:
+        raise NonFiniteError(f"{path}: {count} of {features.shape[0]} rows hold NaN or infinite features; "
+                             "re-extract it with `featx extract ... --overwrite`")
+
+
+class NoSpaceError(OSError):
+    """The device filled up while featx was writing; what was committed before stays, and a rerun resumes."""
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a full device while writing ``path`` (an OSError, or h5py's errors that carry errno 28) into one
+    ``NoSpaceError`` naming the device and the file."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except Exception as error:
+        text = str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+            raise no_space(path) from None
+        raise
+
+
+def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
+    """The one-line error for a full device while writing ``path``."""
+    size = f" (about {needed >> 20} MB needed)" if needed else ""
+    return NoSpaceError(f"no space left on {_mount_point(path.parent)} while writing {path}{size}; free space and "
+                        "rerun to resume")
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file"):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, never code. A file
+    that needs more (a pickled object) is refused with one line naming it."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every unpickling failure is reported the same way
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise ValueError(f"refusing {what} {path}: it is not a tensors-only file (torch.load weights_only=True: "
+                         f"{reason})") from None
+
+
+def open_h5(path: str | os.PathLike) -> h5py.File:
+    """Open a features file for reading; a truncated or non-HDF5 file is a ValueError that says so."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        reason = str(error).split("(")[-1].rstrip(")") if "(" in str(error) else str(error)
+        raise ValueError(f"{path} is not a readable HDF5 file ({reason}); it may be truncated: re-extract it "
+                         "with `featx extract ... --overwrite`") from None
+
+
 def parts_dir(path: Path) -> Path:
     """Folder holding the shards of an unfinished ``path``."""
     return path.with_name(path.name + ".parts")
@@ -53,16 +131,29 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """Make a closed file durable, then atomically give it its final name."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+def commit_file(tmp: Path, path: Path) -> None:
+    """Make a closed file (or a folder of files) durable, then atomically give it its final name."""
+    for file in sorted(tmp.iterdir()) if tmp.is_dir() else [tmp]:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path``'s text atomically: a reader sees the old text or the new, never a part."""
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    commit_file(tmp, path)
 
 
 def _row_chunks(dim: int, itemsize: int) -> int:
@@ -70,16 +161,18 @@ def _row_chunks(dim: int, itemsize: int) -> int:
 
 
 class ShardWriter:
-    """Streams the rows of one shard into ``part-NNNNN.h5.tmp``; ``commit`` renames it into place."""
+    """Streams the rows of one shard (at most ``max_rows``) into ``part-NNNNN.h5.tmp``; ``commit`` renames it into
+    place."""
 
-    def __init__(self, path: Path, feature_dim: int, dtype: str = "float32"):
+    def __init__(self, path: Path, feature_dim: int, dtype: str = "float32", max_rows: int | None = None):
         self.path = path
-        self.file = h5py.File(_tmp(path), "w")
-        rows = _row_chunks(feature_dim, np.dtype(dtype).itemsize)
+        self.buffer = io.BytesIO()  # built in memory (a shard is a few MB) and written in one plain write, so a
+        self.file = h5py.File(self.buffer, "w")  # full device is an ordinary OSError, never a failing HDF5 close
+        rows = min(_row_chunks(feature_dim, np.dtype(dtype).itemsize), max_rows or 1 << 62)
         self.features = self.file.create_dataset(
             "features", (0, feature_dim), maxshape=(None, feature_dim), dtype=dtype, chunks=(rows, feature_dim)
         )
-        self.items = self.file.create_dataset("items", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        self.items = self.file.create_dataset("items", (0,), maxshape=(None,), dtype="int64", chunks=(rows,))
         self.failed_items: list[int] = []
         self.failed_reasons: list[str] = []
 
@@ -102,12 +195,22 @@ class ShardWriter:
         self.file.create_dataset("failed_items", data=np.asarray(self.failed_items, dtype=np.int64))
         self.file.create_dataset("failed_reasons", data=np.asarray(self.failed_reasons, dtype=object), dtype=STR)
         self.file.close()
-        _commit(_tmp(self.path), self.path)
+        try:
+            _tmp(self.path).write_bytes(self.buffer.getbuffer())
+            commit_file(_tmp(self.path), self.path)
+        finally:
+            _tmp(self.path).unlink(missing_ok=True)
 
     def abort(self) -> None:
         """Drop an unfinished shard."""
         self.file.close()
-        _tmp(self.path).unlink(missing_ok=True)
+
+
+def _discard(file: h5py.File, tmp: Path) -> None:
+    """Close ``file`` whatever state it is in and delete it: nothing half-written is left."""
+    with contextlib.suppress(Exception):
+        file.close()
+    tmp.unlink(missing_ok=True)
 
 
 def shard_path(parts: Path, shard: int) -> Path:
@@ -117,9 +220,7 @@ def shard_path(parts: Path, shard: int) -> Path:
 def write_manifest(parts: Path, manifest: dict) -> None:
     """Record what the shards in ``parts`` are extracted from (checked before resuming)."""
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = parts / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _commit(tmp, parts / "manifest.json")
+    write_text(parts / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def read_manifest(parts: Path) -> dict | None:
@@ -139,43 +240,57 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
     Shards hold item ids (image index x ``attrs["views"]`` + view); ``paths``/``labels`` are the split's file
     list, which rows index through ``image_ids``. Returns counts.
     """
-    views = attrs["views"]
     shards = sorted(parts.glob("part-*.h5"))
-    with contextlib.ExitStack() as stack:
+    tmp = _tmp(path)
+    needed = sum(p.stat().st_size for p in shards) + sum(map(len, paths)) * 2 + (1 << 20)
+    if shutil.disk_usage(path.parent).free < needed:  # HDF5 fails badly on a full device: check before
+        raise no_space(path, needed)
+    with contextlib.ExitStack() as stack, writing(tmp):
         files = [stack.enter_context(h5py.File(p, "r")) for p in shards]
-        num_rows = sum(f["features"].shape[0] for f in files)
-        dim, dtype = attrs["feature_dim"], attrs["dtype"]
-        tmp = _tmp(path)
-        with h5py.File(tmp, "w") as out:
-            rows = min(max(num_rows, 1), _row_chunks(dim, np.dtype(dtype).itemsize))
-            features = out.create_dataset("features", (num_rows, dim), dtype=dtype, chunks=(rows, dim),
-                                          compression=compression)
-            items = np.concatenate([f["items"][:] for f in files]) if files else np.empty(0, np.int64)
-            image_ids = items // views
-            start = 0
-            for f in files:
-                block = f["features"]
-                for offset in range(0, block.shape[0], rows * 16):
-                    piece = block[offset:offset + rows * 16]
-                    features[start:start + len(piece)] = piece
-                    start += len(piece)
-            out.create_dataset("image_ids", data=image_ids)
-            out.create_dataset("labels", data=labels[image_ids])
-            out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
-            failed_items = np.concatenate([f["failed_items"][:] for f in files]) if files else np.empty(0, np.int64)
-            all_reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
-            failed_ids, first = np.unique(failed_items // views, return_index=True)  # one entry per image
-            reasons = [all_reasons[i] for i in first]
-            failed = out.create_group("failed")
-            failed.create_dataset("paths", data=np.asarray([paths[i] for i in failed_ids], dtype=object), dtype=STR)
-            failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
-            counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": int(len(failed_ids))}
-            stamp = {"format": FORMAT, "featx_version": featx.__version__,
-                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True}
-            for key, value in {**attrs, **counts, **stamp}.items():
-                out.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
-    _commit(tmp, path)
+        out = h5py.File(tmp, "w")
+        try:
+            counts = _merged(files, out, attrs, paths, labels, compression)
+            out.close()
+        except BaseException:
+            _discard(out, tmp)
+            raise
+        commit_file(tmp, path)
     shutil.rmtree(parts)
+    return counts
+
+
+def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
+            compression: str | None) -> dict:
+    """Write the shards ``files`` into ``out``; returns counts."""
+    views, dim, dtype = attrs["views"], attrs["feature_dim"], attrs["dtype"]
+    num_rows = sum(f["features"].shape[0] for f in files)
+    rows = min(max(num_rows, 1), _row_chunks(dim, np.dtype(dtype).itemsize))
+    features = out.create_dataset("features", (num_rows, dim), maxshape=(None, dim), dtype=dtype,
+                                  chunks=(rows, dim), compression=compression)
+    items = np.concatenate([f["items"][:] for f in files]) if files else np.empty(0, np.int64)
+    image_ids = items // views
+    start = 0
+    for f in files:
+        block = f["features"]
+        for offset in range(0, block.shape[0], rows * 16):
+            piece = block[offset:offset + rows * 16]
+            features[start:start + len(piece)] = piece
+            start += len(piece)
+    out.create_dataset("image_ids", data=image_ids)
+    out.create_dataset("labels", data=labels[image_ids])
+    out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
+    failed_items = np.concatenate([f["failed_items"][:] for f in files]) if files else np.empty(0, np.int64)
+    all_reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
+    failed_ids, first = np.unique(failed_items // views, return_index=True)  # one entry per image
+    reasons = [all_reasons[i] for i in first]
+    failed = out.create_group("failed")
+    failed.create_dataset("paths", data=np.asarray([paths[i] for i in failed_ids], dtype=object), dtype=STR)
+    failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
+    counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": int(len(failed_ids))}
+    stamp = {"format": FORMAT, "featx_version": featx.__version__,
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True}
+    for key, value in {**attrs, **counts, **stamp}.items():
+        out.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
     return counts
 
 
@@ -197,10 +312,13 @@ def read_meta(path: str | os.PathLike) -> dict:
             raise IncompleteFeaturesError(f"{path} is not finished ({len(finished_shards(parts_dir(path)))} shards "
                                           "done); re-run `featx extract` with the same arguments to resume")
         raise IncompleteFeaturesError(f"features file {path} does not exist; run `featx extract` first")
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         meta = {k: _attr(v) for k, v in f.attrs.items()}
+        missing = [k for k in ("features", "labels", "paths", "image_ids") if k not in f]
     if meta.get("format") != FORMAT or not meta.get("complete"):
         raise ValueError(f"{path} is not a complete featx features file (format {meta.get('format')!r})")
+    if missing:
+        raise ValueError(f"{path} lacks the datasets {missing}; re-extract it with --overwrite")
     missing = [k for k in REQUIRED_ATTRS if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks attributes {missing}; re-extract it with --overwrite")

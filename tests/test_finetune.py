@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import make_image_folder
+from featx import checkpoints
 from featx.finetune import FinetuneConfig, Run, imagenet_rows, lr_factor
 from featx.predict import accuracy, predict
 
@@ -121,8 +122,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert [h["steps"] for h in resumed] == [h["steps"] for h in reference] == [0, 12, 24, 36]
     assert [h["val_accuracy"] for h in resumed] == [h["val_accuracy"] for h in reference]
     assert [h["train_loss"] for h in resumed[1:]] == pytest.approx([h["train_loss"] for h in reference[1:]], rel=1e-5)
-    final = torch.load(out / "last.pt", weights_only=True)["model"]
-    expected = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
+    final = checkpoints.load(out)[0]["model"]
+    expected = checkpoints.load(tmp_path / "reference")[0]["model"]
     assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in expected)
     records = predict(out, [str(data / "val")], workers=0, device="cpu")  # the run folder works with predict
     assert accuracy(records)[1] == 48 and np.isfinite(records[0]["logits"]).all()
@@ -133,9 +134,9 @@ def test_resume_refuses_another_recipe_and_takes_fields_added_since(tmp_path):
     cfg = FinetuneConfig(backbone="resnet18", weights="none", resize=40, crop=32, batch_size=4, epochs=1, workers=0,
                          device="cpu")
     Run(data, tmp_path / "run", cfg).fit()
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = torch.load(checkpoints.current(tmp_path / "run") / "state.pt", weights_only=True)
     del state["config"]["reader"]  # as a checkpoint written before `reader` existed
-    torch.save(state, tmp_path / "run" / "last.pt")
+    torch.save(state, checkpoints.current(tmp_path / "run") / "state.pt")
     assert Run(data, tmp_path / "run", cfg).resume()  # a missing field means its default
     with pytest.raises(ValueError, match=r"different recipe \(lr\)"):
         Run(data, tmp_path / "run", replace(cfg, lr=0.1)).resume()

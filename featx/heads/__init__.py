@@ -24,10 +24,11 @@ def make_head(kind: str, **params) -> Head:
     return HEADS[kind](**params)
 
 
-def load_head(folder: str | os.PathLike) -> Head:
-    """Load a head saved by ``Head.save`` / ``featx fit-head``."""
+def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
+    """Load a head saved by ``Head.save`` / ``featx fit-head``. Nothing it reads can run code, except an older
+    featx's pickled ``logreg`` head, which loads only with ``trust_pickle``."""
     record = read_record(folder)
-    return HEADS[record["kind"]]._restore(Path(folder), record)
+    return HEADS[record["kind"]]._restore(Path(folder), record, trust_pickle)
 
 
 __all__ = ["HEADS", "Head", "KNNHead", "LinearHead", "LogRegHead", "holdout_split", "load_head", "make_head"]

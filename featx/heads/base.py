@@ -53,10 +53,21 @@ class Head(ClassifierMixin, BaseEstimator):
         """Mask of the rows held out for selection when no validation set is given."""
         return holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)
 
-    def _split(self, X, y, X_val, y_val, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """In-memory (X, y, X_val, y_val): the validation set given, or a hold-out of X; sets ``classes_``."""
-        X, y = np.asarray(X, np.float32), np.asarray(y)
+    def _set_classes(self, y: np.ndarray) -> None:
+        """``classes_`` from the training labels; fewer than two classes is an error."""
         self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"the training features hold {len(self.classes_)} class(es) "
+                             f"{self.classes_.tolist()}; a classifier needs at least 2")
+
+    def _split(self, X, y, X_val, y_val, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """In-memory (X, y, X_val, y_val): the validation set given, or a hold-out of X; sets ``classes_``.
+        Non-finite features are refused."""
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        self._set_classes(y)
+        for name, values in (("X", X), ("X_val", X_val)):
+            if values is not None:
+                store.require_finite(name, values)
         if X_val is None:
             held = self._holdout(y, groups)
             return X[~held], y[~held], X[held], y[held]
@@ -94,7 +105,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def _save_state(self, folder: Path) -> None:
         raise NotImplementedError
 
-    def _load_state(self, folder: Path) -> None:
+    def _load_state(self, folder: Path, trust_pickle: bool = False) -> None:
         raise NotImplementedError
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -109,11 +120,11 @@ class Head(ClassifierMixin, BaseEstimator):
         return folder
 
     @classmethod
-    def _restore(cls, folder: Path, record: dict) -> "Head":
+    def _restore(cls, folder: Path, record: dict, trust_pickle: bool = False) -> "Head":
         head = cls(**record["params"])
         head.classes_ = np.asarray(record["classes"])
         head.source_, head.fitted_on_, head.selection_ = record["source"], record["fitted_on"], record["selection"]
-        head._load_state(folder)
+        head._load_state(folder, trust_pickle)
         return head
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featx import store
 from featx.heads.base import Head, check_grid, check_positive
 
 
@@ -84,5 +85,5 @@ class KNNHead(Head):
     def _save_state(self, folder: Path) -> None:
         torch.save(self.state_, folder / "model.pt")
 
-    def _load_state(self, folder: Path) -> None:
-        self.state_ = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    def _load_state(self, folder: Path, trust_pickle: bool = False) -> None:
+        self.state_ = store.load_tensors(folder / "model.pt", "head state")

@@ -18,6 +18,7 @@ from torch import nn
 
 from featx.embed import resolve_device
 from featx.heads import fused as fused_kernel
+from featx import store
 from featx.heads.base import Head, check_grid, check_positive
 from featx.heads.blocks import BLOCK_BYTES, BlockStream, MappedRows
 
@@ -88,7 +89,7 @@ def _training_blocks(stream: BlockStream, mask: np.ndarray, rng: np.random.Gener
     With ``mapped`` the rows are read straight from the page cache (no copy), then unmapped after the block."""
     if mapped is None:
         for features, file_rows in stream.blocks(mask, rng):
-            features = features.to(device, non_blocking=True)
+            features = _finite(features).to(device, non_blocking=True)
             yield (lambda first, stop: features[first:stop]), file_rows
         return
     for file_rows in stream.served(mask, rng):
@@ -101,12 +102,21 @@ def _file_order_blocks(stream: BlockStream, mask: np.ndarray, mapped: MappedRows
     """(features, file rows) blocks in file order. With ``mapped``, only the wanted rows are gathered from the
     mapped file (a scattered hold-out costs its own pages, not a pass over the file)."""
     if mapped is None:
-        yield from stream.blocks(mask)
+        yield from ((_finite(features), file_rows) for features, file_rows in stream.blocks(mask))
         return
     out = stream.buffer().numpy()  # the stream's idle block buffer, not another block-sized allocation
     for file_rows in stream.served(mask):
-        yield torch.from_numpy(fused_kernel.gather_rows(mapped.data, mapped.starts(file_rows), out)), file_rows
+        rows = fused_kernel.gather_rows(mapped.data, mapped.starts(file_rows), out)
+        yield _finite(torch.from_numpy(rows)), file_rows
         mapped.release()
+
+
+def _finite(features: torch.Tensor) -> torch.Tensor:
+    """``features``, checked as they are read: NaN or inf rows stop the fit."""
+    if not torch.isfinite(features).all():
+        count = int((~torch.isfinite(features)).any(1).sum())
+        raise store.NonFiniteError(f"{count} rows of a block of the features hold NaN or infinite values")
+    return features
 
 
 def _error_t_x(error: torch.Tensor, x: torch.Tensor, pieces: int = 4) -> torch.Tensor:
@@ -157,7 +167,7 @@ class LinearHead(Head):
         """Mean and std of the training rows, estimated on the first shuffled block (the scale SGD needs)."""
         with contextlib.closing(stream.blocks(rows, np.random.default_rng(self.seed))) as blocks:
             features, _ = next(blocks)
-        mean = features.mean(0)  # two passes, in slices (torch.var_mean over rows is 5x slower here)
+        mean = _finite(features).mean(0)  # two passes, in slices (torch.var_mean over rows is 5x slower here)
         variance = sum((piece - mean).square_().sum(0) for piece in features.split(4096)) / len(features)
         return mean, variance.sqrt() + 1e-6
 
@@ -165,7 +175,7 @@ class LinearHead(Head):
         """Train every (lr, weight decay) head on X, pick the best on validation. X may be an h5py.Dataset."""
         self._validate()
         y = np.asarray(y)
-        self.classes_ = np.unique(y)
+        self._set_classes(y)
         targets = torch.from_numpy(np.searchsorted(self.classes_, y))
         train_rows = np.ones(len(y), bool)
         if X_val is None:
@@ -186,7 +196,8 @@ class LinearHead(Head):
             if X_val is X:
                 val_blocks = _file_order_blocks(stream, val_rows, mapped)
             else:
-                val_blocks = BlockStream(X_val, self._block_rows(X_val.shape[1])).blocks(val_rows)
+                val_blocks = ((_finite(features), file_rows) for features, file_rows in
+                              BlockStream(X_val, self._block_rows(X_val.shape[1])).blocks(val_rows))
             scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), val_blocks, val_targets, val_rows)
         finally:
             if mapped is not None:
@@ -222,6 +233,8 @@ class LinearHead(Head):
                     factor = 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows))
                     sgd.step(rows(first, first + batch), labels[first:first + batch], factor)
                     rows_seen += min(batch, len(labels) - first)
+        if mapped is not None and not torch.isfinite(sgd.weight).all():  # the kernel read rows from the file
+            raise store.NonFiniteError("the training rows hold NaN or infinite features")
         return sgd.weight.cpu(), sgd.bias.cpu()
 
     def _fused(self, device: torch.device) -> bool:
@@ -258,5 +271,5 @@ class LinearHead(Head):
     def _save_state(self, folder: Path) -> None:
         torch.save(self.state_, folder / "model.pt")
 
-    def _load_state(self, folder: Path) -> None:
-        self.state_ = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    def _load_state(self, folder: Path, trust_pickle: bool = False) -> None:
+        self.state_ = store.load_tensors(folder / "model.pt", "head state")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import joblib
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
@@ -88,7 +87,33 @@ class LogRegHead(Head):
         return layer
 
     def _save_state(self, folder: Path) -> None:
-        joblib.dump(self.pipeline_, folder / "model.joblib")
+        """The fitted arrays in ``model.npz`` (no pickle: loading it runs no code)."""
+        scale, logreg = self.pipeline_["scale"], self.pipeline_["logreg"]
+        np.savez(folder / "model.npz", mean=scale.mean_, scale=scale.scale_, var=scale.var_,
+                 samples=np.asarray(scale.n_samples_seen_), coef=logreg.coef_, intercept=logreg.intercept_,
+                 classes=logreg.classes_, iterations=np.asarray(logreg.n_iter_), C=np.asarray(logreg.C))
+        (folder / "model.joblib").unlink(missing_ok=True)  # a stale pickle from an older featx
 
-    def _load_state(self, folder: Path) -> None:
-        self.pipeline_ = joblib.load(folder / "model.joblib")
+    def _load_state(self, folder: Path, trust_pickle: bool = False) -> None:
+        if not (folder / "model.npz").is_file() and (folder / "model.joblib").is_file():
+            self.pipeline_ = _load_pickled(folder / "model.joblib", trust_pickle)
+            return
+        with np.load(folder / "model.npz", allow_pickle=False) as arrays:
+            scale = StandardScaler()
+            scale.mean_, scale.scale_, scale.var_ = arrays["mean"], arrays["scale"], arrays["var"]
+            scale.n_samples_seen_, scale.n_features_in_ = int(arrays["samples"]), len(arrays["mean"])
+            logreg = self._logreg(float(arrays["C"]))
+            logreg.coef_, logreg.intercept_, logreg.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
+            logreg.n_iter_, logreg.n_features_in_ = arrays["iterations"], len(arrays["mean"])
+        self.pipeline_ = Pipeline([("scale", scale), ("logreg", logreg)])
+
+
+def _load_pickled(path: Path, trust_pickle: bool) -> Pipeline:
+    """An older featx head's pickled pipeline: only when the user vouches for the file."""
+    if not trust_pickle:
+        raise ValueError(f"{path} is a pickle from an older featx: loading it can run any code. Refit the head with "
+                         "`featx fit-head`, or pass --trust_pickle if you made this file yourself")
+    import joblib
+
+    print(f"featx: warning: loading the pickle {path} (--trust_pickle): it runs whatever code it holds")
+    return joblib.load(path)
