@@ -21,11 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from featx.cli import guarded
 import torch
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, in_fresh_process, mirror, rate_of, replicated, synchronize, timed,  # noqa: E402
+from common import (parse_args, in_fresh_process, mirror, rate_of, replicated, synchronize, timed,  # noqa: E402
                     write_results)
 
 from featx.backbones import create_backbone  # noqa: E402
@@ -97,20 +98,20 @@ def stage_split(data: Path, backbone: str, batch_size: int, device: torch.device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
+    parser.add_argument("--data", type=Path, default=None, help="image folder (default: the mirror's ants/bees)")
     parser.add_argument("--copies", type=int, default=1, help="link each image this many times (bigger set)")
     parser.add_argument("--backbones", default="mobilenet_v2,resnet18,resnet50")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="featx decode workers (default: cores)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each timed run (interleaved)")
     parser.add_argument("--draft", action="store_true", help="also time featx with reduced-size JPEG decode")
-    parser.add_argument("--resize-crop-only", action="store_true",
+    parser.add_argument("--resize_crop_only", action="store_true",
                         help="also time featx resampling only the region the centre crop keeps")
-    parser.add_argument("--decode-on-device", action="store_true", help="also time featx decoding JPEGs on DEVICE")
+    parser.add_argument("--decode_on_device", action="store_true", help="also time featx decoding JPEGs on DEVICE")
     parser.add_argument("--compile", action="store_true", help="also time featx --compile (after a warm-up run)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_args(parser)
+    args.data = args.data or mirror() / "datasets" / "hymenoptera_data"
 
     device = resolve_device(args.device)
     os.environ["FEATX_CACHE"] = tempfile.mkdtemp(prefix="featx-bench-cache-")  # so the one-time compile is timed
@@ -166,8 +167,8 @@ def main() -> None:
                 table.append(f"| {backbone} | {what}, ms/image: " +
                              ", ".join(f"{k} {v:.2f}" for k, v in stages.items()) + " | | |")
     write_results(f"bench_extract{'' if device.type == 'cpu' else '_' + device.type}",
-                  {"data": str(args.data), "copies": args.copies, "rows": rows}, table, args.out or RESULTS)
+                  {"data": str(args.data), "copies": args.copies, "rows": rows}, table, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -17,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from featx.cli import guarded
 import torch
 from torch import nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, in_fresh_process, mirror, replicated, synchronize, write_results  # noqa: E402
+from common import parse_args, in_fresh_process, mirror, replicated, synchronize, write_results  # noqa: E402
 
 from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
 from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -68,14 +69,14 @@ def featx_loop(data: Path, backbone: str, batch_size: int, device: torch.device)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
+    parser.add_argument("--data", type=Path, default=None, help="image folder (default: the mirror's ants/bees)")
     parser.add_argument("--backbones", default="resnet18,mobilenet_v2")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--copies", type=int, default=1, help="link each image this many times (bigger set)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N epochs for each loop (interleaved)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parse_args(parser)
+    args.data = args.data or mirror() / "datasets" / "hymenoptera_data"
     device = resolve_device(args.device)
     rows, table = [], ["| backbone | loop | train examples/s | vs d2l loop |", "|---|---|---|---|"]
     for backbone in args.backbones.split(","):
@@ -96,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -18,10 +18,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx.cli import guarded
 from featx import store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import parse_args, write_results  # noqa: E402
 
 FIT = """
 import json, sys, time, h5py
@@ -69,10 +70,9 @@ def main() -> None:
     parser.add_argument("--rows", default="10000,100000,1000000")
     parser.add_argument("--dims", default="512,2048")
     parser.add_argument("--dtypes", default="float32,float16", help="stored feature dtypes (logreg: float32 only)")
-    parser.add_argument("--max-bytes", type=float, default=2.5e9, help="skip files larger than this")
-    parser.add_argument("--logreg-max-rows", type=int, default=100_000)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--max_bytes", type=float, default=2.5e9, help="skip files larger than this")
+    parser.add_argument("--logreg_max_rows", type=int, default=100_000)
+    args = parse_args(parser)
     rows_out = []
     table = ["| head | N | D | stored | fit s | rows/s (x epochs) | peak RSS MB | chosen |",
              "|---|---|---|---|---|---|---|---|"]
@@ -99,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

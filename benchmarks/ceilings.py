@@ -17,11 +17,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from featx.cli import guarded
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, in_fresh_process, write_results  # noqa: E402
+from common import parse_args, in_fresh_process, write_results  # noqa: E402
 
 from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
@@ -125,10 +126,9 @@ def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="mobilenet_v2,resnet18")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    args = parse_args(parser)
     rows, table = [], ["| what | rate |", "|---|---|"]
 
     def add(what: str, rate: float, unit: str) -> None:
@@ -156,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -14,12 +15,24 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from featx import flags
+from featx.sources import require_mirror
+
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed results: written only with --out
+SCRATCH = Path(__file__).resolve().parent / "scratch"  # where a run writes by default (ignored by git)
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser``'s arguments as featx's scripts take them (``flags.parse_script_args``), with ``--out``
+    defaulting to the scratch folder: committed results change only when asked (``--out benchmarks/results``)."""
+    parser.add_argument("--out", type=Path, default=SCRATCH,
+                        help=f"results folder (default: {SCRATCH}; benchmarks/results holds the committed ones)")
+    return flags.parse_script_args(parser)
 
 
 def mirror() -> Path:
-    """The offline mirror of weights and datasets: $FEATX_MIRROR, else ../shared."""
-    return Path(os.environ.get("FEATX_MIRROR", "../shared"))
+    """The offline mirror of weights and datasets, resolved as featx resolves it (--mirror, $FEATX_MIRROR)."""
+    return require_mirror(None, "this benchmark")
 
 
 def replicated(data: Path, copies: int, folder: Path) -> Path:
@@ -84,7 +97,7 @@ def timed(store: dict, key: str):
         store[key] = store.get(key, 0.0) + time.perf_counter() - start
 
 
-def write_results(name: str, results: dict, table: list[str], out: Path = RESULTS) -> None:
+def write_results(name: str, results: dict, table: list[str], out: Path = SCRATCH) -> None:
     """``out/NAME.json`` (with machine info) and ``out/NAME.md``; prints the table."""
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": name, "machine": machine_info(), **results}

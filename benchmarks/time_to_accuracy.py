@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from featx.cli import guarded
 import torch
 from torch import nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, in_fresh_process, mirror, write_results  # noqa: E402
+from common import parse_args, in_fresh_process, mirror, write_results  # noqa: E402
 
 from featx import store  # noqa: E402
 from featx.backbones import create_model  # noqa: E402
@@ -87,11 +88,12 @@ def featx_pipeline(data: Path, weights: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=mirror() / "datasets" / "hymenoptera_data")
-    parser.add_argument("--weights", default=str(mirror() / "weights" / "mobilenet_v2-imagenet-features.pth"))
+    parser.add_argument("--data", type=Path, default=None, help="image folder (default: the mirror's ants/bees)")
+    parser.add_argument("--weights", default=None, help="default: the mirror's MobileNetV2 weights")
     parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parse_args(parser)
+    args.data = args.data or mirror() / "datasets" / "hymenoptera_data"
+    args.weights = args.weights or str(mirror() / "weights" / "mobilenet_v2-imagenet-features.pth")
 
     # each in a fresh process (its start-up counted), so featx's process-wide settings never reach the tutorial
     start = time.perf_counter()
@@ -113,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

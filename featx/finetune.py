@@ -406,19 +406,22 @@ class Run:
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Loss, train accuracy and val accuracy per epoch (the d2l figure)."""
+    """Loss (train, val) and accuracy (train, val) per epoch, on two axes, with markers (one epoch shows)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+    from matplotlib.ticker import MaxNLocator
 
     trained = [h for h in history if "train_loss" in h]
-    figure = Figure(figsize=(6, 4))
-    axes = figure.subplots()
-    axes.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], label="train loss")
-    axes.plot([h["epoch"] for h in trained], [h["train_accuracy"] for h in trained], "--", label="train acc")
-    axes.plot([h["epoch"] for h in history], [h["val_accuracy"] for h in history], "-o", label="val acc")
-    axes.set_xlabel("epoch")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend()
+    figure = Figure(figsize=(9, 3.8))
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for axes, key in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        axes.plot([h["epoch"] for h in trained], [h[f"train_{key}"] for h in trained], "-o", label=f"train {key}")
+        axes.plot([h["epoch"] for h in history], [h[f"val_{key}"] for h in history], "--s", label=f"val {key}")
+        axes.set_xlabel("epoch (0 = before training)")
+        axes.set_ylabel(key)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

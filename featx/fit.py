@@ -9,7 +9,7 @@ from pathlib import Path
 
 from featx import store
 from featx.heads import Head, load_head, make_head
-from featx.metrics import classification_metrics, summary_line, write_metrics
+from featx.metrics import classification_metrics, summary_line, write_metrics, write_predictions
 
 
 def _resolve_val(train: Path, val: str | None) -> Path | None:
@@ -67,12 +67,14 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os
     meta = data.meta
     estimator.check_features(meta, f"features file {features}")
     store.require_finite(features, data.features)
-    metrics = classification_metrics(data.labels, estimator.decision_function(data.features), data.class_names)
+    scores = estimator.decision_function(data.features)
+    metrics = classification_metrics(data.labels, scores, data.class_names)
     fitted_on = set(estimator.fitted_on_.values())
     metrics["held_out"] = str(Path(features).resolve()) not in fitted_on
     metrics["features"], metrics["head"] = str(features), str(head)
     folder = Path(out) if out else Path(head) / f"eval-{meta['split']}"
     write_metrics(metrics, folder, f"{estimator.kind} on {meta['split']}: accuracy {metrics['accuracy']:.3f}")
+    write_predictions(folder / "predictions.csv", data.paths, data.labels, scores, data.class_names)
     note = "" if metrics["held_out"] else " (NOT held out: the head was fitted on these features)"
     print(f"{estimator.kind} on {features}: {summary_line(metrics)}{note} -> {folder}")
     return metrics

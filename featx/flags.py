@@ -27,6 +27,21 @@ def normalise(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_script_args(parser) -> object:
+    """Parse a job's or benchmark's arguments as the CLI takes flags: ``--a_b`` or ``--a-b``, and ``--mirror``
+    (default $FEATX_MIRROR), which is passed on to featx through $FEATX_MIRROR."""
+    import os
+    import sys
+
+    from featx.sources import MIRROR_ENV
+
+    parser.add_argument("--mirror", default=None, help=f"offline mirror of weights and datasets (default: ${MIRROR_ENV})")
+    args = parser.parse_args(normalise(sys.argv[1:]))
+    if args.mirror:
+        os.environ[MIRROR_ENV] = os.path.abspath(args.mirror)
+    return args
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,11 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, class_names: 
         "class_names": list(class_names),
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
     }
+    confusion = np.asarray(metrics["confusion_matrix"])
+    pairs = [(int(confusion[t, p]), class_names[t], class_names[p]) for t, p in np.argwhere(confusion)
+             if t != p]  # fastai's most_confused: (true, predicted, count), most frequent first
+    metrics["most_confused"] = [[true, predicted, count] for count, true, predicted in
+                                sorted(pairs, key=lambda pair: -pair[0])[:20]]
     if len(class_names) > 5:
         top5 = np.argsort(-scores, axis=1)[:, :5]
         metrics["top5_accuracy"] = float(np.mean((top5 == labels[:, None]).any(1)))
@@ -51,7 +58,7 @@ def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> P
     for (row, col), count in np.ndenumerate(matrix):
         axes.text(col, row, str(count), ha="center", va="center",
                   color="white" if count > matrix.max() / 2 else "black")
-    axes.set_title(title or f"accuracy {metrics['accuracy']:.3f}")
+    axes.set_title(textwrap.fill(title or f"accuracy {metrics['accuracy']:.3f}", 36), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return Path(path)
@@ -64,6 +71,24 @@ def write_metrics(metrics: dict, folder: str | os.PathLike, title: str = "") -> 
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_confusion(metrics, folder / "confusion.png", title)
     return folder
+
+
+def write_predictions(path: str | os.PathLike, paths: list[str], labels: np.ndarray, scores: np.ndarray,
+                      class_names: list[str]) -> Path:
+    """CSV of every row: path, true, predicted, probability of the prediction, correct; mistakes first, the most
+    confident of them on top (fastai's top losses)."""
+    scores = np.asarray(scores, np.float64)
+    probabilities = np.exp(scores - scores.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    predicted = probabilities.argmax(1)
+    order = sorted(range(len(paths)), key=lambda i: (predicted[i] == labels[i], -probabilities[i, predicted[i]]))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", "probability", "correct"])
+        for i in order:
+            writer.writerow([paths[i], class_names[labels[i]], class_names[predicted[i]],
+                             f"{probabilities[i, predicted[i]]:.6f}", int(predicted[i] == labels[i])])
+    return Path(path)
 
 
 def summary_line(metrics: dict) -> str:

@@ -110,13 +110,15 @@ def write_records(records: list[dict], out: str | os.PathLike) -> Path:
 
 
 def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, columns: int = 6) -> Path:
-    """PNG grid of images titled with prediction (probability) and true class; green right, red wrong."""
+    """PNG grid of at most ``limit`` images: mistakes first, then the least confident predictions; each titled
+    with prediction (probability) and true class (green right, red wrong), its file name below."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     decoded = [r for r in records if "predicted" in r]
-    shown = decoded[::max(1, -(-len(decoded) // limit))]  # spread over the whole input
+    wrong = [r for r in decoded if r["true"] and r["true"] != r["predicted"]]
+    shown = sorted(decoded, key=lambda r: (r not in wrong, r["probability"]))[:limit]
     rows = max(1, -(-len(shown) // columns))
-    figure = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    figure = Figure(figsize=(2.4 * columns, 2.9 * rows + 0.4))
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
@@ -130,6 +132,11 @@ def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, 
             title += f"\ntrue: {record['true']}"
             colour = "green" if record["true"] == record["predicted"] else "red"
         axis.set_title(title, fontsize=8, color=colour)
+        name = Path(record["path"]).name
+        axis.text(0.5, -0.03, name if len(name) <= 28 else name[:12] + "..." + name[-13:], transform=axis.transAxes,
+                  ha="center", va="top", fontsize=7)
+    figure.suptitle(f"{len(wrong)} mistakes of {len(decoded)} images; showing {len(shown)}: mistakes first, then "
+                    "the least confident", fontsize=10)
     figure.tight_layout()
     figure.savefig(out, dpi=80)
     return Path(out)

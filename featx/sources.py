@@ -28,6 +28,15 @@ def mirror_dir(mirror: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
+def require_mirror(mirror: str | os.PathLike | None, what: str) -> Path:
+    """``mirror_dir(mirror)``, or a one-line error saying how to give one when none is set."""
+    root = mirror_dir(mirror)
+    if root is None:
+        raise FileNotFoundError(f"{what} needs the offline mirror: pass --mirror DIR or set ${MIRROR_ENV}=DIR "
+                                "(a folder with weights/ and datasets/, laid out like ../shared)")
+    return root
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.new(algorithm)
@@ -83,6 +92,7 @@ def fetch_dataset(name: str, root: str | os.PathLike = "data", mirror: str | os.
     target = Path(root) / source.folder
     if target.is_dir():
         return target
+    created = not Path(root).exists()
     Path(root).mkdir(parents=True, exist_ok=True)
     archive = Path(root) / Path(source.url).name
     partial = archive.with_suffix(archive.suffix + ".part")
@@ -91,6 +101,9 @@ def fetch_dataset(name: str, root: str | os.PathLike = "data", mirror: str | os.
         with urllib.request.urlopen(source.url, timeout=60) as response, open(partial, "wb") as out:
             shutil.copyfileobj(response, out)
     except OSError as error:
+        partial.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(root, ignore_errors=True)  # leave no empty folder behind
         raise ConnectionError(
             f"could not download {source.url} ({error}); offline, put the unpacked folder {source.folder!r} under "
             f"<mirror>/datasets/ and pass --mirror or set ${MIRROR_ENV}"

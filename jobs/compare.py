@@ -17,6 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from featx import flags
+from featx.cli import guarded
 from featx import store
 from featx.extract import ExtractOptions, extract
 from featx.finetune import FinetuneConfig, Run
@@ -48,8 +50,8 @@ def main() -> None:
     parser.add_argument("--backbone", help="torchvision backbone with DEFAULT weights (default: mirror's MobileNetV2)")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--out", default=None, help="output folder (default runs/compare-DATASET)")
-    parser.add_argument("--data-root", default="data")
-    args = parser.parse_args()
+    parser.add_argument("--data_root", default="data")
+    args = flags.parse_script_args(parser)
 
     data = fetch_dataset(args.dataset, args.data_root)
     backbone, weights = backbone_choice(args.backbone)
@@ -79,7 +81,7 @@ def main() -> None:
     for name, cfg in runs.items():
         print(f"\n== {name}")
         run_dir = out / name.split(" ")[0].strip(",").lower()
-        metrics = Run(data, run_dir, cfg).fit(resume=True)
+        metrics = Run(data, run_dir, cfg).fit(resume=True)  # a rerun continues, or reuses, each run
         history = json.loads((run_dir / "history.json").read_text())
         trained = [h for h in history if "train_examples_per_second" in h]
         results[name] = {"accuracy": metrics["accuracy"], "wall_seconds": metrics["wall_seconds"],
@@ -103,12 +105,18 @@ def write_report(results: dict, out: Path, dataset: str, backbone: str, recipe: 
                  "for the others. Accuracy of the fine-tuned runs is that of their best-by-val epoch.")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.json").write_text(json.dumps(results, indent=1))
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        if r["history"]:
-            axes.plot(range(len(r["history"])), r["history"], "-o", label=name)
+    styles = zip(("o", "s", "^", "D", "v"), ("-", "--", "-.", ":", "-"))
+    for index, (name, r) in enumerate(results.items()):
+        if r["history"]:  # markers and dashes differ and points shift a little, so equal curves stay visible
+            marker, dash = next(styles)
+            epochs = [epoch + 0.04 * (index - 2) for epoch in range(len(r["history"]))]
+            axes.plot(epochs, r["history"], linestyle=dash, marker=marker, alpha=0.85, label=name)
         else:
             axes.axhline(r["accuracy"], color="black", linestyle="--", label=name)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch (0 = before training)")
     axes.set_ylabel("val accuracy")
     axes.set_title(f"{dataset}, {backbone}")
@@ -120,4 +128,4 @@ def write_report(results: dict, out: Path, dataset: str, backbone: str, recipe: 
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from featx import flags
+from featx.cli import guarded
 from featx.extract import ExtractOptions, extract
 from featx.fit import evaluate, fit_head
 from featx.heads import HEADS
@@ -22,9 +24,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="features", help="features root folder")
     parser.add_argument("--heads", default="heads/mobilenet_v2", help="where the fitted heads go")
-    parser.add_argument("--data-root", default="data", help="where to download the dataset when not mirrored")
-    args = parser.parse_args()
-    data = fetch_dataset("hymenoptera", args.data_root)
+    parser.add_argument("--data_root", default="data", help="where to download the dataset when not mirrored")
+    args = flags.parse_script_args(parser)
+    try:
+        data = fetch_dataset("hymenoptera", args.data_root)
+    except ConnectionError:
+        raise ConnectionError(
+            f"offline, and no mirror holds the demo's data and weights: set $FEATX_MIRROR (or --mirror) to a folder "
+            f"with datasets/hymenoptera_data/ and weights/{MIRROR_WEIGHTS} (../shared has both), or connect to the "
+            "network to download hymenoptera_data.zip and torchvision's MobileNetV2 weights") from None
     weights = str(mirrored_weights(MIRROR_WEIGHTS) or "DEFAULT")
     print(f"data: {data}\nweights: {weights}")
     extract(data, "mobilenet_v2", weights, args.out, options=ExtractOptions(batch_size=64))
@@ -39,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -36,9 +36,10 @@ def test_compiled_package_matches_eager_and_is_reused(real_batch, mobilenet_weig
     compiled = compiled_embedder(real_batch)
     ragged = compiled_embedder(real_batch[:7])  # padded to the compiled batch size
     assert (compiled - eager).abs().max() <= 1e-4 and (ragged - eager[:7]).abs().max() <= 1e-4
-    (package,) = (tmp_path / "compiled").iterdir()
+    (package,) = (tmp_path / "compiled").glob("*.pt2")
+    assert (tmp_path / "compiled" / (package.name + ".sha256")).is_file()  # the digest it is checked against
     again = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", compile=True)(real_batch)
-    assert list((tmp_path / "compiled").iterdir()) == [package] and torch.equal(again, compiled)  # loaded, not rebuilt
+    assert list((tmp_path / "compiled").glob("*.pt2")) == [package] and torch.equal(again, compiled)  # not rebuilt
     other = create_backbone("mobilenet_v2", "none")  # other weights: another key, never the cached package
     assert package_key(other.model, real_batch.float()) != package_key(
         create_backbone("mobilenet_v2", str(mobilenet_weights)).model, real_batch.float())
