@@ -31,7 +31,8 @@ from common import (parse_args, in_fresh_process, mirror, rate_of, replicated, s
 
 from featx.backbones import create_backbone  # noqa: E402
 from featx.data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402
-                        decode_on_device, discover)
+                        decode_on_device)
+from featx.inputs import discover  # noqa: E402
 from featx.embed import Embedder, resolve_device  # noqa: E402
 from featx.extract import ExtractOptions, extract  # noqa: E402
 from featx.store import ShardWriter  # noqa: E402

@@ -24,14 +24,19 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
             workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
             fold_batch_norm=True, forward_batch=None, decode_on_device=False, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
-            overwrite=False, views=1, augment_seed=0):
-    """Run a frozen backbone over an ImageFolder tree and cache pooled features in HDF5.
+            overwrite=False, views=1, augment_seed=0, source="auto", root=None):
+    """Run a frozen backbone over images and cache their pooled features in HDF5.
 
-    Writes OUT/BACKBONE/SPLIT.h5 for each split folder (train/, val/, test/) of DATA, or one file for DATA
-    itself. An interrupted run resumes where it stopped; a finished one is left alone unless --overwrite.
+    Writes OUT/BACKBONE/SPLIT.h5 for each split of DATA (train/, val/, test/ folders, a manifest's split column),
+    or one file for DATA as a whole. An interrupted run resumes where it stopped; a finished one is left alone
+    unless --overwrite.
 
     Args:
-        data: data root (ImageFolder layout, with or without split folders).
+        data: a folder of class folders (with or without split folders), a folder of unlabelled images, a CSV or
+            Parquet manifest (path, label, split columns), or WebDataset tar shards ('shards/train-{000..009}.tar',
+            a glob, or a folder of .tar files).
+        source: how to read DATA: auto (from what it is), imagefolder, unlabelled, manifest, webdataset.
+        root: the folder a manifest's relative paths start from (default: the manifest's folder).
         backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...;
             `featx backbones` lists them).
         weights: torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or none (random).
@@ -77,7 +82,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
                             resize_crop_only=resize_crop_only)
     if isinstance(splits, str):
         splits = splits.split(",")
-    run_extract(data, backbone, weights, out, mirror, transform, splits, options)
+    run_extract(data, backbone, weights, out, mirror, transform, splits, options, source, root)
 
 
 def fit_head(train, val="auto", head="logreg", out=None, **params):
@@ -220,11 +225,30 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
         amp: auto (bf16 on CUDA), none, bf16, fp16.
         channels_last: channels_last memory format (default: on for CPU, off on CUDA).
         val_fraction: share of train held out for validation when DATA has no val/ split.
+        source: how to read DATA: auto, imagefolder, manifest, webdataset (labelled sources only).
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
     """
     from featx.finetune import FinetuneConfig, Run
 
     Run(data, out, FinetuneConfig(**recipe), mirror, trust_pickle).fit(resume, overwrite)
+
+
+def export_features(features, out, format="parquet", normalize=False):
+    """Write a features file for the tools that index and search embeddings (FAISS/autofaiss, DuckDB, Spark, pandas).
+
+    parquet: OUT is one file, a row per image (path, label, class_name, split, embedding as a fixed-size list of
+    float32). npy: OUT is a folder in clip-retrieval's layout (img_emb/img_emb_0.npy + metadata/metadata_0.parquet)
+    that embedding-reader and autofaiss read as it is. Streamed in chunks: memory stays flat.
+
+    Args:
+        features: features file (from `featx extract`).
+        out: output file (parquet) or folder (npy).
+        format: parquet or npy.
+        normalize: L2-normalise each embedding (for cosine search with an inner-product index).
+    """
+    from featx.outputs import export_features as write
+
+    print(f"wrote {write(features, out, format, normalize)}")
 
 
 def backbones():
@@ -233,7 +257,7 @@ def backbones():
 
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,
-            "finetune": finetune, "backbones": backbones}
+            "finetune": finetune, "export-features": export_features, "backbones": backbones}
 USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError)
 
 

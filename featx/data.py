@@ -1,4 +1,5 @@
-"""Reader stage: find images in an ImageFolder tree, decode them robustly, preprocess them to uint8 batches.
+"""Reader stage: decode images robustly (files, or members of tar shards) and preprocess them to uint8 batches.
+Which images to read comes from ``featx.inputs``.
 
 Normalisation (float, mean/std) happens later, on the device, so batches cross to it as compact uint8. Images
 are [3, H, W] tensors kept channels-last in memory, as PIL decodes them and as the model reads them: no
@@ -7,10 +8,8 @@ transposing copy on the way.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import os
-import stat
-import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,6 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 EXIF_ORIENTATION = 0x0112
 _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
 READERS = ("auto", "threads", "processes")  # see read_batches
@@ -128,8 +125,31 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
-    """Decode any image to 8-bit RGB: EXIF orientation applied; 16-bit scaled; transparency over white."""
+class Member(NamedTuple):
+    """Where an image's bytes are inside a (tar) file: read with ``pread``, no unpacking. ``problem``: why the
+    sample cannot be read (no image member, cut short with its file), raised on reading."""
+
+    file: str
+    offset: int
+    size: int
+    problem: str = ""
+
+    def read(self) -> io.BytesIO:
+        """The member's bytes; a member cut short by a truncated file is an error."""
+        if self.problem:
+            raise ValueError(self.problem)
+        with open(self.file, "rb") as f:
+            data = os.pread(f.fileno(), self.size, self.offset)
+        if len(data) != self.size:
+            raise EOFError(f"truncated: {len(data)} of {self.size} bytes in {Path(self.file).name}")
+        return io.BytesIO(data)
+
+
+def load_rgb(path: str | os.PathLike | io.BytesIO, draft_size: int | None = None) -> Image.Image:
+    """Decode any image (a file, or its bytes) to 8-bit RGB: EXIF orientation applied; 16-bit scaled;
+    transparency over white."""
+    if isinstance(path, io.BytesIO):
+        path.seek(0)
     with Image.open(path) as image:
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
@@ -137,13 +157,14 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     return to_rgb(image)
 
 
-def jpeg_bytes(path: str | os.PathLike) -> torch.Tensor | None:
+def jpeg_bytes(path: str | os.PathLike | io.BytesIO) -> torch.Tensor | None:
     """A file's bytes when it is a JPEG that ``decode_jpeg`` maps to the same pixels as ``load_rgb`` (RGB or
     greyscale, no EXIF rotation), else None: such files are decoded with PIL instead."""
     with Image.open(path) as image:
         if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.getexif().get(EXIF_ORIENTATION, 1) != 1:
             return None
-    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -162,118 +183,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
-
-
-def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None = None) -> list[Path]:
-    """Regular image files under ``folder``, sorted; hidden files/folders and other extensions ignored.
-
-    Links to files are read like files. Links to directories are followed, but each real directory is walked
-    once: a link to a directory already walked or in ``seen`` (a loop, or a second way to the same images) is
-    not followed, and is added to ``skipped`` with why. ``seen`` holds (device, inode) pairs and grows.
-    """
-    seen = set() if seen is None else seen
-    seen.add(directory_key(folder))
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        kept = []
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
-            key = directory_key(Path(dirpath) / name)
-            if key in seen:
-                if skipped is not None:
-                    skipped.append(f"{Path(dirpath) / name}: a link to a folder already read (a loop, or a second "
-                                   "way to the same images); not followed")
-                continue
-            seen.add(key)
-            kept.append(name)
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                if stat.S_ISREG(path.stat().st_mode):  # no FIFOs or devices that could block a reader
-                    found.append(path)
-            except OSError:  # dangling link
-                continue
-    return found
-
-
-def directory_key(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the directory ``path`` leads to: the same for every link to it."""
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split of an ImageFolder dataset; ``paths`` are relative to ``root`` (the data root)."""
-
-    name: str
-    root: Path
-    paths: tuple[str, ...]
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, mask: np.ndarray, name: str) -> "Split":
-        """The items where ``mask`` is true, as a split called ``name``."""
-        paths = tuple(p for p, keep in zip(self.paths, mask) if keep)
-        return Split(name, self.root, paths, self.labels[mask], self.class_names)
-
-    def fingerprint(self) -> str:
-        """sha256 over class names, relative paths and labels: changes when the file list does."""
-        digest = hashlib.sha256()
-        digest.update("\0".join(self.class_names).encode())
-        for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"\n{path}\t{label}".encode())
-        return digest.hexdigest()
-
-
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def discover(root: str | os.PathLike) -> list[Split]:
-    """Splits of an ImageFolder tree: ``train/``, ``val/`` ... when present, else ``root`` as one split.
-
-    Class names come from the training split (else the first split) and apply to every split.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    split_dirs = [(name, root / name) for name in SPLIT_NAMES if (root / name).is_dir()]
-    if not split_dirs:
-        split_dirs = [(root.name if root.name in SPLIT_NAMES else "all", root)]
-    class_names = _class_folders(split_dirs[0][1])
-    if not class_names:
-        raise ValueError(f"{split_dirs[0][1]} has no class folders (expected ImageFolder layout: <class>/<image>)")
-    splits = []
-    for name, folder in split_dirs:
-        extra = sorted(set(_class_folders(folder)) - set(class_names))
-        if extra:
-            raise ValueError(
-                f"{folder} has class folders {extra} that {split_dirs[0][1].name}/ lacks; "
-                f"classes come from the training split: {', '.join(class_names)}"
-            )
-        # the data root, the split and its class folders are walked once each, whatever links lead to them
-        seen = {directory_key(p) for p in (root, folder, *(folder / c for c in class_names))}
-        paths, labels, skipped = [], [], []
-        for label, class_name in enumerate(class_names):
-            class_folder = folder / class_name
-            for path in list_images(class_folder, seen, skipped) if class_folder.is_dir() else []:
-                paths.append(path.relative_to(root).as_posix())
-                labels.append(label)
-        for line in skipped:
-            print(f"featx: skipped {line}", file=sys.stderr)
-        if not paths:
-            raise ValueError(f"{folder} has no images in its class folders ({', '.join(class_names)})")
-        splits.append(Split(name, root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names)))
-    return splits
 
 
 class Batch(NamedTuple):
@@ -297,13 +206,16 @@ class ImageFiles(torch.utils.data.Dataset):
     """Files -> uint8 tensors. A file that cannot be decoded yields its error instead of raising.
 
     With ``views`` > 1 and an ``augment`` transform, item ``i`` is view ``i % views`` of image ``i // views``.
-    With ``encoded``, plain JPEGs come back as their bytes (a 1-D tensor) for ``decode_on_device``.
+    With ``encoded``, plain JPEGs come back as their bytes (a 1-D tensor) for ``decode_on_device``. ``members``:
+    for each path, where its bytes are inside a tar (or None: the file ``root / path``).
     """
 
     def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
-                 augment: AugmentTransform | None = None, encoded: bool = False):
+                 augment: AugmentTransform | None = None, encoded: bool = False,
+                 members: tuple[Member | None, ...] | None = None):
         self.root, self.paths, self.transform, self.views, self.augment = Path(root), paths, transform, views, augment
         self.encoded = encoded and augment is None  # augmentation (PIL crops) always decodes with PIL
+        self.members = members
 
     @property
     def decoder(self) -> str:
@@ -314,8 +226,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths) * self.views
 
     def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str]:
-        path = self.root / self.paths[item // self.views]
+        image = item // self.views
         try:
+            member = self.members[image] if self.members else None
+            path = member.read() if member else self.root / self.paths[image]
             if self.augment is not None:
                 return item, self.augment(load_rgb(path), item), ""
             if self.encoded and (data := jpeg_bytes(path)) is not None:

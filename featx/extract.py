@@ -16,13 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from featx import store
 from featx.backbones import Backbone, create_backbone
-from featx.data import (READERS, AugmentTransform, EvalTransform, ImageFiles, Split, decode_on_device, discover,
-                        read_batches)
+from featx.data import READERS, AugmentTransform, EvalTransform, ImageFiles, decode_on_device, read_batches
 from featx.embed import Embedder
+from featx.inputs import Split, discover
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
 IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
@@ -74,9 +75,11 @@ class ExtractOptions:
 
 def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
-            splits: list[str] | None = None, options: ExtractOptions = ExtractOptions()) -> dict[str, dict]:
-    """Extract every split of ``data_root`` to ``out/<backbone>/<split>.h5``; returns a summary per split."""
-    all_splits = discover(data_root)
+            splits: list[str] | None = None, options: ExtractOptions = ExtractOptions(), source: str = "auto",
+            root: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Extract every split of ``data_root`` (read as ``source``: ``featx.inputs``) to ``out/<backbone>/<split>.h5``;
+    returns a summary per split."""
+    all_splits = discover(data_root, source, root)
     if splits:
         unknown = sorted(set(splits) - {s.name for s in all_splits})
         if unknown:
@@ -126,7 +129,7 @@ def split_dataset(split: Split, backbone: Backbone, options: ExtractOptions) -> 
     """The files of ``split`` as the extraction reads them: views, augmentation, decoder."""
     augment = augmentation_for(split, backbone, options)
     return ImageFiles(split.root, split.paths, backbone.transform, options.views if augment else 1, augment,
-                      options.decode_on_device)
+                      options.decode_on_device, split.members)
 
 
 def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: ExtractOptions) -> dict:
@@ -135,7 +138,7 @@ def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: 
     return {**backbone.provenance(), "split": split.name, "data_root": str(Path(split.root).resolve()),
             "class_names": list(split.class_names), "dtype": options.dtype, "views": dataset.views,
             "augmentation": augment.describe() if augment else {}, "decoder": dataset.decoder,
-            "file_list_sha256": split.fingerprint()}
+            "file_list_sha256": split.fingerprint(), "source": split.source}
 
 
 def _differences(expected: dict, found: dict) -> str:
@@ -169,10 +172,14 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     return options.shard_size
 
 
-def plan_shards(num_items: int, shard_size: int, batch_size: int) -> list[list[list[int]]]:
-    """Item indices in shards of ``shard_size`` (boundaries independent of the batch size), each cut in batches."""
+def plan_shards(num_items: int, shard_size: int, batch_size: int, sizes: list[int] | None = None
+                ) -> list[list[list[int]]]:
+    """Item indices in shards of ``shard_size``, or of the source's own ``sizes`` (one tar = one shard), each cut in
+    batches; the boundaries never depend on the batch size."""
+    sizes = [n for n in sizes if n] if sizes else [shard_size] * -(-num_items // shard_size)
+    starts = np.cumsum([0, *sizes])
     return [[list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-            for start, stop in ((s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size))]
+            for start, stop in zip(starts[:-1].tolist(), np.minimum(starts[1:], num_items).tolist())]
 
 
 def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
@@ -215,7 +222,8 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
         return {"path": str(path), "skipped": True}
     parts = store.parts_dir(path)
-    planned = plan_shards(len(dataset), shard_size, options.batch_size)
+    sizes = [n * dataset.views for n in split.shard_sizes] if split.shard_sizes else None
+    planned = plan_shards(len(dataset), shard_size, options.batch_size, sizes)
     done = store.finished_shards(parts)
     todo = {n: batches for n, batches in enumerate(planned) if n not in done}
     remaining = sum(len(b) for batches in todo.values() for b in batches)

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from featx import checkpoints, store
 from featx.backbones import classifier_layer, classifier_layer_name, create_model, replace_classifier
-from featx.data import READERS, AugmentTransform, ImageFiles, Split, discover, read_batches, sequential_batches
+from featx.data import READERS, AugmentTransform, ImageFiles, read_batches, sequential_batches
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
 from featx.heads import holdout_split, load_head
+from featx.inputs import Split, discover
 from featx.memory import keep_freed_memory
 from featx.metrics import classification_metrics, summary_line, write_metrics
 
@@ -71,6 +72,7 @@ class FinetuneConfig:
     # None: on for CPU (a measured win), off on CUDA (H100: MobileNetV2's bf16 training ran 5x slower with it)
     channels_last: bool | None = None
     val_fraction: float = 0.2  # held out of train (stratified, by seed) when the data has no val/ or test/ split
+    source: str = "auto"  # how to read DATA: featx.inputs.SOURCES
     seed: int = 0
 
     def __post_init__(self):
@@ -218,7 +220,10 @@ def set_train_mode(model: nn.Module) -> None:
 def training_splits(data: str | os.PathLike, cfg: FinetuneConfig) -> tuple[Split, Split]:
     """(train, val): the data's train/ (or its one split) and val/ (valid/, validation/, test/); without a
     validation split, a stratified ``cfg.val_fraction`` of train, the same for the same seed."""
-    splits = {s.name: s for s in discover(data)}
+    splits = {s.name: s for s in discover(data, cfg.source)}
+    if not next(iter(splits.values())).labelled:
+        raise ValueError(f"{data} has no labels (no class folders or label column): fine-tuning needs them; give "
+                         "class folders or a manifest with a label column")
     train = splits.get("train", splits.get("all"))
     if train is None:
         raise ValueError(f"{data} has no train/ split to fine-tune on (its splits: {', '.join(splits)})")
@@ -277,7 +282,7 @@ class Run:
         batches = epoch_batches(len(self.train), cfg.batch_size, cfg.seed, epoch)
         set_train_mode(self.model)
         loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-        data = ImageFiles(self.train.root, self.train.paths, self.transform, 1, augment)
+        data = ImageFiles(self.train.root, self.train.paths, self.transform, 1, augment, members=self.train.members)
         reader = read_batches(data, batches, cfg.workers, self.device, cfg.reader)
         for batch in tqdm(reader, desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=1.0):
             labels = torch.from_numpy(self.train.labels[batch.indices.numpy()]).to(self.device)
@@ -302,7 +307,7 @@ class Run:
         """Logits and labels of every decodable image of ``split``; and examples/s."""
         self.model.eval()
         logits, labels, start = [], [], time.perf_counter()
-        data = ImageFiles(split.root, split.paths, self.transform)
+        data = ImageFiles(split.root, split.paths, self.transform, members=split.members)
         batches = sequential_batches(len(split), self.cfg.batch_size * 2)
         for batch in read_batches(data, batches, self.cfg.workers, self.device, self.cfg.reader):
             with autocast(self.device, self.amp):

@@ -32,6 +32,7 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
     """
     train = Path(train)
     meta = store.read_meta(train)
+    store.require_labels(meta, train, "fit-head")
     val_path = _resolve_val(train, val)
     estimator = make_head(head, **params)
     if val_path is not None:
@@ -65,6 +66,7 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os
     estimator = load_head(head, trust_pickle)
     data = store.load(features)
     meta = data.meta
+    store.require_labels(meta, features, "evaluate")
     estimator.check_features(meta, f"features file {features}")
     store.require_finite(features, data.features)
     scores = estimator.decision_function(data.features)

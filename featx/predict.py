@@ -14,11 +14,11 @@ import torch
 from scipy.special import softmax
 
 from featx.backbones import Backbone, WeightsInfo, backbone_from_source
-from featx.data import (IMAGE_EXTENSIONS, EvalTransform, ImageFiles, list_images, load_rgb, read_batches,
-                        sequential_batches)
+from featx.data import EvalTransform, ImageFiles, load_rgb, read_batches, sequential_batches
 from featx.embed import Embedder, resolve_device
 from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
+from featx.inputs import IMAGE_EXTENSIONS, list_images
 
 
 def collect_images(inputs: list[str | os.PathLike]) -> list[str]:

@@ -367,6 +367,20 @@ def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np
             yield features[start:start + rows], labels[start:start + rows]
 
 
+def to_dataframe(path: str | os.PathLike, normalize: bool = False):
+    """A pandas DataFrame of a features file (``featx.outputs.to_dataframe``)."""
+    from featx.outputs import to_dataframe as frame
+
+    return frame(path, normalize)
+
+
+def require_labels(meta: dict, path: str | os.PathLike, command: str) -> None:
+    """Refuse unlabelled features (extracted from a folder of images without class folders) for ``command``."""
+    if not meta.get("class_names"):
+        raise ValueError(f"{path} holds unlabelled features (no class folders or label column when extracted): "
+                         f"{command} needs labels; `featx predict` and `featx export-features` work on them")
+
+
 def require_same_source(expected: dict, meta: dict, what: str) -> None:
     """Raise if ``meta`` (a features file's) was made by another extractor or class list than ``expected``."""
     for key in (*SOURCE_KEYS, "class_names"):

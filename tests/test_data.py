@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from featx import store
-from featx.data import EvalTransform, ImageFiles, collate, discover, load_rgb
+from featx.data import EvalTransform, ImageFiles, collate, load_rgb
+from featx.inputs import discover
 from featx.extract import ExtractOptions, extract
 
 

@@ -13,7 +13,8 @@ import torch
 from featx import store
 from featx.backbones import create_backbone
 from featx.compiled import package_key
-from featx.data import EvalTransform, ImageFiles, collate, discover
+from featx.data import EvalTransform, ImageFiles, collate
+from featx.inputs import discover
 from featx.embed import Embedder, fold_batch_norms
 from featx.extract import ExtractOptions, extract
 

@@ -1,0 +1,110 @@
+"""Features out to the tools people index and search them with: Parquet (one row per image, for pandas, DuckDB,
+Spark), clip-retrieval's npy layout (``img_emb/img_emb_0.npy`` + ``metadata/metadata_0.parquet``, read as they are
+by embedding-reader and autofaiss), and pandas. Files are streamed in chunks: memory stays flat whatever their size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from featx import store
+
+FORMATS = ("parquet", "npy")
+
+
+def chunks(path: str | os.PathLike, rows: int = 65536, normalize: bool = False
+           ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """(float32 features, labels, paths) blocks of a features file, L2-normalised on request."""
+    store.read_meta(path)
+    with store.open_h5(path) as f:
+        for start in range(0, f["features"].shape[0], rows):
+            features = f["features"][start:start + rows].astype(np.float32)
+            if normalize:
+                features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+            yield features, f["labels"][start:start + rows], list(f["paths"].asstr()[start:start + rows])
+
+
+def metadata(paths: list[str], labels: np.ndarray, meta: dict, path_column: str = "path"):
+    """A pyarrow table: path, label, class_name (null when unlabelled), split."""
+    import pyarrow as pa
+
+    names = meta["class_names"]
+    return pa.table({path_column: pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64()),
+                     "class_name": pa.array([names[i] if i >= 0 else None for i in labels.tolist()], pa.string()),
+                     "split": pa.array([meta["split"]] * len(paths), pa.string())})
+
+
+def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int = 65536) -> Path:
+    """One Parquet file, a row per image: path, label, class_name, split, embedding (fixed-size list of float32)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = store.read_meta(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = None
+    try:
+        for features, labels, paths in chunks(path, rows, normalize):
+            table = metadata(paths, labels, meta).append_column(
+                "embedding", pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), features.shape[1]))
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        if writer is None:  # no rows: an empty file with the schema
+            empty = metadata([], np.empty(0, np.int64), meta)
+            pq.write_table(empty.append_column("embedding", pa.array([], pa.list_(pa.float32(), meta["feature_dim"]))),
+                           tmp)
+    finally:
+        if writer is not None:
+            writer.close()
+    store.commit_file(tmp, out)
+    return out
+
+
+def to_npy(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int = 65536) -> Path:
+    """clip-retrieval's layout in ``out``: ``img_emb/img_emb_0.npy`` (float32 [N, D]) and
+    ``metadata/metadata_0.parquet`` (image_path, label, class_name, split), rows in the same order."""
+    import pyarrow.parquet as pq
+
+    meta = store.read_meta(path)
+    out = Path(out)
+    (out / "img_emb").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    embeddings, table = out / "img_emb" / "img_emb_0.npy", out / "metadata" / "metadata_0.parquet"
+    schema = metadata([], np.empty(0, np.int64), meta, "image_path").schema
+    with open(_tmp(embeddings), "wb") as f, pq.ParquetWriter(_tmp(table), schema) as writer:
+        shape = (meta["num_rows"], meta["feature_dim"])
+        np.lib.format.write_array_header_2_0(f, {"descr": np.dtype(np.float32).str, "fortran_order": False,
+                                                 "shape": shape})
+        for features, labels, paths in chunks(path, rows, normalize):  # written as they come: no array of N rows
+            f.write(np.ascontiguousarray(features).tobytes())
+            writer.write_table(metadata(paths, labels, meta, "image_path"))
+    store.commit_file(_tmp(embeddings), embeddings)
+    store.commit_file(_tmp(table), table)
+    return out
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def export_features(path: str | os.PathLike, out: str | os.PathLike, format: str = "parquet",
+                    normalize: bool = False) -> Path:
+    """Write a features file as ``format`` (parquet or npy) to ``out``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    return (to_parquet if format == "parquet" else to_npy)(path, out, normalize)
+
+
+def to_dataframe(path: str | os.PathLike, normalize: bool = False):
+    """A pandas DataFrame of a features file: path, label, class_name, split, embedding (a float32 array per row)."""
+    import pandas as pd
+
+    meta = store.read_meta(path)
+    frames = [metadata(paths, labels, meta).to_pandas().assign(embedding=list(features))
+              for features, labels, paths in chunks(path, normalize=normalize)]
+    return pd.concat(frames, ignore_index=True) if frames else metadata([], np.empty(0, np.int64), meta).to_pandas()
