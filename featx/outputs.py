@@ -14,12 +14,14 @@ import numpy as np
 from featx import store
 
 FORMATS = ("parquet", "npy")
+CHUNK_BYTES = 32 << 20  # float32 features read and written at a time
 
 
-def chunks(path: str | os.PathLike, rows: int = 65536, normalize: bool = False
+def chunks(path: str | os.PathLike, rows: int | None = None, normalize: bool = False
            ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """(float32 features, labels, paths) blocks of a features file, L2-normalised on request."""
-    store.read_meta(path)
+    """(float32 features, labels, paths) blocks of a features file (default: about ``CHUNK_BYTES`` each),
+    L2-normalised on request."""
+    rows = rows or max(256, CHUNK_BYTES // (4 * store.read_meta(path)["feature_dim"]))
     with store.open_h5(path) as f:
         for start in range(0, f["features"].shape[0], rows):
             features = f["features"][start:start + rows].astype(np.float32)
@@ -38,7 +40,7 @@ def metadata(paths: list[str], labels: np.ndarray, meta: dict, path_column: str 
                      "split": pa.array([meta["split"]] * len(paths), pa.string())})
 
 
-def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int = 65536) -> Path:
+def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int | None = None) -> Path:
     """One Parquet file, a row per image: path, label, class_name, split, embedding (fixed-size list of float32)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -65,7 +67,7 @@ def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool 
     return out
 
 
-def to_npy(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int = 65536) -> Path:
+def to_npy(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int | None = None) -> Path:
     """clip-retrieval's layout in ``out``: ``img_emb/img_emb_0.npy`` (float32 [N, D]) and
     ``metadata/metadata_0.parquet`` (image_path, label, class_name, split), rows in the same order."""
     import pyarrow.parquet as pq
