@@ -10,7 +10,7 @@ export FEATX_MIRROR ?= $(if $(wildcard ../shared/README.md),$(abspath ../shared)
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml featx/heads/_fused.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -18,8 +18,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python jobs/hymenoptera.py
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: setup  # in a loopback-only network namespace, where the tests' Ray clusters may run
+	tests/isolated.sh $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) features runs heads

@@ -16,6 +16,7 @@ import fire
 import featx
 from featx import backbones as backbone_registry
 from featx import flags
+from featx.engines import EngineError, RayOptions
 from featx.extract import ExtractError, ExtractOptions
 from featx.extract import extract as run_extract
 
@@ -24,7 +25,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
             workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
             fold_batch_norm=True, forward_batch=None, decode_on_device=False, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
-            overwrite=False, views=1, augment_seed=0, source="auto", root=None):
+            overwrite=False, views=1, augment_seed=0, source="auto", root=None, engine="local", ray_address=None,
+            ray_workers=None, ray_cpus_per_worker=1, layout="copy"):
     """Run a frozen backbone over images and cache their pooled features in HDF5.
 
     Writes OUT/BACKBONE/SPLIT.h5 for each split of DATA (train/, val/, test/ folders, a manifest's split column),
@@ -69,12 +71,20 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         views: store this many augmented views (RandomResizedCrop + flip) per training image instead of the
             centre crop, so heads train with augmentation for the cost of VIEWS forward passes.
         augment_seed: seed of the augmented views.
+        engine: local (this process) or ray (shards run by Ray actors on a cluster; pip install 'featx[ray]').
+        ray_address: the Ray cluster to join: auto, ray://host:port (default: start a local Ray instance).
+        ray_workers: Ray actors (default: one per GPU when the cluster has GPUs, else its CPUs divided by
+            --ray_cpus_per_worker).
+        ray_cpus_per_worker: CPU cores each Ray actor gets (its decode threads and torch threads).
+        layout: copy (one merged file) or virtual (SPLIT.h5 reads the shards in SPLIT.h5.parts/ in place: no copy
+            of the rows, for very large splits; keep the shards beside it).
     """
     options = ExtractOptions(batch_size=batch_size, workers=workers, reader=reader, device=device, amp=amp,
                              channels_last=channels_last, compile=compile, forward_batch=forward_batch,
                              fold_batch_norm=fold_batch_norm,
                              decode_on_device=decode_on_device, dtype=dtype, compression=compression,
-                             shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed)
+                             shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed,
+                             layout=layout)
     transform = None
     if resize is not None or crop is not None or draft or resize_crop_only:
         preset = backbone_registry.create_model(backbone, weights, mirror)[2]
@@ -82,7 +92,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
                             resize_crop_only=resize_crop_only)
     if isinstance(splits, str):
         splits = splits.split(",")
-    run_extract(data, backbone, weights, out, mirror, transform, splits, options, source, root)
+    ray_options = RayOptions(ray_address, ray_workers, ray_cpus_per_worker)
+    run_extract(data, backbone, weights, out, mirror, transform, splits, options, source, root, engine, ray_options)
 
 
 def fit_head(train, val="auto", head="logreg", out=None, **params):
@@ -258,7 +269,7 @@ def backbones():
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,
             "finetune": finetune, "export-features": export_features, "backbones": backbones}
-USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError)
+USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError, EngineError)
 
 
 def extra_flags(command: str) -> dict[str, object]:

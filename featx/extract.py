@@ -23,6 +23,7 @@ from featx import store
 from featx.backbones import Backbone, create_backbone
 from featx.data import READERS, AugmentTransform, EvalTransform, ImageFiles, decode_on_device, read_batches
 from featx.embed import Embedder
+from featx.engines import ENGINES, RayEngine, RayOptions, backbone_spec, ray_available
 from featx.inputs import Split, discover
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
@@ -55,6 +56,7 @@ class ExtractOptions:
     compression: str | None = None
     shard_size: int = 1024  # an unfinished run keeps the shard size it started with
     overwrite: bool = False
+    layout: str = "copy"  # copy: one merged file; virtual: the file reads the shards in place (no copy)
     views: int = 1  # augmented views per training image (1 = the eval transform only)
     augment_seed: int = 0
 
@@ -71,14 +73,23 @@ class ExtractOptions:
             raise ValueError(f"reader must be one of {READERS}, got {self.reader!r}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.layout not in store.LAYOUTS:
+            raise ValueError(f"layout must be one of {store.LAYOUTS}, got {self.layout!r}")
+        if self.layout == "virtual" and self.compression:
+            raise ValueError("compression applies to the copy layout; the virtual layout reads the shards as written")
 
 
 def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
             splits: list[str] | None = None, options: ExtractOptions = ExtractOptions(), source: str = "auto",
-            root: str | os.PathLike | None = None) -> dict[str, dict]:
-    """Extract every split of ``data_root`` (read as ``source``: ``featx.inputs``) to ``out/<backbone>/<split>.h5``;
-    returns a summary per split."""
+            root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions()
+            ) -> dict[str, dict]:
+    """Extract every split of ``data_root`` (read as ``source``: ``featx.inputs``) to ``out/<backbone>/<split>.h5``,
+    its shards run by ``engine`` (``featx.engines``: local, or ray); returns a summary per split."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "ray" and not ray_available():
+        raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
     all_splits = discover(data_root, source, root)
     if splits:
         unknown = sorted(set(splits) - {s.name for s in all_splits})
@@ -87,10 +98,18 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         all_splits = [s for s in all_splits if s.name in splits]
     folder = Path(out) / backbone
     extractor = create_backbone(backbone, weights, mirror, transform)
-    embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile,
-                        options.forward_batch, options.fold_batch_norm)
-    with exclusive(folder):
-        return {split.name: extract_split(split, extractor, embedder, folder / f"{split.name}.h5", options)
+    with exclusive(folder), contextlib.ExitStack() as stack:
+        if engine == "ray":
+            ray_engine = RayEngine(backbone_spec(backbone, weights, mirror, extractor.transform), options, ray_options)
+            stack.callback(ray_engine.close)
+            run = ray_engine.run
+        else:
+            embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile,
+                                options.forward_batch, options.fold_batch_norm)
+
+            def run(dataset, parts, shards, progress):
+                write_shards(dataset, embedder, parts, shards, options, progress)
+        return {split.name: extract_split(split, extractor, run, folder / f"{split.name}.h5", options)
                 for split in all_splits}
 
 
@@ -151,11 +170,12 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     the shard size to use: an unfinished run's own (shard boundaries must not move), or ``options.shard_size``."""
     parts = store.parts_dir(path)
     if path.exists() and not options.overwrite:
-        found = {k: store.read_meta(path).get(k) for k in IDENTITY_KEYS}
-        if found == identity:
-            if parts.exists():  # a kill between committing the file and deleting its shards
+        meta = store.read_meta(path)
+        if {k: meta.get(k) for k in IDENTITY_KEYS} == identity:
+            if parts.exists() and meta.get("layout", "copy") == "copy":  # a kill between the commit and the cleanup
                 shutil.rmtree(parts)
             return None
+        found = {k: meta.get(k) for k in IDENTITY_KEYS}
         raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
     path.unlink(missing_ok=True)
@@ -210,9 +230,10 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
             writer.abort()
 
 
-def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Path,
-                  options: ExtractOptions = ExtractOptions()) -> dict:
-    """Extract one split to ``path``, resuming an unfinished run; returns counts, timing and failures."""
+def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions = ExtractOptions()
+                  ) -> dict:
+    """Extract one split to ``path``, resuming an unfinished run; ``run(dataset, parts, shards, progress)`` writes
+    the shards still to do (an engine). Returns counts, timing and failures."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
     attrs = split_attrs(split, backbone, dataset, options)
@@ -231,9 +252,11 @@ def extract_split(split: Split, backbone: Backbone, embedder: Embedder, path: Pa
         print(f"{split.name}: resuming, {len(done)} of {len(planned)} shards already done")
     start = time.perf_counter()
     with tqdm(total=remaining, unit="img", desc=split.name, mininterval=1.0, file=sys.stderr) as progress:
-        write_shards(dataset, embedder, parts, todo, options, progress)
+        run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
-    counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression)
+    start_merge = time.perf_counter()
+    counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout)
+    counts["merge_seconds"] = time.perf_counter() - start_merge
     rate = remaining / seconds if seconds > 0 else float("nan")
     print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} views processed "
           f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")

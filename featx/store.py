@@ -34,6 +34,7 @@ import numpy as np
 import featx
 
 FORMAT = "featx-features/1"
+LAYOUTS = ("copy", "virtual")
 CHUNK_BYTES = 1 << 20
 STR = h5py.string_dtype("utf-8")
 # Attributes that must agree for two feature files to come from the same extractor.
@@ -234,48 +235,73 @@ def finished_shards(parts: Path) -> set[int]:
 
 
 def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
-          compression: str | None = None) -> dict:
-    """Write ``path`` from the committed shards of ``parts`` in shard order, then delete ``parts``.
+          compression: str | None = None, layout: str = "copy") -> dict:
+    """Write ``path`` from the committed shards of ``parts`` in shard order. ``copy``: every feature row is copied
+    into ``path``, then ``parts`` is deleted. ``virtual``: ``features`` is an HDF5 virtual dataset over the shards,
+    which stay in ``parts`` (no copy; the shards are named relative to ``path``, so the folder can move).
 
     Shards hold item ids (image index x ``attrs["views"]`` + view); ``paths``/``labels`` are the split's file
     list, which rows index through ``image_ids``. Returns counts.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     shards = sorted(parts.glob("part-*.h5"))
     tmp = _tmp(path)
-    needed = sum(p.stat().st_size for p in shards) + sum(map(len, paths)) * 2 + (1 << 20)
+    copied = sum(p.stat().st_size for p in shards) if layout == "copy" else 0
+    needed = copied + sum(map(len, paths)) * 2 + (1 << 20)
     if shutil.disk_usage(path.parent).free < needed:  # HDF5 fails badly on a full device: check before
         raise no_space(path, needed)
     with contextlib.ExitStack() as stack, writing(tmp):
         files = [stack.enter_context(h5py.File(p, "r")) for p in shards]
         out = h5py.File(tmp, "w")
         try:
-            counts = _merged(files, out, attrs, paths, labels, compression)
+            counts = _merged(files, out, attrs, paths, labels, compression, layout)
             out.close()
         except BaseException:
             _discard(out, tmp)
             raise
         commit_file(tmp, path)
-    shutil.rmtree(parts)
+    if layout == "copy":
+        shutil.rmtree(parts)
     return counts
 
 
+def _virtual_features(files: list[h5py.File], out: h5py.File, dim: int, dtype: str) -> list[list]:
+    """``features`` as a virtual dataset over the shards' rows; returns [[shard name relative to the file, rows]]."""
+    sizes = [f["features"].shape[0] for f in files]
+    layout = h5py.VirtualLayout((sum(sizes), dim), dtype)
+    shards, start = [], 0
+    for f, rows in zip(files, sizes):
+        name = f"{Path(f.filename).parent.name}/{Path(f.filename).name}"
+        if rows:
+            layout[start:start + rows] = h5py.VirtualSource(name, "features", shape=(rows, dim))
+        shards.append([name, rows])
+        start += rows
+    out.create_virtual_dataset("features", layout, fillvalue=np.nan)
+    return shards
+
+
 def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
-            compression: str | None) -> dict:
+            compression: str | None, layout: str) -> dict:
     """Write the shards ``files`` into ``out``; returns counts."""
     views, dim, dtype = attrs["views"], attrs["feature_dim"], attrs["dtype"]
     num_rows = sum(f["features"].shape[0] for f in files)
-    rows = min(max(num_rows, 1), _row_chunks(dim, np.dtype(dtype).itemsize))
-    features = out.create_dataset("features", (num_rows, dim), maxshape=(None, dim), dtype=dtype,
-                                  chunks=(rows, dim), compression=compression)
     items = np.concatenate([f["items"][:] for f in files]) if files else np.empty(0, np.int64)
     image_ids = items // views
-    start = 0
-    for f in files:
-        block = f["features"]
-        for offset in range(0, block.shape[0], rows * 16):
-            piece = block[offset:offset + rows * 16]
-            features[start:start + len(piece)] = piece
-            start += len(piece)
+    stamp_layout = {"layout": layout}
+    if layout == "virtual":
+        stamp_layout["shards"] = json.dumps(_virtual_features(files, out, dim, dtype))
+    else:
+        rows = min(max(num_rows, 1), _row_chunks(dim, np.dtype(dtype).itemsize))
+        features = out.create_dataset("features", (num_rows, dim), maxshape=(None, dim), dtype=dtype,
+                                      chunks=(rows, dim), compression=compression)
+        start = 0
+        for f in files:
+            block = f["features"]
+            for offset in range(0, block.shape[0], rows * 16):
+                piece = block[offset:offset + rows * 16]
+                features[start:start + len(piece)] = piece
+                start += len(piece)
     out.create_dataset("image_ids", data=image_ids)
     out.create_dataset("labels", data=labels[image_ids])
     out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
@@ -288,7 +314,7 @@ def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[st
     failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
     counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": int(len(failed_ids))}
     stamp = {"format": FORMAT, "featx_version": featx.__version__,
-             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True}
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True, **stamp_layout}
     for key, value in {**attrs, **counts, **stamp}.items():
         out.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
     return counts
@@ -324,8 +350,24 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} lacks attributes {missing}; re-extract it with --overwrite")
     meta["transform"] = json.loads(meta["transform"])
     meta["augmentation"] = json.loads(meta["augmentation"])
+    if meta.get("layout") == "virtual":
+        meta["shards"] = json.loads(meta["shards"])
+        _require_shards(path, meta["shards"])
     meta["class_names"] = list(meta["class_names"])
     return meta
+
+
+def _require_shards(path: Path, shards: list[list]) -> None:
+    """A virtual features file reads a missing shard as fill values without a word: check each is there, whole."""
+    for name, rows in shards:
+        shard = path.parent / name
+        if not shard.is_file():
+            raise ValueError(f"{shard}, a shard of the virtual features file {path}, is missing; restore it, or "
+                             "re-extract with --overwrite")
+        with open_h5(shard) as f:
+            found = f["features"].shape[0] if "features" in f else -1
+        if found != rows:
+            raise ValueError(f"{shard} holds {found} rows where {path} expects {rows}; re-extract with --overwrite")
 
 
 @dataclass

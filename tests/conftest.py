@@ -68,3 +68,43 @@ def hymenoptera_features(hymenoptera, mobilenet_weights, tmp_path_factory) -> Pa
     options = ExtractOptions(batch_size=32, device="cpu")  # the exact reference path, also on a GPU machine
     extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), out, options=options)
     return out / "mobilenet_v2"
+
+
+def loopback_only() -> bool:
+    """Whether this process's network namespace has no interface but loopback (``tests/isolated.sh``)."""
+    with open("/proc/net/dev") as f:
+        return [line.split(":")[0].strip() for line in f.readlines()[2:]] == ["lo"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on this machine (a head and a second node, 1 CPU each, separate processes), on
+    loopback only; its address. Without Ray or outside a loopback-only namespace the Ray tests are skipped with
+    why, except under CI (FEATX_REQUIRE_RAY=1), where they fail."""
+    import subprocess
+    import sys
+
+    problem = None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        problem = "Ray is not installed (pip install '.[ray]')"
+    if problem is None and not loopback_only():
+        problem = "Ray tests need a loopback-only network namespace: run them with `make test` (tests/isolated.sh)"
+    if problem:
+        if os.environ.get("FEATX_REQUIRE_RAY") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (this process) too
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([ray_cli, "start", "--head", "--port", "6390", "--include-dashboard=false", *common], env=env,
+                   check=True, capture_output=True)
+    subprocess.run([ray_cli, "start", "--address", "127.0.0.1:6390", *common], env=env, check=True,
+                   capture_output=True)
+    yield "127.0.0.1:6390"
+    import ray
+
+    ray.shutdown()
+    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)

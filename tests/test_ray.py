@@ -1,0 +1,121 @@
+"""The Ray engine on a local two-node cluster (``ray_cluster``): the local engine's files, resume, worker and driver
+kills, bad images, failing workers, the missing-GPU error, and the no-copy layout's guard."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import featx
+from conftest import make_image_folder
+from featx import store
+from featx.engines import EngineError, RayEngine, RayOptions, backbone_spec
+from featx.extract import IDENTITY_KEYS, ExtractOptions, split_dataset
+from featx.fit import fit_head
+from featx.inputs import discover
+from test_faults import cli, one_line_error
+
+pytestmark = pytest.mark.ray
+SMALL = dict(backbone="resnet18", weights="none", device="cpu", workers=1)
+
+
+def _on_ray(address: str, **ray_options) -> dict:
+    return {"engine": "ray", "ray_options": RayOptions(address, **ray_options)}
+
+
+@pytest.mark.real_data
+def test_ray_writes_the_local_engines_files(ray_cluster, hymenoptera, hymenoptera_features, mobilenet_weights,
+                                            tmp_path):
+    summaries = featx.api.run_extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path,
+                                      options=ExtractOptions(batch_size=32, shard_size=64, device="cpu"),
+                                      **_on_ray(ray_cluster))
+    for split in ("train", "val"):
+        local, distributed = store.load(hymenoptera_features / f"{split}.h5"), store.load(summaries[split]["path"])
+        assert distributed.paths == local.paths and np.array_equal(distributed.labels, local.labels)
+        assert np.abs(distributed.features - local.features).max() <= 1e-5
+        assert {k: distributed.meta[k] for k in IDENTITY_KEYS} == {k: local.meta[k] for k in IDENTITY_KEYS}
+    head = fit_head(tmp_path / "mobilenet_v2" / "train.h5", "auto", "logreg", tmp_path / "head")
+    reference = fit_head(hymenoptera_features / "train.h5", "auto", "logreg", tmp_path / "reference")
+    assert head.selection_["val_accuracy"] == reference.selection_["val_accuracy"] == pytest.approx(0.9608, abs=1e-4)
+
+
+def _kill_a_worker_mid_shard(killed: list) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not killed:
+        for process in psutil.process_iter(["cmdline"]):
+            if any("ShardWorker.run_shard" in part for part in process.info["cmdline"] or []):
+                time.sleep(0.3)  # into the shard
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
+                return
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_mid_shard_is_rerun_without_duplicates(ray_cluster, tmp_path):
+    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=12, size=(200, 200))
+    options = ExtractOptions(batch_size=2, shard_size=4, device="cpu", workers=1, layout="virtual")
+    local = featx.api.run_extract(data, "resnet18", "none", tmp_path / "local", options=options)
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_worker_mid_shard, args=(killed,))
+    killer.start()
+    summary = featx.api.run_extract(data, "resnet18", "none", tmp_path / "ray", options=options,
+                                    **_on_ray(ray_cluster))
+    killer.join()
+    assert killed, "no worker was killed"
+    reference, distributed = store.load(local["train"]["path"]), store.load(summary["train"]["path"])
+    assert distributed.paths == reference.paths and len(set(distributed.paths)) == 24
+    assert np.abs(distributed.features - reference.features).max() <= 1e-5
+    assert distributed.meta["layout"] == "virtual"
+    (tmp_path / "ray" / "resnet18" / "train.h5.parts" / "part-00002.h5").unlink()  # the no-copy layout's guard
+    one_line_error(*cli("fit-head", tmp_path / "ray" / "resnet18" / "train.h5")[::2], "part-00002.h5", "missing")
+
+
+def test_a_killed_driver_resumes_on_rerun(ray_cluster, tmp_path):
+    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=12, size=(200, 200))
+    command = [sys.executable, "-m", "featx", "extract", str(data), "--out", str(tmp_path / "f"), "--backbone",
+               "resnet18", "--weights", "none", "--device", "cpu", "--batch_size", "2", "--shard_size", "4",
+               "--engine", "ray", "--ray_address", ray_cluster]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and not list(parts.glob("part-*.h5")):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert 1 <= len(list(parts.glob("part-*.h5"))) < 6, "not killed mid-job"
+    status, out, _ = cli(*command[3:])
+    assert status == 0 and "resuming" in out
+    features = store.load(tmp_path / "f" / "resnet18" / "train.h5")
+    assert features.paths == list(discover(data)[0].paths)
+
+
+def test_bad_images_are_recorded_as_locally(ray_cluster, image_folder, tmp_path):
+    (image_folder / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
+    options = ExtractOptions(batch_size=4, shard_size=4, device="cpu", workers=1)
+    local = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "local", options=options)
+    distributed = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "ray", options=options,
+                                        **_on_ray(ray_cluster))
+    assert distributed["train"]["failed"] == local["train"]["failed"] and len(local["train"]["failed"]) == 1
+    assert "broken.jpg" in local["train"]["failed"][0][0]
+
+
+def test_missing_gpus_are_one_line_and_failing_workers_stop_the_job(ray_cluster, image_folder, tmp_path):
+    status, _, err = cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", "--weights",
+                         "none", "--engine", "ray", "--ray_address", ray_cluster, "--device", "cuda")
+    one_line_error(status, err, "has no GPU")
+    (split, _) = discover(image_folder)
+    options = ExtractOptions(device="cpu", workers=1)
+    backbone = featx.backbones.create_backbone("resnet18", "none")
+    spec = backbone_spec("resnet18", str(tmp_path / "gone.pth"), None, backbone.transform)  # workers cannot load
+    start = time.monotonic()
+    engine = RayEngine(spec, options, RayOptions(ray_cluster))
+    with pytest.raises(EngineError, match=r"shard 0 failed 3 times.*gone.pth"):
+        engine.run(split_dataset(split, backbone, options), tmp_path, {0: [[0, 1]]})
+    assert time.monotonic() - start < 120
