@@ -6,8 +6,8 @@ the device as the tutorial does. A second plain row uses featx's batch size and 
 batching alone is visible. Every timed run is a fresh process. featx's time is also split into its stages
 (decode, host->device, model, write), each measured alone in one process.
 
-    python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data --resize-crop-only --compile
-    python benchmarks/bench_extract.py --device cuda --copies 25 --decode-on-device --backbones resnet50
+    python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data --resize_crop_only --compile
+    python benchmarks/bench_extract.py --device cuda --copies 25 --decode_on_device --backbones resnet50
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
                 runs[f"featx extract{suffix}"] = (featx_extract, (data, backbone, featx_options, transform))
             if args.decode_on_device:
                 on_device = replace(featx_options, decode_on_device=True)
-                runs["featx extract --decode-on-device"] = (featx_extract, (data, backbone, on_device, EvalTransform()))
+                runs["featx extract --decode_on_device"] = (featx_extract, (data, backbone, on_device, EvalTransform()))
             if args.compile:  # the package is compiled once, outside the timed runs, and its cost reported
                 compiled = replace(featx_options, compile=True)
                 start = time.perf_counter()

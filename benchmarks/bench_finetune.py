@@ -6,7 +6,7 @@ over the batch, model and batches moved to the device. Changed: batch 32 instead
 over the ants/bees train split (linked --copies times for a GPU). Every epoch runs in a fresh process.
 
     python benchmarks/bench_finetune.py --backbones resnet18,mobilenet_v2
-    python benchmarks/bench_finetune.py --device cuda --batch-size 128 --copies 20
+    python benchmarks/bench_finetune.py --device cuda --batch_size 128 --copies 20
 """
 
 from __future__ import annotations

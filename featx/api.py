@@ -12,6 +12,7 @@ from PIL import Image
 from featx.backbones import create_backbone
 from featx.data import EvalTransform, collate, load_rgb, to_rgb
 from featx.embed import Embedder
+from featx.engines import RayOptions
 from featx.extract import ExtractOptions
 from featx.extract import extract as run_extract
 from featx.outputs import to_dataframe
@@ -22,11 +23,12 @@ from featx.store import load as load_file
 def extract(data: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", *, mirror: str | None = None, splits: list[str] | None = None,
             source: str = "auto", root: str | os.PathLike | None = None, transform: EvalTransform | None = None,
-            **options) -> dict[str, dict]:
+            engine: str = "local", ray_options: RayOptions = RayOptions(), **options) -> dict[str, dict]:
     """``featx extract`` from Python: per split, the written file (``path``), row and failure counts, timing and
-    the failed files. ``options`` are ``ExtractOptions`` (batch_size, device, dtype, views, overwrite ...)."""
+    the failed files. ``options`` are ``ExtractOptions`` (batch_size, device, dtype, views, layout, overwrite ...);
+    ``engine="ray"`` runs the shards on a Ray cluster (``ray_options``)."""
     return run_extract(data, backbone, weights, out, mirror, transform, splits, ExtractOptions(**options), source,
-                       root)
+                       root, engine, ray_options)
 
 
 def embed_images(images: list, backbone: str = "resnet18", weights: str = "DEFAULT", *, mirror: str | None = None,

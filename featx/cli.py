@@ -200,7 +200,8 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
     """Fine-tune a backbone end to end with a new head (at --head_lr_mult x the lr), or train from scratch.
 
     Writes OUT/: run.json, checkpoint.json -> checkpoints/epoch-N/ (state, best weights, history; each epoch
-    committed as one unit), history.json, curves.png, and metrics.json + confusion.png of the best model. OUT works with `featx predict` and `featx export`.
+    committed as one unit), history.json, curves.png, and metrics.json + confusion.png of the best model. OUT
+    works with `featx predict` and `featx export`.
 
     Args:
         data: ImageFolder root with train/ and val/ (or test/); without val/, --val_fraction of train is held out.

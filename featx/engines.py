@@ -46,6 +46,9 @@ class ShardWorker:
                                  options.forward_batch, options.fold_batch_norm)
         self.options = options
 
+    def ready(self) -> bool:
+        return True
+
     def run_shard(self, dataset: ImageFiles, parts: str, number: int, batches: list[list[int]]) -> int:
         """Write shard ``number``; returns how many items it held."""
         from featx.extract import write_shards
@@ -91,6 +94,15 @@ class RayEngine:
                                           "reader": "threads" if device == "cpu" else options.reader})
         self.arguments = (backbone_spec, worker_options, ray_options.cpus_per_worker)
         self.count, self.idle = count, []
+
+    def start(self) -> None:
+        """Start every actor now and wait until each has loaded its model (otherwise they start on first use)."""
+        actors = [self.worker.remote(*self.arguments) for _ in range(self.count - len(self.idle))]
+        try:
+            self.ray.get([actor.ready.remote() for actor in actors])
+        except self.ray.exceptions.RayActorError as error:
+            raise EngineError(f"Ray workers could not start: {_first_line(error)}") from None
+        self.idle += actors
 
     def _actor(self):
         return self.idle.pop() if self.idle else self.worker.remote(*self.arguments)

@@ -35,7 +35,8 @@ def parse_script_args(parser) -> object:
 
     from featx.sources import MIRROR_ENV
 
-    parser.add_argument("--mirror", default=None, help=f"offline mirror of weights and datasets (default: ${MIRROR_ENV})")
+    parser.add_argument("--mirror", default=None,
+                        help=f"offline mirror of weights and datasets (default: ${MIRROR_ENV})")
     args = parser.parse_args(normalise(sys.argv[1:]))
     if args.mirror:
         os.environ[MIRROR_ENV] = os.path.abspath(args.mirror)

@@ -40,7 +40,8 @@ def metadata(paths: list[str], labels: np.ndarray, meta: dict, path_column: str 
                      "split": pa.array([meta["split"]] * len(paths), pa.string())})
 
 
-def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False, rows: int | None = None) -> Path:
+def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = False,
+               rows: int | None = None) -> Path:
     """One Parquet file, a row per image: path, label, class_name, split, embedding (fixed-size list of float32)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

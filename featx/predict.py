@@ -36,7 +36,8 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
 
 
 def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str | None = None,
-                    trust_pickle: bool = False) -> tuple[Callable[[torch.Tensor], np.ndarray], EvalTransform, list[str]]:
+                    trust_pickle: bool = False
+                    ) -> tuple[Callable[[torch.Tensor], np.ndarray], EvalTransform, list[str]]:
     """(uint8 image batch -> logits, the transform it expects, the class name of each logit column) for a head
     folder (backbone features, then the head's ``decision_function``, as ``evaluate`` does) or a finetune run."""
     if (Path(folder) / RUN_FILE).is_file():

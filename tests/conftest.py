@@ -76,7 +76,18 @@ def loopback_only() -> bool:
         return [line.split(":")[0].strip() for line in f.readlines()[2:]] == ["lo"]
 
 
-@pytest.fixture(scope="session")
+def ray_problem() -> str | None:
+    """Why Ray cannot run here (not installed, or not in a loopback-only namespace), or None."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "Ray is not installed (pip install '.[ray]')"
+    if not loopback_only():
+        return "Ray tests need a loopback-only network namespace: run them with `make test` (tests/isolated.sh)"
+    return None
+
+
+@pytest.fixture(scope="module")  # stopped before other modules run (README's own cluster)
 def ray_cluster():
     """A two-node Ray cluster on this machine (a head and a second node, 1 CPU each, separate processes), on
     loopback only; its address. Without Ray or outside a loopback-only namespace the Ray tests are skipped with
@@ -84,13 +95,7 @@ def ray_cluster():
     import subprocess
     import sys
 
-    problem = None
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        problem = "Ray is not installed (pip install '.[ray]')"
-    if problem is None and not loopback_only():
-        problem = "Ray tests need a loopback-only network namespace: run them with `make test` (tests/isolated.sh)"
+    problem = ray_problem()
     if problem:
         if os.environ.get("FEATX_REQUIRE_RAY") == "1":
             pytest.fail(problem)
@@ -108,3 +113,15 @@ def ray_cluster():
 
     ray.shutdown()
     subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
+
+
+def sigkill_when(process, ready, timeout: float = 180) -> None:
+    """SIGKILL ``process`` (a Popen) as soon as ``ready()`` holds, polled; also when it ended or timed out first."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import pickle
 import shutil
@@ -22,7 +21,7 @@ from featx import checkpoints, store
 from featx.cli import guarded, run
 from featx.extract import ExtractOptions, extract
 from featx.finetune import FinetuneConfig, Run
-from featx.fit import evaluate, fit_head
+from featx.fit import fit_head
 from featx.heads import LogRegHead, load_head
 
 SMALL = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32", "--device", "cpu",
@@ -268,7 +267,8 @@ def test_logreg_head_is_saved_without_pickle_and_old_pickles_need_trust(features
     assert np.array_equal(loaded.decision_function(X), fitted.decision_function(X))
     assert np.array_equal(loaded.predict_proba(X), fitted.predict_proba(X))
     clone(LogRegHead(Cs=[0.1, 1.0]))
-    Pipeline([("scale", StandardScaler()), ("head", LogRegHead(Cs=[1.0]))]).fit(X, store.load(features / "val.h5").labels)
+    labels = store.load(features / "val.h5").labels
+    Pipeline([("scale", StandardScaler()), ("head", LogRegHead(Cs=[1.0]))]).fit(X, labels)
     # an old head folder whose model.joblib is a malicious pickle
     (tmp_path / "logreg" / "model.npz").unlink()
     marker = tmp_path / "PWNED"

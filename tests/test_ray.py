@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import featx
-from conftest import make_image_folder
+from conftest import make_image_folder, sigkill_when
 from featx import store
 from featx.engines import EngineError, RayEngine, RayOptions, backbone_spec
 from featx.extract import IDENTITY_KEYS, ExtractOptions, split_dataset
@@ -84,11 +84,7 @@ def test_a_killed_driver_resumes_on_rerun(ray_cluster, tmp_path):
                "--engine", "ray", "--ray_address", ray_cluster]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None and not list(parts.glob("part-*.h5")):
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    sigkill_when(driver, lambda: any(parts.glob("part-*.h5")))
     assert 1 <= len(list(parts.glob("part-*.h5"))) < 6, "not killed mid-job"
     status, out, _ = cli(*command[3:])
     assert status == 0 and "resuming" in out

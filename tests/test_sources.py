@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import csv
 import io
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 import featx
-from conftest import make_image_folder
+from conftest import make_image_folder, sigkill_when
 from featx import store
 from featx.fit import fit_head
 from featx.inputs import detect, discover
@@ -158,11 +155,7 @@ def test_tars_keep_good_samples_record_bad_ones_and_resume_after_sigkill(image_f
                "resnet18", "--weights", "none", "--device", "cpu", "--workers", "1", "--batch_size", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and not list(parts.glob("part-00001.h5")):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    sigkill_when(process, lambda: (parts / "part-00001.h5").exists())
     assert len(list(parts.glob("part-*.h5"))) in (2, 3), "not killed mid-run"
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "resuming" in result.stdout
