@@ -37,6 +37,7 @@ def parse_script_args(parser) -> object:
 
     parser.add_argument("--mirror", default=None,
                         help=f"offline mirror of weights and datasets (default: ${MIRROR_ENV})")
+    parser.allow_abbrev = False  # a prefix of a flag is a misspelling, not that flag
     args = parser.parse_args(normalise(sys.argv[1:]))
     if args.mirror:
         os.environ[MIRROR_ENV] = os.path.abspath(args.mirror)
@@ -101,7 +102,7 @@ def help_page(command: str, function, extra: dict[str, object]) -> str:
     """The ``--help`` text: usage, description, arguments, and every flag with its default."""
     description, entries = documented(function)
     positional, flags = signature_flags(function)
-    flags = {k: v for k, v in {**flags, **extra}.items() if k in entries}
+    flags = {**flags, **extra}
     usage = " ".join(p.upper() + ("..." if p == "inputs" else "") for p in positional)
     lines = [f"usage: featx {command} {usage} [flags]".replace("  ", " "), "", description, ""]
     if positional:
@@ -111,7 +112,7 @@ def help_page(command: str, function, extra: dict[str, object]) -> str:
     lines.append("flags (--name VALUE or --name=VALUE; --name-with-hyphens works too; --noNAME for False):")
     for name, default in flags.items():
         shown = "" if default is None else f" (default: {default})"
-        lines.append(_item(f"--{name}", entries[name] + shown))
+        lines.append(_item(f"--{name}", entries.get(name, "") + shown))
     return "\n".join(lines)
 
 

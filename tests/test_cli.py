@@ -1,0 +1,91 @@
+"""The command line a newcomer meets: flags refused before any work, help pages, the offline demo, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, make_image_folder
+from featx.cli import COMMANDS
+from featx.fit import evaluate, fit_head
+from featx.flags import normalise
+from test_faults import SMALL, cli, one_line_error
+
+ARGUMENTS = {"extract": ["data"], "fit-head": ["train.h5"], "evaluate": ["head", "val.h5"],
+             "predict": ["head", "photos"], "export": ["head", "exported"], "finetune": ["data"],
+             "export-features": ["val.h5", "out.parquet"], "backbones": []}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_refuses_a_misspelled_flag_before_any_work(command, tmp_path, monkeypatch):
+    assert set(ARGUMENTS) == set(COMMANDS)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli(command, *ARGUMENTS[command], "--batchsize", "8", "--out_dir", "x")
+    one_line_error(status, err, "--batchsize")
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_suggestions_and_spellings():
+    assert "did you mean --topk?" in cli("predict", "h", "x", "--top_k", "1")[2]
+    assert "did you mean --out?" in cli("evaluate", "h", "f.h5", "--output", "X")[2]
+    assert "short flags" in cli("export", "h", "o", "-o", "x")[2]
+    assert normalise(["--batch-size=3", "--shard-size", "4", "--", "--keep-me"]) == \
+        ["--batch_size=3", "--shard_size", "4", "--", "--keep-me"]
+
+
+def test_help_pages_show_every_flag_with_its_default():
+    status, page, _ = cli("fit-head", "-h")
+    assert status == 0 and page.startswith("usage: featx fit-head TRAIN") and "--head" in page
+    finetune = cli("finetune", "--help")[1]
+    for flag in ("--seed", "--val_fraction", "--head_lr_mult", "--overwrite", "--schedule"):
+        assert flag in finetune
+    assert "(default: cosine)" in finetune and "Optional[" not in finetune and "Type:" not in finetune
+    assert all(f"  {name}" in cli("--help")[1] for name in COMMANDS)
+    assert cli("--version")[1].startswith("featx 0.")
+    from featx.cli import extra_flags
+    from featx.flags import signature_flags
+
+    for command, function in COMMANDS.items():  # every flag is listed, with a description
+        page = cli(command, "--help")[1].splitlines()
+        for flag in {**signature_flags(function)[1], **extra_flags(command)}:
+            line = next(line for line in page if line.startswith(f"  --{flag} "))
+            assert len(line.split()) > 1, line
+
+
+def test_the_offline_demo_says_what_is_missing_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FEATX_MIRROR"}
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "hymenoptera.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    one_line_error(result.returncode, result.stderr, "hymenoptera_data", "mobilenet_v2-imagenet-features.pth",
+                   "FEATX_MIRROR")
+    assert list(tmp_path.iterdir()) == []  # no empty data/ folder left behind
+
+
+def test_jobs_take_both_spellings_and_the_mirror(mirror, tmp_path):
+    for spelling in ("--data-root", "--data_root"):  # parsed (the bad value is what fails), never "unrecognized"
+        result = subprocess.run([sys.executable, str(REPO / "jobs" / "compare.py"), spelling, "d", "--mirror",
+                                 str(mirror), "--epochs", "x"], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 2 and "argument --epochs: invalid int value" in result.stderr
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "compare.py"), "--epoch", "1"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
+
+
+def test_evaluate_writes_per_image_predictions_and_refit_drops_stale_reports(image_folder, tmp_path):
+    cli("extract", image_folder, "--out", tmp_path / "f", *SMALL)
+    features = tmp_path / "f" / "resnet18"
+    fit_head(features / "train.h5", "none", "knn", tmp_path / "head")
+    metrics = evaluate(tmp_path / "head", features / "val.h5")
+    report = tmp_path / "head" / "eval-val"
+    rows = list(csv.DictReader(open(report / "predictions.csv")))
+    assert len(rows) == 12 and set(rows[0]) == {"path", "true", "predicted", "probability", "correct"}
+    wrong = [r for r in rows if r["correct"] == "0"]
+    assert rows[:len(wrong)] == wrong  # mistakes first
+    assert json.loads((report / "metrics.json").read_text())["most_confused"] == metrics["most_confused"]
+    fit_head(features / "train.h5", "none", "logreg", tmp_path / "head")
+    assert not report.exists()
