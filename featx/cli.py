@@ -23,7 +23,7 @@ from featx.extract import extract as run_extract
 
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
             workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
-            fold_batch_norm=True, forward_batch=None, decode_on_device=False, dtype="float32",
+            fold_batch_norm=True, forward_batch=None, decode_on_device=None, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0, source="auto", root=None, engine="local", ray_address=None,
             ray_workers=None, ray_cpus_per_worker=1, layout="copy"):
@@ -56,8 +56,9 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         fold_batch_norm: fold each BatchNorm into the convolution before it (fewer passes over the
             activations; MobileNetV2 ~1.3x on CPU); features change by float32 rounding only. Not under --amp.
         forward_batch: images per model call (default: the whole batch). Features do not depend on it.
-        decode_on_device: workers only read plain JPEGs; torchvision decodes, resizes and crops them on DEVICE
-            (nvjpeg on CUDA). Other files are still decoded by PIL in the workers; --draft does not apply.
+        decode_on_device: threads only read the files' bytes; JPEGs are decoded in one batched call, resized and
+            cropped on DEVICE (nvjpeg on CUDA), EXIF orientation applied. Other files, and JPEGs the device
+            decoder rejects, take the CPU path (PIL). Default: on with CUDA, off on CPU; --draft does not apply.
         dtype: stored feature dtype, float32 or float16.
         compression: HDF5 compression of features: gzip or lzf (default none).
         resize: shorter side after resizing (default: the weights' preset, usually 256).
@@ -220,8 +221,8 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
         freeze: none, backbone (train only the head), or a module name: it and everything before it are frozen.
         epochs: training epochs.
         batch_size: images per step.
-        lr: backbone learning rate (default: 0.01 for --head_init random, 0.001 for probe and reuse).
-        head_lr_mult: the new head's lr is this times --lr.
+        lr: backbone learning rate (default: 0.01 for --head_init random, 1e-4 for probe and reuse).
+        head_lr_mult: the new head's lr is this times --lr (default: 10 for a random head, 1 for probe and reuse).
         optimizer: sgd or adamw.
         momentum: SGD momentum.
         weight_decay: weight decay.

@@ -12,6 +12,7 @@ import io
 import os
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-EXIF_ORIENTATION = 0x0112
 _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
 READERS = ("auto", "threads", "processes")  # see read_batches
+READ_AHEAD = 2  # batches whose bytes are read while the device works (threads reader, GPU)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIL_FILTERS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # interpolations PIL has by name
@@ -158,13 +159,11 @@ def load_rgb(path: str | os.PathLike | io.BytesIO, draft_size: int | None = None
 
 
 def jpeg_bytes(path: str | os.PathLike | io.BytesIO) -> torch.Tensor | None:
-    """A file's bytes when it is a JPEG that ``decode_jpeg`` maps to the same pixels as ``load_rgb`` (RGB or
-    greyscale, no EXIF rotation), else None: such files are decoded with PIL instead."""
-    with Image.open(path) as image:
-        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-            return None
+    """A file's bytes when they are a JPEG (known by its first two bytes: no parsing, so reading costs only the
+    read), else None: other files are decoded with PIL. EXIF orientation and greyscale are handled by the device
+    decoder (``decode_on_device``); a JPEG it rejects (CMYK or progressive on nvjpeg) goes to PIL there."""
     data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data[:2] == b"\xff\xd8" else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -260,8 +259,9 @@ def _stack(images: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.
 
 
 def decode_on_device(batch: Batch, transform: EvalTransform, device: torch.device) -> Batch:
-    """Decode the batch's JPEG bytes on ``device`` (nvjpeg on CUDA), resize and crop them there, and join them to
-    its decoded images (moved to ``device``). A file the decoder rejects is recorded as failed."""
+    """Decode the batch's JPEG bytes on ``device`` in one batched call (nvjpeg on CUDA; EXIF orientation applied),
+    resize and crop them there, and join them to its decoded images (moved to ``device``). A file the device
+    decoder rejects takes the CPU path (PIL) instead; only a file that fails there too is recorded as failed."""
     if not len(batch.encoded_indices):
         return batch
     encoded = list(zip(batch.encoded_indices.tolist(), batch.encoded.split(batch.encoded_sizes.tolist())))
@@ -269,14 +269,19 @@ def decode_on_device(batch: Batch, transform: EvalTransform, device: torch.devic
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
         try:
-            images = decode_jpeg([data for _, data in encoded], ImageReadMode.RGB, device)
+            images = decode_jpeg([data for _, data in encoded], ImageReadMode.RGB, device,
+                                 apply_exif_orientation=True)
             decoded = [(i, transform(image)) for (i, _), image in zip(encoded, images)]
-        except RuntimeError:  # one bad file fails the whole batch call: decode them one by one
+        except RuntimeError:  # one file the device decoder rejects fails the whole batch call: one by one
             for i, data in encoded:
                 try:
-                    decoded.append((i, transform(decode_jpeg(data, ImageReadMode.RGB, device))))
-                except RuntimeError as error:
-                    failed.append((i, f"{type(error).__name__}: {error}".strip()))
+                    decoded.append((i, transform(decode_jpeg(data, ImageReadMode.RGB, device,
+                                                             apply_exif_orientation=True))))
+                except RuntimeError:
+                    try:  # the CPU path, as if the file had never been sent to the device
+                        decoded.append((i, transform(load_rgb(io.BytesIO(data.numpy().tobytes()))).to(device)))
+                    except Exception as error:  # noqa: BLE001 - every decode failure is recorded
+                        failed.append((i, f"{type(error).__name__}: {error}".strip()))
     if len(batch.indices):
         decoded += list(zip(batch.indices.tolist(), batch.images.to(device, non_blocking=True)))
     return Batch(*_stack(sorted(decoded, key=lambda item: item[0])), failed)  # rows stay in file order
@@ -292,12 +297,23 @@ def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int | N
     """Decoded batches in order, by ``workers`` threads or processes (None: one per core). ``threads`` (``auto``
     on a CPU-only run): a thread pool decodes each batch while the model waits, then the model runs while the
     pool waits, so the cores never serve both (decode processes would preempt the model's threads).
-    ``processes`` (``auto`` with a GPU): DataLoader workers overlap decoding with the device."""
+    ``processes`` (``auto`` with a GPU): DataLoader workers overlap decoding with the device. With a GPU and
+    ``decode_on_device`` (``dataset.encoded``), ``auto`` uses threads that only read bytes, ``READ_AHEAD``
+    batches ahead of the device."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if reader == "threads" or (reader == "auto" and device.type == "cpu"):
+    if reader == "threads" or (reader == "auto" and (device.type == "cpu" or dataset.encoded)):
         with ThreadPoolExecutor(max(workers, 1)) as pool:
+            if device.type == "cpu":
+                for batch in batches:
+                    yield collate(list(pool.map(dataset.__getitem__, batch)))
+                return
+            pending: deque = deque()  # a device: read READ_AHEAD batches ahead of it
             for batch in batches:
-                yield collate(list(pool.map(dataset.__getitem__, batch)))
+                pending.append([pool.submit(dataset.__getitem__, item) for item in batch])
+                if len(pending) > READ_AHEAD:
+                    yield collate([future.result() for future in pending.popleft()])
+            while pending:
+                yield collate([future.result() for future in pending.popleft()])
         return
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                            pin_memory=device.type == "cuda", worker_init_fn=_single_threaded)

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from featx import store
 from featx.backbones import Backbone, create_backbone
 from featx.data import READERS, AugmentTransform, EvalTransform, ImageFiles, decode_on_device, read_batches
-from featx.embed import Embedder
+from featx.embed import Embedder, resolve_device
 from featx.engines import ENGINES, RayEngine, RayOptions, backbone_spec, ray_available
 from featx.inputs import Split, discover
 
@@ -51,7 +51,7 @@ class ExtractOptions:
     compile: bool = False
     fold_batch_norm: bool = True  # BatchNorms folded into the convolutions before them (float32 rounding only)
     forward_batch: int | None = None  # images per model call; None: the whole batch
-    decode_on_device: bool = False  # JPEGs decoded by torchvision on the model's device (nvjpeg on CUDA)
+    decode_on_device: bool | None = None  # JPEGs decoded on the model's device (nvjpeg); None: on with CUDA
     dtype: str = "float32"
     compression: str | None = None
     shard_size: int = 1024  # an unfinished run keeps the shard size it started with
@@ -91,6 +91,8 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
     if engine == "ray" and not ray_available():
         raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
     all_splits = discover(data_root, source, root)
+    if options.decode_on_device is None:  # the fast pipeline wherever the model runs on a GPU
+        options = replace(options, decode_on_device=engine == "local" and resolve_device(options.device).type == "cuda")
     if splits:
         unknown = sorted(set(splits) - {s.name for s in all_splits})
         if unknown:

@@ -48,3 +48,15 @@ def test_finetune_on_cuda_with_bf16_trains(hymenoptera, mobilenet_weights, tmp_p
     cfg = FinetuneConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), epochs=3, lr=0.003,
                          warmup_epochs=0.5, batch_size=32, workers=4, device="cuda", amp="bf16")
     assert Run(hymenoptera, tmp_path, cfg).fit()["accuracy"] >= 0.92
+
+
+def test_device_pipeline_on_cuda_drops_nothing_and_matches_pil(tmp_path):
+    from test_data import device_pipeline_matches_pil
+
+    device_pipeline_matches_pil(tmp_path, "cuda", 3.0)  # nvjpeg's IDCT differs from libjpeg's by a few levels
+
+
+def test_bare_cuda_extract_picks_the_device_pipeline(hymenoptera, mobilenet_weights, tmp_path):
+    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"],
+            options=ExtractOptions(device="cuda"))
+    assert store.read_meta(tmp_path / "mobilenet_v2" / "val.h5")["decoder"] == "torchvision.io.decode_jpeg"

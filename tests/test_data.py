@@ -146,3 +146,42 @@ def test_batches_are_channels_last_copies_of_the_pixels(tmp_path):
     batch = collate([files[i] for i in range(3)])
     assert batch.images.shape == (3, 3, 224, 224) and batch.images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batch.images, torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2))
+
+
+def _device_pipeline_files(folder: Path) -> list[str]:
+    """An EXIF-rotated JPEG, a greyscale JPEG, a PNG, a plain JPEG, and a JPEG cut short, as photos come."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    rotated = PILImage.fromarray(pixels)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated.save(folder / "rotated.jpg", quality=95, exif=exif)
+    PILImage.fromarray(pixels[..., 0]).save(folder / "grey.jpg", quality=95)
+    PILImage.fromarray(pixels).save(folder / "plain.png")
+    PILImage.fromarray(pixels).save(folder / "plain.jpg", quality=95)
+    (folder / "cut.jpg").write_bytes((folder / "plain.jpg").read_bytes()[:600])
+    return ["rotated.jpg", "grey.jpg", "plain.png", "plain.jpg", "cut.jpg"]
+
+
+def device_pipeline_matches_pil(folder: Path, device: str, max_mean_difference: float) -> None:
+    """The device pipeline (bytes read in threads, one batched decode on DEVICE, EXIF applied, other files by PIL)
+    against the PIL path, image by image; the cut JPEG is recorded as failed by both, nothing else is dropped."""
+    from featx.data import decode_on_device, read_batches
+
+    names = tuple(_device_pipeline_files(folder))
+    transform = EvalTransform(resize=48, crop=40)
+    exact = collate([ImageFiles(folder, names, transform)[i] for i in range(len(names))])
+    on_device = ImageFiles(folder, names, transform, encoded=True)
+    (batch,) = read_batches(on_device, [list(range(len(names)))], 2, torch.device(device))
+    assert batch.encoded_indices.tolist() == [0, 1, 3, 4]  # only JPEGs' bytes were read; the PNG was decoded
+    decoded = decode_on_device(batch, transform, torch.device(device))
+    assert decoded.indices.tolist() == exact.indices.tolist() == [0, 1, 2, 3]
+    assert [i for i, _ in decoded.failed] == [i for i, _ in exact.failed] == [4]
+    difference = (decoded.images.cpu().float() - exact.images.float()).abs()
+    assert difference.mean(dim=(1, 2, 3)).max() <= max_mean_difference  # rotated right: ~100 levels otherwise
+
+
+def test_device_pipeline_on_cpu_matches_pil(tmp_path):
+    device_pipeline_matches_pil(tmp_path, "cpu", 1.0)

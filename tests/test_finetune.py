@@ -140,3 +140,11 @@ def test_resume_refuses_another_recipe_and_takes_fields_added_since(tmp_path):
     assert Run(data, tmp_path / "run", cfg).resume()  # a missing field means its default
     with pytest.raises(ValueError, match=r"different recipe \(lr\)"):
         Run(data, tmp_path / "run", replace(cfg, lr=0.1)).resume()
+
+
+def test_a_head_that_starts_good_gets_gentler_defaults():
+    assert (FinetuneConfig().lr, FinetuneConfig().head_lr_mult) == (0.01, 10.0)
+    reuse = FinetuneConfig(head_init="reuse")
+    assert (reuse.lr, reuse.head_lr_mult) == (1e-4, 1.0)
+    assert FinetuneConfig(head_init="probe", probe="h", lr=0.003).head_lr_mult == 1.0
+    assert FinetuneConfig(head_init="reuse", head_lr_mult=10).lr == 1e-4
