@@ -220,3 +220,20 @@ def test_embed_images_equals_extracted_rows(image_folder, tmp_path):
     assert np.abs(pil - features.features[:2]).max() <= 1e-6
     with pytest.raises(ValueError, match="cannot decode"):
         featx.embed_images([str(tmp_path / "missing.jpg")], "resnet18", "none", device="cpu")
+
+
+def test_finetune_reads_manifests_and_tars(image_folder, tmp_path):
+    from featx import checkpoints
+    from featx.finetune import FinetuneConfig, Run
+
+    images = sorted((image_folder / "train").rglob("*.jpg"))
+    spec = write_tars(tmp_path / "tars", [(p, p.parent.name) for p in images], [6, 6], prefix="train")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
+    cfg = FinetuneConfig(backbone="squeezenet1_1", weights="none", resize=40, crop=32, batch_size=4, epochs=1,
+                         workers=1, device="cpu")
+    for name, data in (("tars", spec), ("csv", manifest)):
+        run = Run(data, tmp_path / f"run-{name}", cfg)
+        assert len(run.train) == 10 and len(run.val) == 2 and run.class_names == ["cats", "dogs"]
+        run.fit()
+        assert [h["epoch"] for h in checkpoints.load(run.out)[1]] == [0, 1]
