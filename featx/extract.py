@@ -100,7 +100,8 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         all_splits = [s for s in all_splits if s.name in splits]
     folder = Path(out) / backbone
     extractor = create_backbone(backbone, weights, mirror, transform)
-    with exclusive(folder), contextlib.ExitStack() as stack:
+    with exclusive(folder), contextlib.ExitStack() as stack, tqdm(total=0, unit="img", desc=backbone, mininterval=1.0,
+                                                                  file=sys.stderr) as progress:  # the whole job
         if engine == "ray":
             ray_engine = RayEngine(backbone_spec(backbone, weights, mirror, extractor.transform), options, ray_options)
             stack.callback(ray_engine.close)
@@ -111,7 +112,7 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
 
             def run(dataset, parts, shards, progress):
                 write_shards(dataset, embedder, parts, shards, options, progress)
-        return {split.name: extract_split(split, extractor, run, folder / f"{split.name}.h5", options)
+        return {split.name: extract_split(split, extractor, run, folder / f"{split.name}.h5", options, progress)
                 for split in all_splits}
 
 
@@ -232,10 +233,10 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
             writer.abort()
 
 
-def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions = ExtractOptions()
-                  ) -> dict:
+def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions, progress: tqdm) -> dict:
     """Extract one split to ``path``, resuming an unfinished run; ``run(dataset, parts, shards, progress)`` writes
-    the shards still to do (an engine). Returns counts, timing and failures."""
+    the shards still to do (an engine), counting images on the job's ``progress`` bar. Returns counts, timing and
+    failures."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
     attrs = split_attrs(split, backbone, dataset, options)
@@ -253,8 +254,9 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     if done:
         print(f"{split.name}: resuming, {len(done)} of {len(planned)} shards already done")
     start = time.perf_counter()
-    with tqdm(total=remaining, unit="img", desc=split.name, mininterval=1.0, file=sys.stderr) as progress:
-        run(dataset, parts, todo, progress)
+    progress.total += remaining
+    progress.set_description(f"{backbone.name} {split.name}")
+    run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
     start_merge = time.perf_counter()
     counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout)
