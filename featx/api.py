@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -16,8 +15,7 @@ from featx.engines import RayOptions
 from featx.extract import ExtractOptions
 from featx.extract import extract as run_extract
 from featx.outputs import to_dataframe
-from featx.store import FeatureSet
-from featx.store import load as load_file
+from featx.store import load
 
 
 def extract(data: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
@@ -52,11 +50,6 @@ def _rgb(image) -> Image.Image:
         return load_rgb(image)
     except Exception as error:  # noqa: BLE001 - named in one line
         raise ValueError(f"cannot decode {image}: {type(error).__name__}: {error}") from None
-
-
-def load(path: str | os.PathLike) -> FeatureSet:
-    """A whole features file: ``.features``, ``.labels``, ``.paths``, ``.class_names``, ``.meta``, ``.failed``."""
-    return load_file(Path(path))
 
 
 __all__ = ["embed_images", "extract", "load", "to_dataframe"]

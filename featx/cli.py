@@ -162,9 +162,10 @@ def predict(head, *inputs, topk=5, out=None, show=None, show_limit=48, batch_siz
     if not inputs:
         raise ValueError("give at least one image file or folder to classify")
     from featx import predict as predict_module
+    from featx.heads.base import check_positive
 
-    if show and (isinstance(show_limit, bool) or not isinstance(show_limit, int) or show_limit < 1):
-        raise ValueError(f"show_limit must be a positive integer, got {show_limit!r}")
+    if show:
+        check_positive("show_limit", show_limit, int)
     records = predict_module.predict(head, list(inputs), topk, batch_size, workers, device, mirror, trust_pickle)
     if out:
         predict_module.write_records(records, out)
@@ -305,8 +306,8 @@ def run(argv: list[str]) -> None:
         return
     command, args = argv[0], flags.normalise(argv[1:])
     if command not in COMMANDS:
-        close = flags.difflib.get_close_matches(command, list(COMMANDS), n=1)
-        hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}"
+        close = flags.closest(command, COMMANDS)
+        hint = f"did you mean {close}?" if close else f"commands: {', '.join(COMMANDS)}"
         raise flags.UsageError(f"no command {command!r}; {hint}")
     function, extra = COMMANDS[command], extra_flags(command)
     before_separator = args[:args.index("--")] if "--" in args else args

@@ -7,10 +7,11 @@ rename, so a retried shard never duplicates rows. The driver merges, as with the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from featx.data import ImageFiles
+from featx.sources import mirror_dir
 
 ENGINES = ("local", "ray")
 MAX_ATTEMPTS = 3  # tries per shard before the job stops
@@ -89,9 +90,8 @@ class RayEngine:
         count, resources = _placement(self.ray, ray_options, options.device)
         self.worker = self.ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)
         device = "cuda" if "num_gpus" in resources else "cpu"
-        worker_options = type(options)(**{**options.__dict__, "device": device,
-                                          "workers": options.workers or ray_options.cpus_per_worker,
-                                          "reader": "threads" if device == "cpu" else options.reader})
+        worker_options = replace(options, device=device, workers=options.workers or ray_options.cpus_per_worker,
+                                 reader="threads" if device == "cpu" else options.reader)
         self.arguments = (backbone_spec, worker_options, ray_options.cpus_per_worker)
         self.count, self.idle = count, []
 
@@ -163,5 +163,5 @@ def backbone_spec(name: str, weights: str, mirror, transform) -> dict:
     weights = str(weights)
     if os.path.isfile(weights):
         weights = os.path.abspath(weights)
-    return {"name": name, "weights": weights, "mirror": str(Path(mirror).resolve()) if mirror else
-            os.environ.get("FEATX_MIRROR"), "transform": transform}
+    root = mirror_dir(mirror)
+    return {"name": name, "weights": weights, "mirror": str(root.resolve()) if root else None, "transform": transform}

@@ -174,11 +174,11 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     parts = store.parts_dir(path)
     if path.exists() and not options.overwrite:
         meta = store.read_meta(path)
-        if {k: meta.get(k) for k in IDENTITY_KEYS} == identity:
+        found = {k: meta.get(k) for k in IDENTITY_KEYS}
+        if found == identity:
             if parts.exists() and meta.get("layout", "copy") == "copy":  # a kill between the commit and the cleanup
                 shutil.rmtree(parts)
             return None
-        found = {k: meta.get(k) for k in IDENTITY_KEYS}
         raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
     path.unlink(missing_ok=True)
@@ -258,9 +258,7 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     progress.set_description(f"{backbone.name} {split.name}")
     run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
-    start_merge = time.perf_counter()
     counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout)
-    counts["merge_seconds"] = time.perf_counter() - start_merge
     rate = remaining / seconds if seconds > 0 else float("nan")
     print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} views processed "
           f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")

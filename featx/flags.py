@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
+import sys
 import textwrap
 
 WIDTH = 118
@@ -30,9 +32,6 @@ def normalise(argv: list[str]) -> list[str]:
 def parse_script_args(parser) -> object:
     """Parse a job's or benchmark's arguments as the CLI takes flags: ``--a_b`` or ``--a-b``, and ``--mirror``
     (default $FEATX_MIRROR), which is passed on to featx through $FEATX_MIRROR."""
-    import os
-    import sys
-
     from featx.sources import MIRROR_ENV
 
     parser.add_argument("--mirror", default=None,
@@ -52,6 +51,12 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def closest(name: str, names) -> str | None:
+    """The one of ``names`` that ``name`` most likely misspells, or None."""
+    found = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
 def check(command: str, known: dict[str, object], argv: list[str]) -> None:
     """Raise ``UsageError`` for the first flag of ``argv`` (normalised) that is not in ``known`` (name ->
     default); ``--noNAME`` is accepted for a boolean flag, as fire reads it."""
@@ -62,8 +67,8 @@ def check(command: str, known: dict[str, object], argv: list[str]) -> None:
             name = arg[2:].partition("=")[0]
             if name in known or (name.startswith("no") and isinstance(known.get(name[2:]), bool)):
                 continue
-            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-            hint = f"did you mean --{close[0]}?" if close else f"see `featx {command} --help`"
+            close = closest(name, known)
+            hint = f"did you mean --{close}?" if close else f"see `featx {command} --help`"
             raise UsageError(f"{command} has no flag --{name}; {hint}")
         if arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"{command}: short flags such as {arg} are not taken; spell the flag out "

@@ -19,10 +19,10 @@ CHUNK_BYTES = 32 << 20  # float32 features read and written at a time
 
 def chunks(path: str | os.PathLike, rows: int | None = None, normalize: bool = False
            ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """(float32 features, labels, paths) blocks of a features file (default: about ``CHUNK_BYTES`` each),
-    L2-normalised on request."""
-    rows = rows or max(256, CHUNK_BYTES // (4 * store.read_meta(path)["feature_dim"]))
+    """(float32 features, labels, paths) blocks of a features file the caller checked with ``store.read_meta``
+    (default: about ``CHUNK_BYTES`` each), L2-normalised on request."""
     with store.open_h5(path) as f:
+        rows = rows or max(256, CHUNK_BYTES // (4 * f["features"].shape[1]))
         for start in range(0, f["features"].shape[0], rows):
             features = f["features"][start:start + rows].astype(np.float32)
             if normalize:

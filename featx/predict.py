@@ -18,6 +18,7 @@ from featx.data import EvalTransform, ImageFiles, load_rgb, read_batches, sequen
 from featx.embed import Embedder, resolve_device
 from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
+from featx.heads.base import check_positive
 from featx.inputs import IMAGE_EXTENSIONS, list_images
 
 
@@ -58,9 +59,8 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
             trust_pickle: bool = False) -> list[dict]:
     """Classify with a head folder or a finetune run folder. One record per image: path, true class (its
     folder's name, when that is a class), prediction, top-k, logits; undecodable images get an ``error``."""
-    for name, value in (("topk", topk), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive("topk", topk, int)
+    check_positive("batch_size", batch_size, int)
     classify, transform, names = load_classifier(head, device, mirror, trust_pickle)
     files = collect_images(inputs)
     dataset = ImageFiles(Path(), tuple(files), transform)

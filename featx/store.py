@@ -138,12 +138,7 @@ def commit_file(tmp: Path, path: Path) -> None:
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the names in ``folder`` durable."""
-    dir_fd = os.open(folder, os.O_RDONLY)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
