@@ -7,7 +7,7 @@ export FEATX_MIRROR ?= $(if $(wildcard ../shared/README.md),$(abspath ../shared)
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml featx/heads/_fused.c
+$(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,ray]'

@@ -33,7 +33,7 @@ if kind == "plain":
     data = store.load(path)
     pd.DataFrame({"path": data.paths, "label": data.labels, "embedding": list(data.features)}).to_parquet(out)
 else:
-    from featx.outputs import export_features
+    from featx.export_features import export_features
     export_features(path, out, kind)
 seconds = time.perf_counter() - start
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))

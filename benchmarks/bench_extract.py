@@ -21,20 +21,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from featx.cli import guarded
 import torch
 from torchvision import datasets, transforms
 
+from featx.cli import guarded
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (parse_args, in_fresh_process, mirror, rate_of, replicated, synchronize, timed,  # noqa: E402
+from common import (in_fresh_process, mirror, parse_args, rate_of, replicated, synchronize, timed,  # noqa: E402
                     write_results)
 
 from featx.backbones import create_backbone  # noqa: E402
-from featx.data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402
-                        decode_on_device)
-from featx.inputs import discover  # noqa: E402
+from featx.decode import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402
+                          decode_on_device)
 from featx.embed import Embedder, resolve_device  # noqa: E402
 from featx.extract import ExtractOptions, extract  # noqa: E402
+from featx.sources import discover  # noqa: E402
 from featx.store import ShardWriter  # noqa: E402
 
 

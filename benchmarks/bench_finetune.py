@@ -17,18 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from featx.cli import guarded
 import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from featx.cli import guarded
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_args, in_fresh_process, mirror, replicated, synchronize, write_results  # noqa: E402
+from common import in_fresh_process, mirror, parse_args, replicated, synchronize, write_results  # noqa: E402
 
 from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
-from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from featx.decode import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from featx.embed import resolve_device  # noqa: E402
-from featx.finetune import FinetuneConfig, Run  # noqa: E402
+from featx.finetune import FinetuneConfig, prepare, train_one_epoch  # noqa: E402
 
 
 def d2l_loop(data: Path, backbone: str, batch_size: int, device: torch.device) -> float:
@@ -61,10 +62,10 @@ def d2l_loop(data: Path, backbone: str, batch_size: int, device: torch.device) -
 def featx_loop(data: Path, backbone: str, batch_size: int, device: torch.device) -> float:
     """One epoch of featx's loop (channels_last on CPU, decode threads taking turns with the model on CPU,
     uint8 batches normalised in the loop, bf16 autocast on CUDA); training examples/s."""
-    with tempfile.TemporaryDirectory() as out:
-        run = Run(data, out, FinetuneConfig(backbone=backbone, weights="none", batch_size=batch_size, epochs=1,
-                                            device=str(device)))
-        return run.train_epoch()["train_examples_per_second"]
+    run = prepare(data, FinetuneConfig(backbone=backbone, weights="none", batch_size=batch_size, epochs=1,
+                                       device=str(device)))
+    return train_one_epoch(run.model, run.optimizer, run.scheduler, run.scaler, run.loaders.train(1),
+                           run.amp)["train_examples_per_second"]
 
 
 def main() -> None:

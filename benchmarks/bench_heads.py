@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featx.cli import guarded
 from featx import store
+from featx.cli import guarded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parse_args, write_results  # noqa: E402

@@ -24,10 +24,10 @@ import json, os, sys, time
 from pathlib import Path
 start = time.perf_counter()
 from featx.backbones import create_backbone
-from featx.engines import RayEngine, RayOptions, backbone_spec
-from featx.extract import ExtractOptions, plan_shards, split_dataset, write_shards
-from featx.embed import Embedder
-from featx.inputs import discover
+from featx.engines import LocalEngine, RayEngine, RayOptions, backbone_spec
+from featx.extract import ExtractOptions, split_dataset
+from featx.shards import plan_shards
+from featx.sources import discover
 engine, workers, data, backbone, weights, out = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7]
 options = ExtractOptions(batch_size=64, shard_size=64, device="cpu")
 split = discover(data)[0]
@@ -37,9 +37,9 @@ shards = dict(enumerate(plan_shards(len(dataset), options.shard_size, options.ba
 parts = Path(out)
 parts.mkdir(parents=True)
 if engine == "local":
-    embedder = Embedder(extractor, "cpu")
+    local_engine = LocalEngine(extractor, options)
     ready = time.perf_counter()
-    write_shards(dataset, embedder, parts, shards, options)
+    local_engine.run(dataset, parts, shards)
 else:
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -17,18 +17,19 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from featx.cli import guarded
 import torch
 from torch import nn
 
+from featx.cli import guarded
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_args, in_fresh_process, write_results  # noqa: E402
+from common import in_fresh_process, parse_args, write_results  # noqa: E402
 
 from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
 from featx.embed import Embedder, fold_batch_norms  # noqa: E402
 from featx.heads import holdout_split  # noqa: E402
-from featx.heads.blocks import BlockStream, RowFile  # noqa: E402
+from featx.heads.blocks import BlockStream  # noqa: E402
 from featx.heads.linear import GridSGD, LinearHead, _error_t_x  # noqa: E402
 from featx.memory import keep_freed_memory  # noqa: E402
 
@@ -83,21 +84,18 @@ def featx_forward_rate(name: str, batch_size: int) -> float:
 
 def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10,
                       batch: int = 1024) -> dict[str, tuple[float, str]]:
-    """The streaming linear head's stages, each alone: the SGD step (one head, rows in memory; PyTorch ops and
-    the fused kernel) at ``batch`` and 4x it, its cost per call (at 16 rows), the PyTorch step's two
-    K = ``classes`` products; the block reader on all cores, all
+    """The streaming linear head's stages, each alone: the SGD step (one head, rows in memory, PyTorch ops) at
+    ``batch`` and 4x it, its cost per call (at 16 rows), its two K = ``classes`` products; the block reader on all cores, all
     rows or fit-head's 20 % hold-out masked out (rows served per second); the file copy beneath it (every row in
     file order, no shuffle); and a memory-to-memory copy of as many bytes."""
     features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))
     threads, calls, rates = torch.get_num_threads(), 64, {}
-    for kernel in ("torch", "fused"):
-        sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim), fused=kernel == "fused")
-        for b in (batch, 4 * batch):
-            rates[f"SGD step alone ({kernel}), batch {b}, rows in memory, {threads} threads"] = (per_second(
-                lambda: [sgd.step(features[a:a + b], labels[a:a + b], 1.0) for a in range(0, rows, b)], rows),
-                "rows/s")
-        rates[f"SGD step ({kernel}) cost per call (batch 16)"] = (1e6 / per_second(
-            lambda: [sgd.step(features[:16], labels[:16], 1.0) for _ in range(calls)], calls), "µs")
+    sgd = GridSGD([(0.03, 0.0)], classes, torch.zeros(dim), torch.ones(dim))
+    for b in (batch, 4 * batch):
+        rates[f"SGD step alone, batch {b}, rows in memory, {threads} threads"] = (per_second(
+            lambda: [sgd.step(features[a:a + b], labels[a:a + b], 1.0) for a in range(0, rows, b)], rows), "rows/s")
+    rates["SGD step cost per call (batch 16)"] = (1e6 / per_second(
+        lambda: [sgd.step(features[:16], labels[:16], 1.0) for _ in range(calls)], calls), "µs")
     x, weight, error = features[:batch], torch.randn(classes, dim), torch.randn(batch, classes)
     flops = 2 * batch * dim * classes
     with torch.inference_mode():
@@ -115,9 +113,9 @@ def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10,
                 rng = np.random.default_rng(0)
                 rates[f"block reader alone (shuffled), all cores, {what}"] = (per_second(
                     lambda: sum(len(r) for _, r in stream.blocks(mask, rng)), int(mask.sum())), "rows/s")
-            source, out = RowFile.open(f["x"]), np.empty((rows, dim), np.float32)
-            rates["file copy alone: preadv in file order, all cores"] = (per_second(
-                lambda: source.read(np.arange(rows), np.arange(rows), out, threads), rows), "rows/s")
+            out = np.empty((rows, dim), np.float32)
+            rates["file copy alone: h5py read_direct in file order"] = (per_second(
+                lambda: f["x"].read_direct(out), rows), "rows/s")
     rates["memory copy of as many bytes, numpy"] = (per_second(lambda: np.copyto(out, features.numpy()), rows),
                                                     "rows/s")
     return {f"linear head {rows}x{dim}, {classes} classes: {k}": v for k, v in rates.items()}

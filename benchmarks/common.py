@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from featx import flags
-from featx.sources import require_mirror
+from featx.mirror import require_mirror
 
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed results: written only with --out
 SCRATCH = Path(__file__).resolve().parent / "scratch"  # where a run writes by default (ignored by git)

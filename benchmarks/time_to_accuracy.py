@@ -18,17 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from featx.cli import guarded
 import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from featx.cli import guarded
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_args, in_fresh_process, mirror, write_results  # noqa: E402
+from common import in_fresh_process, mirror, parse_args, write_results  # noqa: E402
 
 from featx import store  # noqa: E402
 from featx.backbones import create_model  # noqa: E402
-from featx.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from featx.decode import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from featx.extract import ExtractOptions, extract  # noqa: E402
 from featx.fit import fit_head  # noqa: E402
 

@@ -9,12 +9,12 @@ import numpy as np
 from PIL import Image
 
 from featx.backbones import create_backbone
-from featx.data import EvalTransform, collate, load_rgb, to_rgb
+from featx.decode import EvalTransform, collate, load_rgb, to_rgb
 from featx.embed import Embedder
 from featx.engines import RayOptions
+from featx.export_features import to_dataframe
 from featx.extract import ExtractOptions
 from featx.extract import extract as run_extract
-from featx.outputs import to_dataframe
 from featx.store import load
 
 

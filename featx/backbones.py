@@ -13,9 +13,9 @@ import torch
 import torchvision
 from torch import nn
 
-from featx.data import EvalTransform
-from featx.sources import file_digest, mirrored_weights
-from featx.store import load_tensors
+from featx.decode import EvalTransform
+from featx.mirror import file_digest, mirrored_weights
+from featx.tensors import load_tensors
 
 # Families whose final layer is not simply the model's last nn.Linear (the rule for every other family:
 # resnet/resnext/regnet `fc`, mobilenet/efficientnet/vgg `classifier.N`, vit `heads.head`, swin `head`, ...).

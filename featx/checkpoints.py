@@ -12,14 +12,51 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from featx import store
+from featx.tensors import load_tensors
 
 POINTER = "checkpoint.json"
 FOLDER = "checkpoints"
+
+
+@dataclass
+class Progress:
+    """Where a run is: epochs and steps done, the best validation accuracy so far, the history of every epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    best_accuracy: float = -1.0
+    history: list[dict] = field(default_factory=list)
+
+
+def save(run: Path, progress: Progress, model, optimizer, scheduler, scaler, config: dict, improved: bool) -> Path:
+    """Commit the run's state after ``progress.epoch`` (``commit``); ``improved``: the model is the new best."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": progress.epoch, "step": progress.step,
+             "best_accuracy": progress.best_accuracy, "rng": torch.get_rng_state(), "config": config}
+    return commit(run, progress.epoch, state, model.state_dict() if improved else None, progress.history)
+
+
+def restore(run: Path, model, optimizer, scheduler, scaler, check: Callable[[dict], None]) -> Progress | None:
+    """Load the committed checkpoint into the objects given, after ``check(state)`` (which raises to refuse it);
+    None when the run has none."""
+    found = load(run)
+    if found is None:
+        return None
+    state, history = found
+    check(state)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    return Progress(state["epoch"], state["step"], state["best_accuracy"], history)
 
 
 def current(run: Path) -> Path | None:
@@ -66,7 +103,7 @@ def load(run: Path) -> tuple[dict, list[dict]] | None:
     folder = current(run)
     if folder is None:
         return None
-    return store.load_tensors(folder / "state.pt", "checkpoint"), json.loads((folder / "history.json").read_text())
+    return load_tensors(folder / "state.pt", "checkpoint"), json.loads((folder / "history.json").read_text())
 
 
 def best_weights(run: Path) -> dict:
@@ -74,4 +111,4 @@ def best_weights(run: Path) -> dict:
     folder = current(run)
     if folder is None:
         raise FileNotFoundError(f"{run} has no finished epoch to load (no {POINTER})")
-    return store.load_tensors(folder / "best.pt", "checkpoint")
+    return load_tensors(folder / "best.pt", "checkpoint")

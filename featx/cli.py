@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import pickle
 import sys
-from dataclasses import replace
 
 import fire
 
-import featx
 from featx import backbones as backbone_registry
 from featx import flags
 from featx.engines import EngineError, RayOptions
-from featx.extract import ExtractError, ExtractOptions
+from featx.extract import ExtractError, ExtractOptions, custom_transform
 from featx.extract import extract as run_extract
+from featx.version import __version__
 
 
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
@@ -86,11 +85,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
                              decode_on_device=decode_on_device, dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed,
                              layout=layout)
-    transform = None
-    if resize is not None or crop is not None or draft or resize_crop_only:
-        preset = backbone_registry.create_model(backbone, weights, mirror)[2]
-        transform = replace(preset, resize=resize or preset.resize, crop=crop or preset.crop, draft=draft,
-                            resize_crop_only=resize_crop_only)
+    transform = custom_transform(backbone, weights, mirror, resize, crop, draft, resize_crop_only)
     if isinstance(splits, str):
         splits = splits.split(",")
     ray_options = RayOptions(ray_address, ray_workers, ray_cpus_per_worker)
@@ -116,7 +111,6 @@ def fit_head(train, val="auto", head="logreg", out=None, **params):
         batch_size: linear: rows per SGD step (default 1024); knn: rows scored together.
         block_rows: linear: rows read per block (default: about 128 MB).
         device: linear: auto, cpu, cuda (default auto).
-        kernel: linear: auto, torch or fused (the C kernel, CPU only) (default auto).
         ks: knn: the k values tried (default [1,3,5,10,20,50]).
         temperature: knn: vote temperature (default 0.07).
         seed: the hold-out's and the head's seed (default 0).
@@ -159,26 +153,9 @@ def predict(head, *inputs, topk=5, out=None, show=None, show_limit=48, batch_siz
         mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
         trust_pickle: also load an older featx's pickled logreg head (model.joblib); it can run code.
     """
-    if not inputs:
-        raise ValueError("give at least one image file or folder to classify")
-    from featx import predict as predict_module
-    from featx.heads.base import check_positive
+    from featx.predict import run as run_predict
 
-    if show:
-        check_positive("show_limit", show_limit, int)
-    records = predict_module.predict(head, list(inputs), topk, batch_size, workers, device, mirror, trust_pickle)
-    if out:
-        predict_module.write_records(records, out)
-    else:
-        print(predict_module.to_csv(records), end="")
-    for record in records:
-        if "error" in record:
-            print(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
-    accuracy, labelled = predict_module.accuracy(records)
-    if labelled:
-        print(f"accuracy {accuracy:.4f} on {labelled} images whose folder names their class", file=sys.stderr)
-    if show:
-        predict_module.contact_sheet(records, show, show_limit)
+    run_predict(head, list(inputs), topk, out, show, show_limit, batch_size, workers, device, mirror, trust_pickle)
 
 
 def export(head, out, onnx=True, mirror=None, trust_pickle=False):
@@ -242,9 +219,10 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
         source: how to read DATA: auto, imagefolder, manifest, webdataset (labelled sources only).
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
     """
-    from featx.finetune import FinetuneConfig, Run
+    from featx.finetune import FinetuneConfig
+    from featx.finetune import finetune as run_finetune
 
-    Run(data, out, FinetuneConfig(**recipe), mirror, trust_pickle).fit(resume, overwrite)
+    run_finetune(data, out, FinetuneConfig(**recipe), mirror, trust_pickle, resume, overwrite)
 
 
 def export_features(features, out, format="parquet", normalize=False):
@@ -260,7 +238,7 @@ def export_features(features, out, format="parquet", normalize=False):
         format: parquet or npy.
         normalize: L2-normalise each embedding (for cosine search with an inner-product index).
     """
-    from featx.outputs import export_features as write
+    from featx.export_features import export_features as write
 
     print(f"wrote {write(features, out, format, normalize)}")
 
@@ -290,7 +268,7 @@ def extra_flags(command: str) -> dict[str, object]:
 
 def overview() -> str:
     """``featx --help``."""
-    lines = [f"featx {featx.__version__}: cache frozen-backbone image features in HDF5, fit heads, fine-tune.", "",
+    lines = [f"featx {__version__}: cache frozen-backbone image features in HDF5, fit heads, fine-tune.", "",
              "usage: featx COMMAND ARGS [flags]     featx COMMAND --help     featx --version", "", "commands:"]
     lines += [f"  {name:<12} {flags.documented(function)[0].splitlines()[0]}" for name, function in COMMANDS.items()]
     return "\n".join(lines)
@@ -302,7 +280,7 @@ def run(argv: list[str]) -> None:
         print(overview())
         return
     if argv[0] in ("--version", "version"):
-        print(f"featx {featx.__version__}")
+        print(f"featx {__version__}")
         return
     command, args = argv[0], flags.normalise(argv[1:])
     if command not in COMMANDS:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featx.sources import file_digest
+from featx.mirror import file_digest
 
 
 class UntrustedCacheError(ValueError):

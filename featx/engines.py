@@ -1,7 +1,9 @@
 """Engines (the distributor role): who runs which shards of a split. ``local`` runs them in this process; ``ray``
 hands them to Ray actors, one per GPU or per N CPU cores, each loading the model once and writing whole shards
-into the shared output folder. A shard is the unit of work and of retry: it becomes visible only by its atomic
-rename, so a retried shard never duplicates rows. The driver merges, as with the local engine.
+into the shared output folder. Both run ``featx.shards.write_shards``. A shard is the unit of work and of retry:
+it becomes visible only by its atomic rename, so a retried shard never duplicates rows. The runner merges.
+
+An engine has ``run(dataset, parts, shards, progress)`` and ``close()``; ``open_engine`` makes one by name.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from featx.data import ImageFiles
-from featx.sources import mirror_dir
+from featx.backbones import Backbone, create_backbone
+from featx.decode import ImageFiles
+from featx.embed import Embedder
+from featx.mirror import mirror_dir
+from featx.shards import write_shards
 
 ENGINES = ("local", "ray")
 MAX_ATTEMPTS = 3  # tries per shard before the job stops
@@ -32,29 +37,38 @@ class RayOptions:
     cpus_per_worker: int = 1
 
 
+class LocalEngine:
+    """Runs shards in this process, one after another, with one model for the whole job."""
+
+    def __init__(self, backbone: Backbone, options):
+        self.embedder = Embedder(backbone, options.device, options.amp, options.channels_last, options.compile,
+                                 options.forward_batch, options.fold_batch_norm)
+        self.options = options
+
+    def run(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress=None) -> None:
+        """Write ``shards`` (shard number -> batches of dataset items) into ``parts``."""
+        write_shards(dataset, self.embedder, parts, shards, self.options, progress)
+
+    def close(self) -> None:
+        """Nothing to release: the model goes with the engine."""
+
+
 class ShardWorker:
-    """A Ray actor: builds the backbone once, then decodes, embeds and writes whole shards."""
+    """A Ray actor: builds the backbone once, then decodes, embeds and writes whole shards (a ``LocalEngine`` in the
+    actor's process)."""
 
     def __init__(self, backbone_spec: dict, options, threads: int):
         import torch
 
-        from featx.backbones import create_backbone
-        from featx.embed import Embedder
-
         torch.set_num_threads(max(1, threads))
-        backbone = create_backbone(**backbone_spec)
-        self.embedder = Embedder(backbone, options.device, options.amp, options.channels_last, options.compile,
-                                 options.forward_batch, options.fold_batch_norm)
-        self.options = options
+        self.engine = LocalEngine(create_backbone(**backbone_spec), options)
 
     def ready(self) -> bool:
         return True
 
     def run_shard(self, dataset: ImageFiles, parts: str, number: int, batches: list[list[int]]) -> int:
         """Write shard ``number``; returns how many items it held."""
-        from featx.extract import write_shards
-
-        write_shards(dataset, self.embedder, Path(parts), {number: batches}, self.options)
+        self.engine.run(dataset, Path(parts), {number: batches})
         return sum(len(b) for b in batches)
 
 
@@ -165,3 +179,10 @@ def backbone_spec(name: str, weights: str, mirror, transform) -> dict:
         weights = os.path.abspath(weights)
     root = mirror_dir(mirror)
     return {"name": name, "weights": weights, "mirror": str(root.resolve()) if root else None, "transform": transform}
+
+
+def open_engine(name: str, backbone: Backbone, weights: str, mirror, options, ray_options: RayOptions = RayOptions()):
+    """The engine ``name`` (``ENGINES``) for ``backbone`` (built from ``weights`` and ``mirror``); close it after."""
+    if name == "ray":
+        return RayEngine(backbone_spec(backbone.name, weights, mirror, backbone.transform), options, ray_options)
+    return LocalEngine(backbone, options)

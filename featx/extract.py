@@ -1,8 +1,9 @@
-"""Runner: data in, features out. Plans each split as shards, skips finished ones, maps the rest, merges.
+"""Runner: data in, features out. For each split: plan its shards, skip the finished ones, have an engine write
+the rest, merge them into ``SPLIT.h5``.
 
-Stages (each replaceable): ``featx.data`` reads files into uint8 batches, ``featx.embed`` maps batches to
-features, ``featx.store`` writes shards and merges them. Shards are independent units (``write_shards`` takes
-any subset), which is the seam for a distributed runner; this module runs them sequentially.
+The roles below it, each replaceable: ``featx.sources`` (what to read), ``featx.decode`` (files -> uint8 batches),
+``featx.embed`` (batches -> features), ``featx.shards`` + ``featx.store`` (shards written, merged),
+``featx.engines`` (who runs which shards: this process, or Ray actors).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from featx import store
-from featx.backbones import Backbone, create_backbone
-from featx.data import READERS, AugmentTransform, EvalTransform, ImageFiles, decode_on_device, read_batches
-from featx.embed import Embedder, resolve_device
-from featx.engines import ENGINES, RayEngine, RayOptions, backbone_spec, ray_available
-from featx.inputs import Split, discover
+from featx.backbones import Backbone, create_backbone, create_model
+from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles
+from featx.embed import resolve_device
+from featx.engines import ENGINES, RayOptions, open_engine, ray_available
+from featx.shards import plan_shards
+from featx.sources import Split, discover
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
 IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
@@ -79,12 +80,23 @@ class ExtractOptions:
             raise ValueError("compression applies to the copy layout; the virtual layout reads the shards as written")
 
 
+def custom_transform(backbone: str, weights: str, mirror: str | None, resize: int | None = None,
+                     crop: int | None = None, draft: bool = False, resize_crop_only: bool = False
+                     ) -> EvalTransform | None:
+    """The weights' eval preset with the sizes and decode shortcuts asked for; None when nothing is asked."""
+    if resize is None and crop is None and not draft and not resize_crop_only:
+        return None
+    preset = create_model(backbone, weights, mirror)[2]
+    return replace(preset, resize=resize or preset.resize, crop=crop or preset.crop, draft=draft,
+                   resize_crop_only=resize_crop_only)
+
+
 def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
             splits: list[str] | None = None, options: ExtractOptions = ExtractOptions(), source: str = "auto",
             root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions()
             ) -> dict[str, dict]:
-    """Extract every split of ``data_root`` (read as ``source``: ``featx.inputs``) to ``out/<backbone>/<split>.h5``,
+    """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) to ``out/<backbone>/<split>.h5``,
     its shards run by ``engine`` (``featx.engines``: local, or ray); returns a summary per split."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -100,19 +112,10 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         all_splits = [s for s in all_splits if s.name in splits]
     folder = Path(out) / backbone
     extractor = create_backbone(backbone, weights, mirror, transform)
-    with exclusive(folder), contextlib.ExitStack() as stack, tqdm(total=0, unit="img", desc=backbone, mininterval=1.0,
-                                                                  file=sys.stderr) as progress:  # the whole job
-        if engine == "ray":
-            ray_engine = RayEngine(backbone_spec(backbone, weights, mirror, extractor.transform), options, ray_options)
-            stack.callback(ray_engine.close)
-            run = ray_engine.run
-        else:
-            embedder = Embedder(extractor, options.device, options.amp, options.channels_last, options.compile,
-                                options.forward_batch, options.fold_batch_norm)
-
-            def run(dataset, parts, shards, progress):
-                write_shards(dataset, embedder, parts, shards, options, progress)
-        return {split.name: extract_split(split, extractor, run, folder / f"{split.name}.h5", options, progress)
+    with exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
+                                                           ray_options)) as runner, \
+            tqdm(total=0, unit="img", desc=backbone, mininterval=1.0, file=sys.stderr) as progress:  # the whole job
+        return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", options, progress)
                 for split in all_splits}
 
 
@@ -193,44 +196,6 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     with store.writing(parts / "manifest.json"):
         store.write_manifest(parts, {**identity, "shard_size": options.shard_size})
     return options.shard_size
-
-
-def plan_shards(num_items: int, shard_size: int, batch_size: int, sizes: list[int] | None = None
-                ) -> list[list[list[int]]]:
-    """Item indices in shards of ``shard_size``, or of the source's own ``sizes`` (one tar = one shard), each cut in
-    batches; the boundaries never depend on the batch size."""
-    sizes = [n for n in sizes if n] if sizes else [shard_size] * -(-num_items // shard_size)
-    starts = np.cumsum([0, *sizes])
-    return [[list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-            for start, stop in zip(starts[:-1].tolist(), np.minimum(starts[1:], num_items).tolist())]
-
-
-def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
-                 options: ExtractOptions, progress: tqdm | None = None) -> None:
-    """Decode, embed and write the given shards (shard number -> batches of dataset items)."""
-    order = [(number, i == len(batches) - 1) for number, batches in shards.items() for i in range(len(batches))]
-    batches = [batch for batches in shards.values() for batch in batches]
-    writer = None
-    try:
-        reader = read_batches(dataset, batches, options.workers, embedder.device, options.reader)
-        for batch, (number, last) in zip(reader, order):
-            batch = decode_on_device(batch, dataset.transform, embedder.device)
-            features = embedder(batch.images).numpy().astype(options.dtype)
-            path = store.shard_path(parts, number)
-            with store.writing(path):
-                if writer is None:
-                    shard_items = sum(len(b) for b in shards[number])
-                    writer = store.ShardWriter(path, embedder.feature_dim, options.dtype, shard_items)
-                writer.append(batch.indices.numpy(), features)
-                writer.add_failures(batch.failed)
-                if last:
-                    writer.commit()
-                    writer = None
-            if progress is not None:
-                progress.update(batch.size)
-    finally:
-        if writer is not None:
-            writer.abort()
 
 
 def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions, progress: tqdm) -> dict:

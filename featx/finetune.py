@@ -1,8 +1,10 @@
-"""Stage 3: end-to-end fine-tuning with a new head (10x learning rate by default), and the baselines.
+"""Fine-tuning end to end with a new head (10x learning rate by default), and the baselines (frozen, scratch).
 
-One loop, read top to bottom: build the model and its head, freeze what is asked, make parameter groups,
-then per epoch train, evaluate, checkpoint. ``--resume`` restarts from the last finished epoch with the
-optimiser, schedule and RNG state it had, so an interrupted run ends with the same steps and weights.
+Read like torchvision's ``references/classification/train.py``: ``train_one_epoch`` and ``evaluate`` take a model
+and batches; ``fit`` is the loop (train, evaluate, checkpoint per epoch) and takes the model, loaders and optimiser
+it is given; ``prepare`` builds them from a recipe; ``finetune`` is the command. ``--resume`` restarts from the last
+committed epoch (``featx.checkpoints``) with the optimiser, schedule and RNG state it had, so an interrupted run ends
+with the same steps and weights.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from tqdm import tqdm
 
 from featx import checkpoints, store
 from featx.backbones import classifier_layer, classifier_layer_name, create_model, replace_classifier
-from featx.data import READERS, AugmentTransform, ImageFiles, read_batches, sequential_batches
+from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles, read_batches, sequential_batches
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
 from featx.heads import holdout_split, load_head
-from featx.inputs import Split, discover
 from featx.memory import keep_freed_memory
 from featx.metrics import classification_metrics, summary_line, write_metrics
+from featx.sources import Split, discover
 
 HEAD_INITS = ("random", "probe", "reuse")
 # Default (lr, head_lr_mult) per head_init: a head that already classifies (LP-FT, reused ImageNet rows) is wrecked
@@ -73,7 +75,7 @@ class FinetuneConfig:
     # None: on for CPU (a measured win), off on CUDA (H100: MobileNetV2's bf16 training ran 5x slower with it)
     channels_last: bool | None = None
     val_fraction: float = 0.2  # held out of train (stratified, by seed) when the data has no val/ or test/ split
-    source: str = "auto"  # how to read DATA: featx.inputs.SOURCES
+    source: str = "auto"  # how to read DATA: featx.sources.SOURCES
     seed: int = 0
 
     def __post_init__(self):
@@ -247,171 +249,200 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
     return [order[i:i + batch_size] for i in range(0, num_items, batch_size)]
 
 
-# --- run ------------------------------------------------------------------------------------------------
-class Run:
-    """One fine-tuning run in a folder: model, optimiser, schedule, history, checkpoints. Sets
-    ``featx.memory.keep_freed_memory`` for the process."""
+# --- the loop -------------------------------------------------------------------------------------------
+class ImageLoaders:
+    """The batches a run trains and evaluates on, as (normalised inputs, labels) on the device. An epoch's order and
+    augmentation are a function of (seed, epoch) alone, so a resumed run sees the batches it would have seen."""
 
-    def __init__(self, data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig,
-                 mirror: str | None = None, trust_pickle: bool = False):
-        self.cfg, self.out = cfg, Path(out)
-        self.train, self.val = training_splits(data, cfg)
-        torch.manual_seed(cfg.seed)
-        keep_freed_memory()
-        weights = "none" if cfg.init == "scratch" else cfg.weights
-        self.model, self.weights, preset = create_model(cfg.backbone, weights, mirror)
-        self.transform = replace(preset, resize=cfg.resize or preset.resize, crop=cfg.crop or preset.crop)
-        self.class_names = list(self.train.class_names)
-        self.head_report = init_head(self.model, cfg, self.class_names, self.weights.categories,
-                                     self.weights.sha256, trust_pickle)
-        self.frozen = freeze(self.model, cfg.backbone, cfg.freeze)
-        self.device = resolve_device(cfg.device)
-        self.amp = resolve_amp(cfg.amp, self.device)
-        self.channels_last = self.device.type == "cpu" if cfg.channels_last is None else cfg.channels_last
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.mean, self.std = channel_stats(self.transform, self.device)
-        self.optimizer = make_optimizer(param_groups(self.model, cfg.backbone, cfg), cfg)
-        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
-        self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
-        self.epoch, self.step, self.best_accuracy, self.history = 0, 0, -1.0, []
+    def __init__(self, train: Split, val: Split, transform: EvalTransform, cfg: FinetuneConfig,
+                 device: torch.device, channels_last: bool):
+        self.train_split, self.val_split, self.transform, self.cfg = train, val, transform, cfg
+        self.device, self.channels_last = device, channels_last
+        self.mean, self.std = channel_stats(transform, device)
 
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return normalise(images, self.mean, self.std, self.channels_last)
-
-    def train_epoch(self) -> dict:
-        cfg, epoch = self.cfg, self.epoch + 1
+    def train(self, epoch: int):
+        """Epoch ``epoch``'s shuffled, augmented training batches."""
+        cfg = self.cfg
         augment = AugmentTransform(self.transform.crop, interpolation=self.transform.interpolation,
                                    seed=cfg.seed * 10_007 + epoch)
-        batches = epoch_batches(len(self.train), cfg.batch_size, cfg.seed, epoch)
-        set_train_mode(self.model)
-        loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-        data = ImageFiles(self.train.root, self.train.paths, self.transform, 1, augment, members=self.train.members)
-        reader = read_batches(data, batches, cfg.workers, self.device, cfg.reader)
-        for batch in tqdm(reader, desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=1.0):
-            labels = torch.from_numpy(self.train.labels[batch.indices.numpy()]).to(self.device)
-            with autocast(self.device, self.amp):
-                logits = self.model(self.inputs(batch.images))
-                loss = nn.functional.cross_entropy(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-        seconds = time.perf_counter() - start
-        return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "train_examples_per_second": seen / seconds, "train_seconds": seconds}
+        batches = epoch_batches(len(self.train_split), cfg.batch_size, cfg.seed, epoch)
+        return self._batches(self.train_split, batches, augment)
 
-    @torch.inference_mode()
-    def predict(self, split: Split) -> tuple[np.ndarray, np.ndarray, float]:
-        """Logits and labels of every decodable image of ``split``; and examples/s."""
-        self.model.eval()
-        logits, labels, start = [], [], time.perf_counter()
-        data = ImageFiles(split.root, split.paths, self.transform, members=split.members)
-        batches = sequential_batches(len(split), self.cfg.batch_size * 2)
+    def val(self):
+        """The validation batches, in order, with the eval transform."""
+        return self._batches(self.val_split, sequential_batches(len(self.val_split), self.cfg.batch_size * 2))
+
+    def _batches(self, split: Split, batches: list[list[int]], augment: AugmentTransform | None = None):
+        data = ImageFiles(split.root, split.paths, self.transform, 1, augment, members=split.members)
         for batch in read_batches(data, batches, self.cfg.workers, self.device, self.cfg.reader):
-            with autocast(self.device, self.amp):
-                logits.append(self.model(self.inputs(batch.images)).float().cpu())
-            labels.append(split.labels[batch.indices.numpy()])
-        seconds = time.perf_counter() - start
-        return torch.cat(logits).numpy(), np.concatenate(labels), sum(map(len, labels)) / seconds
+            labels = torch.from_numpy(split.labels[batch.indices.numpy()]).to(self.device)
+            yield normalise(batch.images, self.mean, self.std, self.channels_last), labels
 
-    def evaluate(self) -> dict:
-        logits, labels, rate = self.predict(self.val)
-        loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
-        return {"val_loss": loss, "val_accuracy": float(np.mean(logits.argmax(1) == labels)),
-                "eval_examples_per_second": rate}
 
-    # --- checkpoints ------------------------------------------------------------------------------------
-    def save(self, improved: bool) -> None:
-        """Commit this epoch's checkpoint as one unit (``featx.checkpoints``)."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 "epoch": self.epoch, "step": self.step, "best_accuracy": self.best_accuracy,
-                 "rng": torch.get_rng_state(), "config": asdict(self.cfg)}
-        checkpoints.commit(self.out, self.epoch, state, self.model.state_dict() if improved else None, self.history)
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                    loader, amp: torch.dtype | None, description: str = "train") -> dict:
+    """One pass over ``loader`` ((inputs, labels) batches): a step of ``optimizer`` and ``scheduler`` per batch.
+    Returns the mean loss, accuracy, speed and the number of steps."""
+    set_train_mode(model)
+    loss_sum, correct, seen, steps, start = 0.0, 0, 0, 0, time.perf_counter()
+    for inputs, labels in tqdm(loader, desc=description, unit="batch", leave=False, mininterval=1.0):
+        with autocast(inputs.device, amp):
+            logits = model(inputs)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        steps += 1
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "train_examples_per_second": seen / seconds, "train_seconds": seconds, "steps": steps}
 
-    def resume(self) -> bool:
-        """Continue from the last committed epoch if there is one and it was made with the same recipe (``epochs``
-        may grow: the schedule then runs to the new end)."""
-        found = checkpoints.load(self.out)
-        if found is None:
-            return False
-        state, history = found
-        made_with = {**asdict(FinetuneConfig()), **state["config"], "epochs": self.cfg.epochs}  # fields added
-        if made_with != asdict(self.cfg):  # since then: their defaults
-            changed = sorted(k for k in made_with if made_with[k] != asdict(self.cfg).get(k))
-            raise ValueError(f"{self.out} was made with a different recipe ({', '.join(changed)}); use another --out")
-        if state["epoch"] > self.cfg.epochs:
-            raise ValueError(f"{self.out} has already trained {state['epoch']} epochs; --epochs "
-                             f"{self.cfg.epochs} cannot shorten it")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        self.epoch, self.step, self.best_accuracy, self.history = (state["epoch"], state["step"],
-                                                                  state["best_accuracy"], history)
-        return True
 
-    def describe(self) -> dict:
-        return {"kind": "finetune", "config": asdict(self.cfg), "backbone": self.cfg.backbone,
-                "num_classes": len(self.class_names), "class_names": self.class_names,
-                "transform": self.transform.describe(), "weights_source": self.weights.source,
-                "weights_sha256": self.weights.sha256, "frozen_parameters": len(self.frozen),
-                "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                **self.head_report}
+@torch.inference_mode()
+def predict(model: nn.Module, loader, amp: torch.dtype | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logits and labels of every batch of ``loader``, in eval mode; and examples/s."""
+    model.eval()
+    logits, labels, start = [], [], time.perf_counter()
+    for inputs, batch_labels in loader:
+        with autocast(inputs.device, amp):
+            logits.append(model(inputs).float().cpu())
+        labels.append(batch_labels.cpu().numpy())
+    seconds = time.perf_counter() - start
+    return torch.cat(logits).numpy(), np.concatenate(labels), sum(map(len, labels)) / seconds
 
-    # --- the loop ---------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
-        """Train to ``cfg.epochs``; returns the final metrics of the best-by-val model. A folder that holds a run
-        is continued with ``resume``, replaced with ``overwrite``, and otherwise refused."""
-        if (self.out / RUN_FILE).is_file() and not resume:
-            if not overwrite:
-                raise ValueError(f"{self.out} already holds a finetune run; pass --resume to continue it, "
-                                 "--overwrite to replace it, or choose another --out")
-            for path in (self.out / name for name in RUN_OUTPUTS):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        store.write_text(self.out / RUN_FILE, json.dumps(self.describe(), indent=1))
-        if resume and self.resume():
-            print(f"resuming from epoch {self.epoch} of {self.cfg.epochs} in {self.out}")
-        else:
-            if resume:
-                print(f"nothing to resume in {self.out}; starting fresh")
-            self.history = [{"epoch": 0, "steps": 0, **self.evaluate()}]  # before any training: a candidate too
-            self.best_accuracy = self.history[0]["val_accuracy"]
-            self.save(improved=True)
-            print(f"epoch 0: val accuracy {self.best_accuracy:.4f} (before training)")
-        start = time.perf_counter()
-        while self.epoch < self.cfg.epochs:
-            record = self.train_epoch()
-            self.epoch += 1
-            record = {"epoch": self.epoch, "steps": self.step, **record, **self.evaluate(),
-                      "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
-            self.history.append(record)
-            improved = record["val_accuracy"] > self.best_accuracy
-            self.best_accuracy = max(self.best_accuracy, record["val_accuracy"])
-            self.save(improved)
-            print(f"epoch {self.epoch}: loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
-                  f"val acc {record['val_accuracy']:.4f}, {record['train_examples_per_second']:.1f} train ex/s, "
-                  f"{record['eval_examples_per_second']:.1f} eval ex/s")
-        plot_history(self.history, self.out / "curves.png", f"{self.cfg.backbone} ({self.cfg.init}, "
-                                                            f"head {self.cfg.head_init}, freeze {self.cfg.freeze})")
-        self.model.load_state_dict(checkpoints.best_weights(self.out))
-        logits, labels, _ = self.predict(self.val)
-        metrics = classification_metrics(labels, logits, self.class_names)
-        metrics.update(wall_seconds=time.perf_counter() - start, steps=self.step, split=self.val.name)
-        write_metrics(metrics, self.out, f"fine-tuned {self.cfg.backbone}: accuracy {metrics['accuracy']:.3f}")
-        print(f"best model on {self.val.name}: {summary_line(metrics)} -> {self.out}")
-        return metrics
+
+def evaluate(model: nn.Module, loader, amp: torch.dtype | None) -> dict:
+    """Validation loss, accuracy and examples/s of ``model`` on ``loader``."""
+    logits, labels, rate = predict(model, loader, amp)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return {"val_loss": loss, "val_accuracy": float(np.mean(logits.argmax(1) == labels)),
+            "eval_examples_per_second": rate}
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+        loaders: ImageLoaders, epochs: int, amp: torch.dtype | None, out: Path, config: dict,
+        progress: checkpoints.Progress) -> checkpoints.Progress:
+    """Train from ``progress`` to ``epochs``: after each epoch, evaluate and commit a checkpoint to ``out``. A fresh
+    run (no history) first scores the untrained model: epoch 0 is a candidate for the best model too."""
+    if not progress.history:
+        progress.history = [{"epoch": 0, "steps": 0, **evaluate(model, loaders.val(), amp)}]
+        progress.best_accuracy = progress.history[0]["val_accuracy"]
+        checkpoints.save(out, progress, model, optimizer, scheduler, scaler, config, improved=True)
+        print(f"epoch 0: val accuracy {progress.best_accuracy:.4f} (before training)")
+    while progress.epoch < epochs:
+        trained = train_one_epoch(model, optimizer, scheduler, scaler, loaders.train(progress.epoch + 1), amp,
+                                  f"epoch {progress.epoch + 1}")
+        progress.epoch += 1
+        progress.step += trained.pop("steps")
+        record = {"epoch": progress.epoch, "steps": progress.step, **trained, **evaluate(model, loaders.val(), amp),
+                  "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
+        progress.history.append(record)
+        improved = record["val_accuracy"] > progress.best_accuracy
+        progress.best_accuracy = max(progress.best_accuracy, record["val_accuracy"])
+        checkpoints.save(out, progress, model, optimizer, scheduler, scaler, config, improved)
+        print(f"epoch {progress.epoch}: loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
+              f"val acc {record['val_accuracy']:.4f}, {record['train_examples_per_second']:.1f} train ex/s, "
+              f"{record['eval_examples_per_second']:.1f} eval ex/s")
+    return progress
+
+
+# --- the command ----------------------------------------------------------------------------------------
+@dataclass
+class Training:
+    """What a recipe builds for ``fit``: the model with its new head, optimiser, schedule, scaler and loaders, and
+    the run's description (``run.json``)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loaders: ImageLoaders
+    amp: torch.dtype | None
+    class_names: list[str]
+    record: dict
+
+
+def prepare(data: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = None,
+            trust_pickle: bool = False) -> Training:
+    """Build everything ``cfg`` asks for on ``data``. Sets ``featx.memory.keep_freed_memory`` for the process."""
+    train, val = training_splits(data, cfg)
+    torch.manual_seed(cfg.seed)
+    keep_freed_memory()
+    model, weights, preset = create_model(cfg.backbone, "none" if cfg.init == "scratch" else cfg.weights, mirror)
+    transform = replace(preset, resize=cfg.resize or preset.resize, crop=cfg.crop or preset.crop)
+    class_names = list(train.class_names)
+    head_report = init_head(model, cfg, class_names, weights.categories, weights.sha256, trust_pickle)
+    frozen = freeze(model, cfg.backbone, cfg.freeze)
+    device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    channels_last = device.type == "cpu" if cfg.channels_last is None else cfg.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    loaders = ImageLoaders(train, val, transform, cfg, device, channels_last)
+    optimizer = make_optimizer(param_groups(model, cfg.backbone, cfg), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, math.ceil(len(train) / cfg.batch_size)))
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
+    record = {"kind": "finetune", "config": asdict(cfg), "backbone": cfg.backbone, "num_classes": len(class_names),
+              "class_names": class_names, "transform": transform.describe(), "weights_source": weights.source,
+              "weights_sha256": weights.sha256, "frozen_parameters": len(frozen),
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **head_report}
+    return Training(model, optimizer, scheduler, scaler, loaders, amp, class_names, record)
+
+
+def resumable(out: Path, cfg: FinetuneConfig):
+    """The check a checkpoint's state must pass to be resumed with ``cfg``: the same recipe (``epochs`` may grow: the
+    schedule then runs to the new end; fields added to the recipe since it was written take their defaults)."""
+    def check(state: dict) -> None:
+        made_with = {**asdict(FinetuneConfig()), **state["config"], "epochs": cfg.epochs}
+        if made_with != asdict(cfg):
+            changed = sorted(k for k in made_with if made_with[k] != asdict(cfg).get(k))
+            raise ValueError(f"{out} was made with a different recipe ({', '.join(changed)}); use another --out")
+        if state["epoch"] > cfg.epochs:
+            raise ValueError(f"{out} has already trained {state['epoch']} epochs; --epochs {cfg.epochs} cannot "
+                             "shorten it")
+    return check
+
+
+def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = None,
+             trust_pickle: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    """``featx finetune``: train ``cfg``'s recipe on ``data`` into the run folder ``out``; returns the metrics of the
+    best-by-val model. A folder that holds a run is continued with ``resume``, replaced with ``overwrite``, and
+    otherwise refused."""
+    out = Path(out)
+    training = prepare(data, cfg, mirror, trust_pickle)
+    if (out / RUN_FILE).is_file() and not resume:
+        if not overwrite:
+            raise ValueError(f"{out} already holds a finetune run; pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another --out")
+        for path in (out / name for name in RUN_OUTPUTS):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_text(out / RUN_FILE, json.dumps(training.record, indent=1))
+    model, optimizer, scheduler, scaler = training.model, training.optimizer, training.scheduler, training.scaler
+    progress = checkpoints.restore(out, model, optimizer, scheduler, scaler, resumable(out, cfg)) if resume else None
+    if progress is not None:
+        print(f"resuming from epoch {progress.epoch} of {cfg.epochs} in {out}")
+    elif resume:
+        print(f"nothing to resume in {out}; starting fresh")
+    start = time.perf_counter()
+    progress = fit(model, optimizer, scheduler, scaler, training.loaders, cfg.epochs, training.amp, out, asdict(cfg),
+                   progress or checkpoints.Progress())
+    plot_history(progress.history, out / "curves.png", f"{cfg.backbone} ({cfg.init}, head {cfg.head_init}, "
+                                                         f"freeze {cfg.freeze})")
+    model.load_state_dict(checkpoints.best_weights(out))
+    logits, labels, _ = predict(model, training.loaders.val(), training.amp)
+    metrics = classification_metrics(labels, logits, training.class_names)
+    metrics.update(wall_seconds=time.perf_counter() - start, steps=progress.step, split=training.loaders.val_split.name)
+    write_metrics(metrics, out, f"fine-tuned {cfg.backbone}: accuracy {metrics['accuracy']:.3f}")
+    print(f"best model on {training.loaders.val_split.name}: {summary_line(metrics)} -> {out}")
+    return metrics
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:

@@ -1,4 +1,4 @@
-"""Stage 2: fit a head on cached features, and evaluate a head on a features file."""
+"""Heads on cached features: the `fit-head` command (fit, choose regularisation on validation) and `evaluate`."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def normalise(argv: list[str]) -> list[str]:
 def parse_script_args(parser) -> object:
     """Parse a job's or benchmark's arguments as the CLI takes flags: ``--a_b`` or ``--a-b``, and ``--mirror``
     (default $FEATX_MIRROR), which is passed on to featx through $FEATX_MIRROR."""
-    from featx.sources import MIRROR_ENV
+    from featx.mirror import MIRROR_ENV
 
     parser.add_argument("--mirror", default=None,
                         help=f"offline mirror of weights and datasets (default: ${MIRROR_ENV})")

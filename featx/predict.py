@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -14,12 +15,12 @@ import torch
 from scipy.special import softmax
 
 from featx.backbones import Backbone, WeightsInfo, backbone_from_source
-from featx.data import EvalTransform, ImageFiles, load_rgb, read_batches, sequential_batches
+from featx.decode import EvalTransform, ImageFiles, load_rgb, read_batches, sequential_batches
 from featx.embed import Embedder, resolve_device
 from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
-from featx.inputs import IMAGE_EXTENSIONS, list_images
+from featx.sources import IMAGE_EXTENSIONS, list_images
 
 
 def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
@@ -80,6 +81,31 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
     for record in records:
         parent = Path(record["path"]).parent.name
         record["true"] = parent if parent in names else None
+    return records
+
+
+def run(head: str | os.PathLike, inputs: list[str], topk: int = 5, out: str | os.PathLike | None = None,
+        show: str | os.PathLike | None = None, show_limit: int = 48, batch_size: int = 64, workers: int | None = None,
+        device: str = "auto", mirror: str | None = None, trust_pickle: bool = False) -> list[dict]:
+    """``featx predict``: classify ``inputs``, write the records to ``out`` (CSV on stdout without it), name the
+    skipped files and print the accuracy where folders name the classes (stderr), draw the contact sheet ``show``."""
+    if not inputs:
+        raise ValueError("give at least one image file or folder to classify")
+    if show:
+        check_positive("show_limit", show_limit, int)
+    records = predict(head, inputs, topk, batch_size, workers, device, mirror, trust_pickle)
+    if out:
+        write_records(records, out)
+    else:
+        print(to_csv(records), end="")
+    for record in records:
+        if "error" in record:
+            print(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
+    correct, labelled = accuracy(records)
+    if labelled:
+        print(f"accuracy {correct:.4f} on {labelled} images whose folder names their class", file=sys.stderr)
+    if show:
+        contact_sheet(records, show, show_limit)
     return records
 
 

@@ -31,7 +31,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-import featx
+from featx.version import __version__
 
 FORMAT = "featx-features/1"
 LAYOUTS = ("copy", "virtual")
@@ -95,22 +95,6 @@ def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
     size = f" (about {needed >> 20} MB needed)" if needed else ""
     return NoSpaceError(f"no space left on {_mount_point(path.parent)} while writing {path}{size}; free space and "
                         "rerun to resume")
-
-
-def load_tensors(path: str | os.PathLike, what: str = "file"):
-    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, never code. A file
-    that needs more (a pickled object) is refused with one line naming it."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - every unpickling failure is reported the same way
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise ValueError(f"refusing {what} {path}: it is not a tensors-only file (torch.load weights_only=True: "
-                         f"{reason})") from None
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -308,7 +292,7 @@ def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[st
     failed.create_dataset("paths", data=np.asarray([paths[i] for i in failed_ids], dtype=object), dtype=STR)
     failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
     counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": int(len(failed_ids))}
-    stamp = {"format": FORMAT, "featx_version": featx.__version__,
+    stamp = {"format": FORMAT, "featx_version": __version__,
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True, **stamp_layout}
     for key, value in {**attrs, **counts, **stamp}.items():
         out.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
@@ -402,13 +386,6 @@ def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np
         features, labels = f["features"], f["labels"]
         for start in range(0, features.shape[0], rows):
             yield features[start:start + rows], labels[start:start + rows]
-
-
-def to_dataframe(path: str | os.PathLike, normalize: bool = False):
-    """A pandas DataFrame of a features file (``featx.outputs.to_dataframe``)."""
-    from featx.outputs import to_dataframe as frame
-
-    return frame(path, normalize)
 
 
 def require_labels(meta: dict, path: str | os.PathLike, command: str) -> None:

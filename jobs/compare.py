@@ -17,13 +17,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from featx import flags
+from featx import flags, store
 from featx.cli import guarded
-from featx import store
 from featx.extract import ExtractOptions, extract
-from featx.finetune import FinetuneConfig, Run
+from featx.finetune import FinetuneConfig, finetune
 from featx.fit import evaluate, fit_head
-from featx.sources import fetch_dataset, mirrored_weights
+from featx.mirror import fetch_dataset, mirrored_weights
 
 # (backbone, weights file in the mirror) used when the mirror has it; else torchvision's ResNet-18 download.
 MIRROR_BACKBONE = ("mobilenet_v2", "mobilenet_v2-imagenet-features.pth")
@@ -81,7 +80,7 @@ def main() -> None:
     for name, cfg in runs.items():
         print(f"\n== {name}")
         run_dir = out / name.split(" ")[0].strip(",").lower()
-        metrics = Run(data, run_dir, cfg).fit(resume=True)  # a rerun continues, or reuses, each run
+        metrics = finetune(data, run_dir, cfg, resume=True)  # a rerun continues, or reuses, each run
         history = json.loads((run_dir / "history.json").read_text())
         trained = [h for h in history if "train_examples_per_second" in h]
         results[name] = {"accuracy": metrics["accuracy"], "wall_seconds": metrics["wall_seconds"],

@@ -15,7 +15,7 @@ from featx.cli import guarded
 from featx.extract import ExtractOptions, extract
 from featx.fit import evaluate, fit_head
 from featx.heads import HEADS
-from featx.sources import fetch_dataset, mirrored_weights
+from featx.mirror import fetch_dataset, mirrored_weights
 
 MIRROR_WEIGHTS = "mobilenet_v2-imagenet-features.pth"
 

@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
+from test_faults import SMALL, cli, one_line_error
 
-from conftest import REPO, make_image_folder
 from featx.cli import COMMANDS
 from featx.fit import evaluate, fit_head
 from featx.flags import normalise
-from test_faults import SMALL, cli, one_line_error
 
 ARGUMENTS = {"extract": ["data"], "fit-head": ["train.h5"], "evaluate": ["head", "val.h5"],
              "predict": ["head", "photos"], "export": ["head", "exported"], "finetune": ["data"],

@@ -9,7 +9,7 @@ import torch
 
 from featx import store
 from featx.extract import ExtractOptions, extract
-from featx.finetune import FinetuneConfig, Run
+from featx.finetune import FinetuneConfig, finetune
 from featx.heads import make_head
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -47,11 +47,11 @@ def test_finetune_on_cuda_with_bf16_trains(hymenoptera, mobilenet_weights, tmp_p
     # images move by a point or two (H100, this recipe: best 0.9477 with bf16, 0.9281 with float32).
     cfg = FinetuneConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), epochs=3, lr=0.003,
                          warmup_epochs=0.5, batch_size=32, workers=4, device="cuda", amp="bf16")
-    assert Run(hymenoptera, tmp_path, cfg).fit()["accuracy"] >= 0.92
+    assert finetune(hymenoptera, tmp_path, cfg)["accuracy"] >= 0.92
 
 
 def test_device_pipeline_on_cuda_drops_nothing_and_matches_pil(tmp_path):
-    from test_data import device_pipeline_matches_pil
+    from test_decode import device_pipeline_matches_pil
 
     device_pipeline_matches_pil(tmp_path, "cuda", 3.0)  # nvjpeg's IDCT differs from libjpeg's by a few levels
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import make_image_folder
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torchvision import transforms
 
-from conftest import make_image_folder
 from featx import store
 from featx.embed import Embedder
 from featx.extract import ExtractError, ExtractOptions, extract
@@ -83,7 +83,7 @@ def test_complete_output_is_kept_and_other_backbone_refused(image_folder, tmp_pa
     assert extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)["val"]["skipped"]
     assert path.stat().st_mtime_ns == stamp and "up to date" in capsys.readouterr().out
     with pytest.raises(ExtractError, match="transform.*--overwrite"):
-        from featx.data import EvalTransform
+        from featx.decode import EvalTransform
         extract(image_folder, "resnet18", "none", tmp_path, transform=EvalTransform(128, 112), splits=["val"],
                 options=options)
     (image_folder / "val" / "cats" / "cats_000.jpg").unlink()

@@ -15,12 +15,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, make_image_folder
+
 from featx import checkpoints, store
 from featx.cli import guarded, run
 from featx.extract import ExtractOptions, extract
-from featx.finetune import FinetuneConfig, Run
+from featx.finetune import FinetuneConfig, finetune, prepare
 from featx.fit import fit_head
 from featx.heads import LogRegHead, load_head
 
@@ -125,7 +125,7 @@ def test_a_kill_in_any_window_of_the_checkpoint_save_resumes_to_the_uninterrupte
     data = make_image_folder(tmp_path / "data", per_class=4, size=(40, 40))
     cfg = FinetuneConfig(backbone="squeezenet1_1", weights="none", resize=40, crop=32, batch_size=4, epochs=2,
                          workers=0, device="cpu", lr=0.01)
-    Run(data, tmp_path / "reference", cfg).fit()
+    finetune(data, tmp_path / "reference", cfg)
     reference_state, reference_history = checkpoints.load(tmp_path / "reference")
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
@@ -146,7 +146,7 @@ def test_a_kill_in_any_window_of_the_checkpoint_save_resumes_to_the_uninterrupte
     for out, killed in killers.items():
         assert killed.returncode == -signal.SIGKILL, (out.name, killed.stderr.read()[-500:])
         (out / "history.json").write_text('[{"epoch": 0, "ste')  # a truncated copy is never read back
-        Run(data, out, cfg).fit(resume=True)
+        finetune(data, out, cfg, resume=True)
         state, history = checkpoints.load(out)
         strip = [{k: v for k, v in h.items() if "per_second" not in k and "seconds" not in k} for h in history]
         expected = [{k: v for k, v in h.items() if "per_second" not in k and "seconds" not in k}
@@ -162,15 +162,15 @@ def test_finetune_refuses_an_existing_run_and_resume_extends_it(tmp_path, capsys
     data = make_image_folder(tmp_path / "data", splits=("train",), per_class=5, size=(40, 40))
     cfg = FinetuneConfig(backbone="squeezenet1_1", weights="none", resize=40, crop=32, batch_size=4, epochs=1,
                          workers=0, device="cpu")
-    run_ = Run(data, tmp_path / "run", cfg)
-    assert len(run_.val) == 2 and len(run_.train) == 8  # --val_fraction 0.2, stratified: one of five per class
-    run_.fit()
+    loaders = prepare(data, cfg).loaders
+    assert len(loaders.val_split) == 2 and len(loaders.train_split) == 8  # --val_fraction 0.2: one of five per class
+    finetune(data, tmp_path / "run", cfg)
     with pytest.raises(ValueError, match="already holds a finetune run"):
-        Run(data, tmp_path / "run", cfg).fit()
-    Run(data, tmp_path / "run", FinetuneConfig(**{**cfg.__dict__, "epochs": 2})).fit(resume=True)
+        finetune(data, tmp_path / "run", cfg)
+    finetune(data, tmp_path / "run", FinetuneConfig(**{**cfg.__dict__, "epochs": 2}), resume=True)
     assert "resuming from epoch 1 of 2" in capsys.readouterr().out
     assert [h["epoch"] for h in checkpoints.load(tmp_path / "run")[1]] == [0, 1, 2]
-    Run(data, tmp_path / "run", cfg).fit(overwrite=True)
+    finetune(data, tmp_path / "run", cfg, overwrite=True)
     assert [h["epoch"] for h in checkpoints.load(tmp_path / "run")[1]] == [0, 1]
 
 
@@ -186,7 +186,7 @@ def poisoned(features, tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("head, params", [("linear", {}), ("linear", {"kernel": "torch"}), ("knn", {}),
+@pytest.mark.parametrize("head, params", [("linear", {}), ("linear", {"block_rows": 4}), ("knn", {}),
                                           ("logreg", {})])
 def test_every_head_refuses_non_finite_features_naming_file_and_rows(features, poisoned, tmp_path, head, params):
     with pytest.raises(store.NonFiniteError, match=rf"{poisoned}: 3 of 16 rows"):

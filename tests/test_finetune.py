@@ -13,20 +13,21 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image_folder
+
 from featx import checkpoints
-from featx.finetune import FinetuneConfig, Run, imagenet_rows, lr_factor
+from featx.finetune import FinetuneConfig, evaluate, finetune, imagenet_rows, lr_factor, prepare, train_one_epoch
 from featx.predict import accuracy, predict
 
 SMALL = dict(backbone="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0)
 
 
 def test_param_groups_and_freezing(image_folder, tmp_path):
-    run = Run(image_folder, tmp_path, FinetuneConfig(**SMALL, freeze="layer2", lr=0.05, head_lr_mult=10))
+    cfg = FinetuneConfig(**SMALL, freeze="layer2", lr=0.05, head_lr_mult=10)
+    run = prepare(image_folder, cfg)
     groups = {g["name"]: g for g in run.optimizer.param_groups}
     assert groups["head"]["lr"] == 10 * groups["backbone"]["lr"] == pytest.approx(0.5)
-    assert groups["head"]["lr"] == run.cfg.lr * run.cfg.head_lr_mult
+    assert groups["head"]["lr"] == cfg.lr * cfg.head_lr_mult
     head_ids = {id(p) for p in run.model.fc.parameters()}
     assert {id(p) for p in groups["head"]["params"]} == head_ids
     frozen = {n for n, p in run.model.named_parameters() if not p.requires_grad}
@@ -36,7 +37,7 @@ def test_param_groups_and_freezing(image_folder, tmp_path):
     assert not in_optimizer & {id(p) for n, p in run.model.named_parameters() if n in frozen}
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     stats_before = run.model.layer1[0].bn1.running_mean.clone()
-    run.train_epoch()
+    train_one_epoch(run.model, run.optimizer, run.scheduler, run.scaler, run.loaders.train(1), run.amp)
     after = dict(run.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in frozen)
     assert not torch.equal(before["layer3.0.conv1.weight"], after["layer3.0.conv1.weight"])
@@ -46,14 +47,14 @@ def test_param_groups_and_freezing(image_folder, tmp_path):
 
 
 def test_freeze_backbone_trains_only_the_head(image_folder, tmp_path):
-    run = Run(image_folder, tmp_path, FinetuneConfig(**SMALL, freeze="backbone"))
+    run = prepare(image_folder, FinetuneConfig(**SMALL, freeze="backbone"))
     assert [g["name"] for g in run.optimizer.param_groups] == ["head"]
-    assert run.describe()["trainable_parameters"] == 512 * 2 + 2
+    assert run.record["trainable_parameters"] == 512 * 2 + 2
 
 
 def test_bad_recipes_are_named(image_folder, tmp_path):
     with pytest.raises(ValueError, match="layer9.*layer1"):
-        Run(image_folder, tmp_path, FinetuneConfig(**SMALL, freeze="layer9"))
+        prepare(image_folder, FinetuneConfig(**SMALL, freeze="layer9"))
     with pytest.raises(ValueError, match="schedule"):
         FinetuneConfig(schedule="linear")
     with pytest.raises(ValueError, match="probe"):
@@ -80,16 +81,16 @@ def test_imagenet_rows_by_name_and_by_index():
 def test_squeezenet_reused_imagenet_rows_classify_before_training(hymenoptera, squeezenet_weights, tmp_path):
     cfg = FinetuneConfig(backbone="squeezenet1_1", weights=str(squeezenet_weights), head_init="reuse",
                          reuse="ants=310,bees=309", workers=1)
-    run = Run(hymenoptera, tmp_path, cfg)
-    assert run.head_report["reused_rows"] == {"ants": 310, "bees": 309}
-    assert run.evaluate()["val_accuracy"] >= 0.90
+    run = prepare(hymenoptera, cfg)
+    assert run.record["reused_rows"] == {"ants": 310, "bees": 309}
+    assert evaluate(run.model, run.loaders.val(), run.amp)["val_accuracy"] >= 0.90
 
 
 @pytest.mark.slow
 def test_real_finetune_reaches_095(hymenoptera, mobilenet_weights, tmp_path):
     cfg = FinetuneConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), epochs=3, lr=0.003,
                          warmup_epochs=0.5, batch_size=32, workers=2)  # the README's recipe
-    metrics = Run(hymenoptera, tmp_path, cfg).fit()
+    metrics = finetune(hymenoptera, tmp_path, cfg)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3] and metrics["accuracy"] >= 0.95
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "confusion.png").is_file()
@@ -129,17 +130,18 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert accuracy(records)[1] == 48 and np.isfinite(records[0]["logits"]).all()
 
 
-def test_resume_refuses_another_recipe_and_takes_fields_added_since(tmp_path):
+def test_resume_refuses_another_recipe_and_takes_fields_added_since(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=4)
     cfg = FinetuneConfig(backbone="resnet18", weights="none", resize=40, crop=32, batch_size=4, epochs=1, workers=0,
                          device="cpu")
-    Run(data, tmp_path / "run", cfg).fit()
+    finetune(data, tmp_path / "run", cfg)
     state = torch.load(checkpoints.current(tmp_path / "run") / "state.pt", weights_only=True)
     del state["config"]["reader"]  # as a checkpoint written before `reader` existed
     torch.save(state, checkpoints.current(tmp_path / "run") / "state.pt")
-    assert Run(data, tmp_path / "run", cfg).resume()  # a missing field means its default
+    finetune(data, tmp_path / "run", cfg, resume=True)  # a missing field means its default
+    assert "resuming from epoch 1 of 1" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"different recipe \(lr\)"):
-        Run(data, tmp_path / "run", replace(cfg, lr=0.1)).resume()
+        finetune(data, tmp_path / "run", replace(cfg, lr=0.1), resume=True)
 
 
 def test_a_head_that_starts_good_gets_gentler_defaults():

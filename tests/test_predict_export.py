@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image_folder
+
 from featx.backbones import backbone_from_source
-from featx.data import ImageFiles, collate
+from featx.decode import ImageFiles, collate
 from featx.embed import Embedder
 from featx.export import export, fused_model
 from featx.extract import ExtractOptions, extract

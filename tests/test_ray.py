@@ -12,15 +12,15 @@ import time
 import numpy as np
 import psutil
 import pytest
+from conftest import make_image_folder, sigkill_when
+from test_faults import cli, one_line_error
 
 import featx
-from conftest import make_image_folder, sigkill_when
 from featx import store
 from featx.engines import EngineError, RayEngine, RayOptions, backbone_spec
 from featx.extract import IDENTITY_KEYS, ExtractOptions, split_dataset
 from featx.fit import fit_head
-from featx.inputs import discover
-from test_faults import cli, one_line_error
+from featx.sources import discover
 
 pytestmark = pytest.mark.ray
 SMALL = dict(backbone="resnet18", weights="none", device="cpu", workers=1)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, ray_problem
 
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)

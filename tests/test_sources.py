@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image_folder, sigkill_when
+from test_faults import SMALL, cli, one_line_error
 
 import featx
-from conftest import make_image_folder, sigkill_when
 from featx import store
 from featx.fit import fit_head
-from featx.inputs import detect, discover
-from test_faults import SMALL, cli, one_line_error
+from featx.sources import detect, discover
 
 
 def write_tars(folder: Path, samples: list[tuple[Path, int | str]], sizes: list[int], prefix: str = "val") -> str:
@@ -208,7 +208,7 @@ def test_export_features_round_trips_exactly(image_folder, tmp_path):
 def test_embed_images_equals_extracted_rows(image_folder, tmp_path):
     cli("extract", image_folder, "--out", tmp_path / "f", *SMALL)
     features = featx.load(tmp_path / "f" / "resnet18" / "train.h5")
-    from featx.data import EvalTransform
+    from featx.decode import EvalTransform
 
     files = [str(image_folder / p) for p in features.paths[:10]]
     embedded = featx.embed_images(files, "resnet18", "none", device="cpu", transform=EvalTransform(40, 32))
@@ -224,7 +224,7 @@ def test_embed_images_equals_extracted_rows(image_folder, tmp_path):
 
 def test_finetune_reads_manifests_and_tars(image_folder, tmp_path):
     from featx import checkpoints
-    from featx.finetune import FinetuneConfig, Run
+    from featx.finetune import FinetuneConfig, finetune, prepare
 
     images = sorted((image_folder / "train").rglob("*.jpg"))
     spec = write_tars(tmp_path / "tars", [(p, p.parent.name) for p in images], [6, 6], prefix="train")
@@ -233,7 +233,8 @@ def test_finetune_reads_manifests_and_tars(image_folder, tmp_path):
     cfg = FinetuneConfig(backbone="squeezenet1_1", weights="none", resize=40, crop=32, batch_size=4, epochs=1,
                          workers=1, device="cpu")
     for name, data in (("tars", spec), ("csv", manifest)):
-        run = Run(data, tmp_path / f"run-{name}", cfg)
-        assert len(run.train) == 10 and len(run.val) == 2 and run.class_names == ["cats", "dogs"]
-        run.fit()
-        assert [h["epoch"] for h in checkpoints.load(run.out)[1]] == [0, 1]
+        run = prepare(data, cfg)
+        assert len(run.loaders.train_split) == 10 and len(run.loaders.val_split) == 2
+        assert run.class_names == ["cats", "dogs"]
+        finetune(data, tmp_path / f"run-{name}", cfg)
+        assert [h["epoch"] for h in checkpoints.load(tmp_path / f"run-{name}")[1]] == [0, 1]

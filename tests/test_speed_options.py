@@ -13,10 +13,10 @@ import torch
 from featx import store
 from featx.backbones import create_backbone
 from featx.compiled import package_key
-from featx.data import EvalTransform, ImageFiles, collate
-from featx.inputs import discover
+from featx.decode import EvalTransform, ImageFiles, collate
 from featx.embed import Embedder, fold_batch_norms
 from featx.extract import ExtractOptions, extract
+from featx.sources import discover
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

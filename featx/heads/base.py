@@ -11,8 +11,8 @@ import torch
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-import featx
 from featx import store
+from featx.version import __version__
 
 HEAD_FILE = "head.json"
 
@@ -113,7 +113,7 @@ class Head(ClassifierMixin, BaseEstimator):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._save_state(folder)
-        record = {"kind": self.kind, "featx_version": featx.__version__, "params": self.get_params(),
+        record = {"kind": self.kind, "featx_version": __version__, "params": self.get_params(),
                   "classes": self.classes_.tolist(), "source": getattr(self, "source_", {}),
                   "fitted_on": getattr(self, "fitted_on_", {}), "selection": self.selection_}
         (folder / HEAD_FILE).write_text(json.dumps(record, indent=1))
@@ -121,7 +121,8 @@ class Head(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def _restore(cls, folder: Path, record: dict, trust_pickle: bool = False) -> "Head":
-        head = cls(**record["params"])
+        known = cls._get_param_names()  # a parameter featx has dropped since (the linear head's kernel) is ignored
+        head = cls(**{name: value for name, value in record["params"].items() if name in known})
         head.classes_ = np.asarray(record["classes"])
         head.source_, head.fitted_on_, head.selection_ = record["source"], record["fitted_on"], record["selection"]
         head._load_state(folder, trust_pickle)

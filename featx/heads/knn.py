@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx import store
 from featx.heads.base import Head, check_grid, check_positive
+from featx.tensors import load_tensors
 
 
 class CosineKNN(nn.Module):
@@ -86,4 +86,4 @@ class KNNHead(Head):
         torch.save(self.state_, folder / "model.pt")
 
     def _load_state(self, folder: Path, trust_pickle: bool = False) -> None:
-        self.state_ = store.load_tensors(folder / "model.pt", "head state")
+        self.state_ = load_tensors(folder / "model.pt", "head state")

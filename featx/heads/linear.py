@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx.embed import resolve_device
-from featx.heads import fused as fused_kernel
 from featx import store
+from featx.embed import resolve_device
 from featx.heads.base import Head, check_grid, check_positive
-from featx.heads.blocks import BLOCK_BYTES, BlockStream, MappedRows
+from featx.heads.blocks import BLOCK_BYTES, BlockStream
+from featx.tensors import load_tensors
 
 MOMENTUM = 0.9
-KERNELS = ("auto", "torch", "fused")
 
 
 class StandardisedLinear(nn.Module):
@@ -45,11 +44,9 @@ class GridSGD:
 
     The gradient of the mean cross-entropy is closed-form and taken in the standardised space
     ``(x - mean) / std`` without standardising the rows; weight decay applies to the weights only.
-    ``fused=True`` (CPU) runs each step as one compiled kernel (``featx.heads.fused``) instead of PyTorch ops.
     """
 
-    def __init__(self, grid: list[tuple[float, float]], num_classes: int, mean: torch.Tensor, std: torch.Tensor,
-                 fused: bool = False):
+    def __init__(self, grid: list[tuple[float, float]], num_classes: int, mean: torch.Tensor, std: torch.Tensor):
         device, rows = mean.device, len(grid) * num_classes
         self.num_classes, self.mean, self.std = num_classes, mean, std
         self.onehot = torch.eye(num_classes, device=device)  # row i: the one-hot of class i
@@ -57,17 +54,10 @@ class GridSGD:
         self.decay = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(num_classes)[:, None]
         self.weight, self.bias = torch.zeros(rows, len(mean), device=device), torch.zeros(rows, device=device)
         self.weight_velocity, self.bias_velocity = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
-        self._fused = None
-        if fused:
-            self._fused = fused_kernel.FusedStep(self.weight, self.bias, self.weight_velocity, self.bias_velocity,
-                                                 mean, std, self.lr, self.decay, num_classes, MOMENTUM)
 
     @torch.inference_mode()
-    def step(self, x, labels: torch.Tensor, lr_factor: float) -> None:
-        """One step on raw features ``x`` [B, D] with class indices ``labels`` [B], at ``lr_factor`` x the lrs.
-        The fused kernel also takes ``x = (data, starts)``: rows ``data[starts[i]:starts[i] + D]`` of an array."""
-        if self._fused is not None:
-            return self._fused(x, labels, lr_factor)
+    def step(self, x: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> None:
+        """One step on raw features ``x`` [B, D] with class indices ``labels`` [B], at ``lr_factor`` x the lrs."""
         onehot = self.onehot[labels]
         # logits of the standardised x, from raw x: x @ (W / std).T + (b - (W / std) @ mean)
         scale = self.weight / self.std
@@ -83,32 +73,10 @@ class GridSGD:
         self.bias.addcmul_(self.bias_velocity, self.lr[:, 0], value=-lr_factor)
 
 
-def _training_blocks(stream: BlockStream, mask: np.ndarray, rng: np.random.Generator, device: torch.device,
-                     mapped: MappedRows | None):
-    """One shuffled pass: (rows(first, stop) -> that slice's rows for ``GridSGD.step``, file rows) per block.
-    With ``mapped`` the rows are read straight from the page cache (no copy), then unmapped after the block."""
-    if mapped is None:
-        for features, file_rows in stream.blocks(mask, rng):
-            features = _finite(features).to(device, non_blocking=True)
-            yield (lambda first, stop: features[first:stop]), file_rows
-        return
-    for file_rows in stream.served(mask, rng):
-        starts = mapped.starts(file_rows)
-        yield (lambda first, stop: (mapped.data, starts[first:stop])), file_rows
-        mapped.release()
-
-
-def _file_order_blocks(stream: BlockStream, mask: np.ndarray, mapped: MappedRows | None):
-    """(features, file rows) blocks in file order. With ``mapped``, only the wanted rows are gathered from the
-    mapped file (a scattered hold-out costs its own pages, not a pass over the file)."""
-    if mapped is None:
-        yield from ((_finite(features), file_rows) for features, file_rows in stream.blocks(mask))
-        return
-    out = stream.buffer().numpy()  # the stream's idle block buffer, not another block-sized allocation
-    for file_rows in stream.served(mask):
-        rows = fused_kernel.gather_rows(mapped.data, mapped.starts(file_rows), out)
-        yield _finite(torch.from_numpy(rows)), file_rows
-        mapped.release()
+def _training_blocks(stream: BlockStream, mask: np.ndarray, rng: np.random.Generator, device: torch.device):
+    """One shuffled pass: (features on ``device``, file rows) per block."""
+    for features, file_rows in stream.blocks(mask, rng):
+        yield _finite(features).to(device, non_blocking=True), file_rows
 
 
 def _finite(features: torch.Tensor) -> torch.Tensor:
@@ -132,18 +100,15 @@ class LinearHead(Head):
     """Multinomial linear classifiers trained by SGD (momentum 0.9, cosine schedule) on standardised features.
 
     ``block_rows`` (default: about 128 MB of features) bounds memory when X is an HDF5 dataset. Weight decay
-    applies to the weights, not the biases. ``kernel``: ``torch`` (PyTorch ops), ``fused`` (one compiled C
-    kernel call per step, CPU only) or ``auto`` (``fused`` on CPU where the kernel was built, else ``torch``).
+    applies to the weights, not the biases.
     """
 
     kind = "linear"
 
     def __init__(self, lrs=(0.003, 0.03, 0.3), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), epochs: int | None = None,
-                 batch_size: int = 1024, block_rows: int | None = None, device: str = "auto", seed: int = 0,
-                 kernel: str = "auto"):
+                 batch_size: int = 1024, block_rows: int | None = None, device: str = "auto", seed: int = 0):
         self.lrs, self.weight_decays, self.epochs = lrs, weight_decays, epochs
         self.batch_size, self.block_rows, self.device, self.seed = batch_size, block_rows, device, seed
-        self.kernel = kernel
         self._validate()
 
     def _validate(self):
@@ -154,8 +119,6 @@ class LinearHead(Head):
         check_positive("batch_size", self.batch_size, int)
         if self.block_rows is not None:
             check_positive("block_rows", self.block_rows, int)
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
     def _grid(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
@@ -188,20 +151,11 @@ class LinearHead(Head):
         stream = BlockStream(X, self._block_rows(X.shape[1]), ahead=device.type != "cpu")
         n_train = int(train_rows.sum())
         batch, epochs = self._schedule(n_train)
-        fused = self._fused(device)
-        mapped = stream.source.map() if fused and stream.source is not None else None
-        try:
-            mean, std = self._moments(stream, train_rows)
-            weight, bias = self._train(stream, mapped, targets, train_rows, mean, std, device, batch, epochs, fused)
-            if X_val is X:
-                val_blocks = _file_order_blocks(stream, val_rows, mapped)
-            else:
-                val_blocks = ((_finite(features), file_rows) for features, file_rows in
-                              BlockStream(X_val, self._block_rows(X_val.shape[1])).blocks(val_rows))
-            scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), val_blocks, val_targets, val_rows)
-        finally:
-            if mapped is not None:
-                mapped.close()
+        mean, std = self._moments(stream, train_rows)
+        weight, bias = self._train(stream, targets, train_rows, mean, std, device, batch, epochs)
+        val_stream = stream if X_val is X else BlockStream(X_val, self._block_rows(X_val.shape[1]))
+        val_blocks = ((_finite(features), file_rows) for features, file_rows in val_stream.blocks(val_rows))
+        scores = self._score_grid(StandardisedLinear(weight, bias, mean, std), val_blocks, val_targets, val_rows)
         grid = self._grid()
         best = max(range(len(grid)), key=lambda i: (scores[i]["val_accuracy"], -scores[i]["val_loss"]))
         self.selection_ = {"parameter": "lr, weight_decay", "chosen": {"lr": grid[best][0],
@@ -218,31 +172,21 @@ class LinearHead(Head):
         return batch, self.epochs or max(5, math.ceil(300 / math.ceil(n_train / batch)))
 
     @torch.inference_mode()
-    def _train(self, stream: BlockStream, mapped: MappedRows | None, targets: torch.Tensor, train_rows: np.ndarray,
-               mean: torch.Tensor, std: torch.Tensor, device: torch.device, batch: int, epochs: int, fused: bool):
-        """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space).
-        ``fused``: the C kernel takes the steps, reading rows straight from ``mapped`` when given."""
+    def _train(self, stream: BlockStream, targets: torch.Tensor, train_rows: np.ndarray, mean: torch.Tensor,
+               std: torch.Tensor, device: torch.device, batch: int, epochs: int):
+        """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
         rng = np.random.default_rng(self.seed)
-        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device), fused=fused)
+        sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device))
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
         total_rows, rows_seen = epochs * int(train_rows.sum()), 0
         for _ in range(epochs):
-            for rows, file_rows in _training_blocks(stream, train_rows, rng, device, mapped):
+            for features, file_rows in _training_blocks(stream, train_rows, rng, device):
                 labels = targets[file_rows].to(device)
                 for first in range(0, len(labels), batch):
                     factor = 0.5 * (1 + math.cos(math.pi * rows_seen / total_rows))
-                    sgd.step(rows(first, first + batch), labels[first:first + batch], factor)
+                    sgd.step(features[first:first + batch], labels[first:first + batch], factor)
                     rows_seen += min(batch, len(labels) - first)
-        if mapped is not None and not torch.isfinite(sgd.weight).all():  # the kernel read rows from the file
-            raise store.NonFiniteError("the training rows hold NaN or infinite features")
         return sgd.weight.cpu(), sgd.bias.cpu()
-
-    def _fused(self, device: torch.device) -> bool:
-        """Whether to train with the compiled kernel: asked for, or ``auto`` on CPU where it was built (faster than
-        PyTorch ops for one head and for the grid: bench_heads)."""
-        if self.kernel == "fused" and device.type != "cpu":
-            raise ValueError(f"kernel='fused' runs on CPU only, not on {device}; use kernel='torch' or 'auto'")
-        return self.kernel == "fused" or (self.kernel == "auto" and device.type == "cpu" and fused_kernel.available())
 
     def _score_grid(self, stacked: StandardisedLinear, blocks, targets: torch.Tensor, rows: np.ndarray) -> list[dict]:
         """Validation accuracy and loss of every head of the grid, over ``blocks`` of (features, file rows)."""
@@ -272,4 +216,4 @@ class LinearHead(Head):
         torch.save(self.state_, folder / "model.pt")
 
     def _load_state(self, folder: Path, trust_pickle: bool = False) -> None:
-        self.state_ = store.load_tensors(folder / "model.pt", "head state")
+        self.state_ = load_tensors(folder / "model.pt", "head state")

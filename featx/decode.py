@@ -1,5 +1,5 @@
 """Reader stage: decode images robustly (files, or members of tar shards) and preprocess them to uint8 batches.
-Which images to read comes from ``featx.inputs``.
+Which images to read comes from ``featx.sources``.
 
 Normalisation (float, mean/std) happens later, on the device, so batches cross to it as compact uint8. Images
 are [3, H, W] tensors kept channels-last in memory, as PIL decodes them and as the model reads them: no
@@ -24,6 +24,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from featx.sources import Member
 
 _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
 READERS = ("auto", "threads", "processes")  # see read_batches
@@ -124,26 +126,6 @@ class AugmentTransform:
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor [3, H, W] over PIL's [H, W, 3] pixels (channels-last, not copied again)."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-class Member(NamedTuple):
-    """Where an image's bytes are inside a (tar) file: read with ``pread``, no unpacking. ``problem``: why the
-    sample cannot be read (no image member, cut short with its file), raised on reading."""
-
-    file: str
-    offset: int
-    size: int
-    problem: str = ""
-
-    def read(self) -> io.BytesIO:
-        """The member's bytes; a member cut short by a truncated file is an error."""
-        if self.problem:
-            raise ValueError(self.problem)
-        with open(self.file, "rb") as f:
-            data = os.pread(f.fileno(), self.size, self.offset)
-        if len(data) != self.size:
-            raise EOFError(f"truncated: {len(data)} of {self.size} bytes in {Path(self.file).name}")
-        return io.BytesIO(data)
 
 
 def load_rgb(path: str | os.PathLike | io.BytesIO, draft_size: int | None = None) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 
 from featx import store
-from featx.data import EvalTransform, ImageFiles, collate, load_rgb
-from featx.inputs import discover
+from featx.decode import EvalTransform, ImageFiles, collate, load_rgb
 from featx.extract import ExtractOptions, extract
+from featx.sources import discover
 
 
 def _jpeg_bytes(size=(40, 30), colour=(200, 30, 30), **save) -> bytes:
@@ -168,7 +169,7 @@ def _device_pipeline_files(folder: Path) -> list[str]:
 def device_pipeline_matches_pil(folder: Path, device: str, max_mean_difference: float) -> None:
     """The device pipeline (bytes read in threads, one batched decode on DEVICE, EXIF applied, other files by PIL)
     against the PIL path, image by image; the cut JPEG is recorded as failed by both, nothing else is dropped."""
-    from featx.data import decode_on_device, read_batches
+    from featx.decode import decode_on_device, read_batches
 
     names = tuple(_device_pipeline_files(folder))
     transform = EvalTransform(resize=48, crop=40)
