@@ -93,7 +93,8 @@ def stage_split(data: Path, backbone: str, batch_size: int, device: torch.device
         rows = np.random.default_rng(0).standard_normal((count, features.shape[1]), dtype=np.float32)
         with timed(times, "write"):
             for start in range(0, count, batch_size):
-                writer.append(np.arange(start, min(start + batch_size, count)), rows[start:start + batch_size])
+                items = np.arange(start, min(start + batch_size, count))
+                writer.append(items, rows[start:start + batch_size], items.astype(np.uint64))
             writer.commit()
     return {k: 1000 * v / count for k, v in times.items()}
 

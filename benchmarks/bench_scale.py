@@ -64,7 +64,7 @@ rng = np.random.default_rng(0)
 block = rng.normal(size=(per_shard, dim)).astype(np.float32)
 for number, first in enumerate(range(0, rows, per_shard)):
     writer = store.ShardWriter(store.shard_path(parts, number), dim, "float32", per_shard)
-    writer.append(np.arange(first, first + per_shard), block)
+    writer.append(np.arange(first, first + per_shard), block, np.arange(first, first + per_shard, dtype=np.uint64))
     writer.commit()
 attrs = {"views": 1, "feature_dim": dim, "dtype": "float32", "split": "train", "class_names": ["a"]}
 start = time.perf_counter()

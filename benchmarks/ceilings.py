@@ -85,7 +85,7 @@ def featx_forward_rate(name: str, batch_size: int) -> float:
 def linear_head_rates(rows: int = 262144, dim: int = 512, classes: int = 10,
                       batch: int = 1024) -> dict[str, tuple[float, str]]:
     """The streaming linear head's stages, each alone: the SGD step (one head, rows in memory, PyTorch ops) at
-    ``batch`` and 4x it, its cost per call (at 16 rows), its two K = ``classes`` products; the block reader on all cores, all
+    ``batch`` and 4x it, its cost per call (at 16 rows), its two K = ``classes`` products; the block reader, all
     rows or fit-head's 20 % hold-out masked out (rows served per second); the file copy beneath it (every row in
     file order, no shuffle); and a memory-to-memory copy of as many bytes."""
     features, labels = torch.randn(rows, dim), torch.randint(0, classes, (rows,))

@@ -21,12 +21,13 @@ from featx.store import load
 def extract(data: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", *, mirror: str | None = None, splits: list[str] | None = None,
             source: str = "auto", root: str | os.PathLike | None = None, transform: EvalTransform | None = None,
-            engine: str = "local", ray_options: RayOptions = RayOptions(), **options) -> dict[str, dict]:
+            engine: str = "local", ray_options: RayOptions = RayOptions(), label_key: str = "label", **options
+            ) -> dict[str, dict]:
     """``featx extract`` from Python: per split, the written file (``path``), row and failure counts, timing and
     the failed files. ``options`` are ``ExtractOptions`` (batch_size, device, dtype, views, layout, overwrite ...);
     ``engine="ray"`` runs the shards on a Ray cluster (``ray_options``)."""
     return run_extract(data, backbone, weights, out, mirror, transform, splits, ExtractOptions(**options), source,
-                       root, engine, ray_options)
+                       root, engine, ray_options, label_key)
 
 
 def embed_images(images: list, backbone: str = "resnet18", weights: str = "DEFAULT", *, mirror: str | None = None,

@@ -25,7 +25,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
             fold_batch_norm=True, forward_batch=None, decode_on_device=None, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0, source="auto", root=None, engine="local", ray_address=None,
-            ray_workers=None, ray_cpus_per_worker=1, layout="copy"):
+            ray_workers=None, ray_cpus_per_worker=1, layout="copy", label_key="label"):
     """Run a frozen backbone over images and cache their pooled features in HDF5.
 
     Writes OUT/BACKBONE/SPLIT.h5 for each split of DATA (train/, val/, test/ folders, a manifest's split column),
@@ -38,6 +38,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
             a glob, or a folder of .tar files).
         source: how to read DATA: auto (from what it is), imagefolder, unlabelled, manifest, webdataset.
         root: the folder a manifest's relative paths start from (default: the manifest's folder).
+        label_key: where labels are: the manifest column (or Hugging Face metadata.csv column); for tars the key of
+            key.json (key.cls always wins), or txt to take the key.txt captions as labels.
         backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...;
             `featx backbones` lists them).
         weights: torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or none (random).
@@ -89,7 +91,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
     if isinstance(splits, str):
         splits = splits.split(",")
     ray_options = RayOptions(ray_address, ray_workers, ray_cpus_per_worker)
-    run_extract(data, backbone, weights, out, mirror, transform, splits, options, source, root, engine, ray_options)
+    run_extract(data, backbone, weights, out, mirror, transform, splits, options, source, root, engine, ray_options,
+                label_key)
 
 
 def fit_head(train, val="auto", head="logreg", out=None, **params):
@@ -217,6 +220,7 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
         channels_last: channels_last memory format (default: on for CPU, off on CUDA).
         val_fraction: share of train held out for validation when DATA has no val/ split.
         source: how to read DATA: auto, imagefolder, manifest, webdataset (labelled sources only).
+        label_key: the manifest column, tar JSON key, or txt (tar captions) that holds the label.
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
     """
     from featx.finetune import FinetuneConfig
@@ -225,22 +229,34 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
     run_finetune(data, out, FinetuneConfig(**recipe), mirror, trust_pickle, resume, overwrite)
 
 
-def export_features(features, out, format="parquet", normalize=False):
+def export_features(features, out, format=None, normalize=False):
     """Write a features file for the tools that index and search embeddings (FAISS/autofaiss, DuckDB, Spark, pandas).
 
-    parquet: OUT is one file, a row per image (path, label, class_name, split, embedding as a fixed-size list of
-    float32). npy: OUT is a folder in clip-retrieval's layout (img_emb/img_emb_0.npy + metadata/metadata_0.parquet)
-    that embedding-reader and autofaiss read as it is. Streamed in chunks: memory stays flat.
+    OUT.parquet: one file, a row per image (path, label, class_name, split, caption and json where the source had
+    them, embedding as a fixed-size list of float32), the provenance in its metadata. OUT with no extension: a folder
+    in clip-retrieval's npy layout (img_emb/img_emb_0.npy + metadata/metadata_0.parquet) that embedding-reader and
+    autofaiss read as it is. Streamed in chunks: memory stays flat.
 
     Args:
         features: features file (from `featx extract`).
-        out: output file (parquet) or folder (npy).
-        format: parquet or npy.
+        out: OUT.parquet, or a folder name with no extension (npy).
+        format: parquet or npy (default: from OUT's extension; a mismatch is refused).
         normalize: L2-normalise each embedding (for cosine search with an inner-product index).
     """
     from featx.export_features import export_features as write
 
     print(f"wrote {write(features, out, format, normalize)}")
+
+
+def info(features):
+    """Print a features file's provenance (backbone, weights, preprocessing, data, featx version) and counts.
+
+    Args:
+        features: features file (from `featx extract`).
+    """
+    from featx import store
+
+    print(store.summary(features))
 
 
 def backbones():
@@ -249,7 +265,7 @@ def backbones():
 
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,
-            "finetune": finetune, "export-features": export_features, "backbones": backbones}
+            "finetune": finetune, "export-features": export_features, "info": info, "backbones": backbones}
 USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError, EngineError)
 
 

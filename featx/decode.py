@@ -8,6 +8,7 @@ transposing copy on the way.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -183,6 +184,11 @@ class Batch(NamedTuple):
         return len(self.indices) + len(self.failed) + len(self.encoded_indices)
 
 
+def bytes_hash(data: bytes) -> int:
+    """The 64-bit content hash featx records per image (BLAKE2b, 8 bytes, as an unsigned integer)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Files -> uint8 tensors. A file that cannot be decoded yields its error instead of raising.
 
@@ -205,6 +211,17 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.paths) * self.views
+
+    def content_hash(self, item: int) -> int:
+        """A 64-bit hash (BLAKE2b) of item ``item``'s image bytes: the same image has the same hash wherever it is
+        and whatever it is called; 0 when it cannot be read."""
+        image = item // self.views
+        member = self.members[image] if self.members else None
+        try:
+            data = member.read().getvalue() if member else (self.root / self.paths[image]).read_bytes()
+        except (OSError, ValueError):
+            return 0
+        return bytes_hash(data)
 
     def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str]:
         image = item // self.views

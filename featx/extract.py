@@ -94,15 +94,15 @@ def custom_transform(backbone: str, weights: str, mirror: str | None, resize: in
 def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
             out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
             splits: list[str] | None = None, options: ExtractOptions = ExtractOptions(), source: str = "auto",
-            root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions()
-            ) -> dict[str, dict]:
+            root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions(),
+            label_key: str = "label") -> dict[str, dict]:
     """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) to ``out/<backbone>/<split>.h5``,
     its shards run by ``engine`` (``featx.engines``: local, or ray); returns a summary per split."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if engine == "ray" and not ray_available():
         raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
-    all_splits = discover(data_root, source, root)
+    all_splits = discover(data_root, source, root, label_key)
     if options.decode_on_device is None:  # the fast pipeline wherever the model runs on a GPU
         options = replace(options, decode_on_device=engine == "local" and resolve_device(options.device).type == "cuda")
     if splits:
@@ -223,7 +223,8 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     progress.set_description(f"{backbone.name} {split.name}")
     run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
-    counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout)
+    counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout,
+                         split.columns)
     rate = remaining / seconds if seconds > 0 else float("nan")
     print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} views processed "
           f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")

@@ -28,7 +28,7 @@ from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles, r
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
 from featx.heads import holdout_split, load_head
 from featx.memory import keep_freed_memory
-from featx.metrics import classification_metrics, summary_line, write_metrics
+from featx.metrics import SEEN_FILE, classification_metrics, not_held_out, save_seen, summary_line, write_metrics
 from featx.sources import Split, discover
 
 HEAD_INITS = ("random", "probe", "reuse")
@@ -41,7 +41,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 RUN_FILE = "run.json"
 RUN_OUTPUTS = (RUN_FILE, checkpoints.POINTER, checkpoints.FOLDER, "history.json", "curves.png", "metrics.json",
-               "confusion.png")  # what --overwrite deletes: the run's own files, nothing else in its folder
+               "confusion.png", SEEN_FILE)  # what --overwrite deletes: the run's own files, nothing else in its folder
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class FinetuneConfig:
     channels_last: bool | None = None
     val_fraction: float = 0.2  # held out of train (stratified, by seed) when the data has no val/ or test/ split
     source: str = "auto"  # how to read DATA: featx.sources.SOURCES
+    label_key: str = "label"  # the manifest column, tar JSON key, or txt (tar captions) holding the label
     seed: int = 0
 
     def __post_init__(self):
@@ -226,7 +227,7 @@ def set_train_mode(model: nn.Module) -> None:
 def training_splits(data: str | os.PathLike, cfg: FinetuneConfig) -> tuple[Split, Split]:
     """(train, val): the data's train/ (or its one split) and val/ (valid/, validation/, test/); without a
     validation split, a stratified ``cfg.val_fraction`` of train, the same for the same seed."""
-    splits = {s.name: s for s in discover(data, cfg.source)}
+    splits = {s.name: s for s in discover(data, cfg.source, label_key=cfg.label_key)}
     if not next(iter(splits.values())).labelled:
         raise ValueError(f"{data} has no labels (no class folders or label column): fine-tuning needs them; give "
                          "class folders or a manifest with a label column")
@@ -271,6 +272,11 @@ class ImageLoaders:
     def val(self):
         """The validation batches, in order, with the eval transform."""
         return self._batches(self.val_split, sequential_batches(len(self.val_split), self.cfg.batch_size * 2))
+
+    def content_hashes(self) -> np.ndarray:
+        """The content hashes of every training and validation image: what the run sees in fitting or selection."""
+        return np.asarray([ImageFiles(split.root, split.paths, self.transform, members=split.members).content_hash(i)
+                           for split in (self.train_split, self.val_split) for i in range(len(split))], np.uint64)
 
     def _batches(self, split: Split, batches: list[list[int]], augment: AugmentTransform | None = None):
         data = ImageFiles(split.root, split.paths, self.transform, 1, augment, members=split.members)
@@ -425,6 +431,7 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
                 path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     store.write_text(out / RUN_FILE, json.dumps(training.record, indent=1))
+    save_seen(out, training.loaders.content_hashes())
     model, optimizer, scheduler, scaler = training.model, training.optimizer, training.scheduler, training.scaler
     progress = checkpoints.restore(out, model, optimizer, scheduler, scaler, resumable(out, cfg)) if resume else None
     if progress is not None:
@@ -439,9 +446,12 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
     model.load_state_dict(checkpoints.best_weights(out))
     logits, labels, _ = predict(model, training.loaders.val(), training.amp)
     metrics = classification_metrics(labels, logits, training.class_names)
-    metrics.update(wall_seconds=time.perf_counter() - start, steps=progress.step, split=training.loaders.val_split.name)
+    val = training.loaders.val_split
+    metrics.update(wall_seconds=time.perf_counter() - start, steps=progress.step, split=val.name, held_out=False,
+                   seen_in_fitting=len(val))  # val chose the best epoch
     write_metrics(metrics, out, f"fine-tuned {cfg.backbone}: accuracy {metrics['accuracy']:.3f}")
-    print(f"best model on {training.loaders.val_split.name}: {summary_line(metrics)} -> {out}")
+    note = not_held_out(len(val), len(val), "to choose the best epoch")
+    print(f"best model on {val.name}: {summary_line(metrics)} ({note}) -> {out}")
     return metrics
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
+
+import numpy as np
 
 from featx import store
 from featx.heads import Head, load_head, make_head
-from featx.metrics import classification_metrics, summary_line, write_metrics, write_predictions
+from featx.metrics import (classification_metrics, not_held_out, summary_line, times_seen, write_metrics,
+                           write_predictions)
 
 
 def _resolve_val(train: Path, val: str | None) -> Path | None:
@@ -40,6 +44,7 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
     with store.open_h5(train) as f, (store.open_h5(val_path) if val_path else contextlib.nullcontext()) as v:
         X = f["features"] if head == "linear" else f["features"][:]
         y, groups = f["labels"][:], f["image_ids"][:]
+        seen = [file["content_hash"][:] if "content_hash" in file else None for file in (f, v) if file is not None]
         X_val = None if v is None else v["features"] if head == "linear" else v["features"][:]
         try:
             estimator.fit(X, y, X_val, None if v is None else v["labels"][:], groups=groups)
@@ -48,7 +53,8 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
             if v is not None:
                 store.require_finite(val_path, v["features"])
             raise
-    estimator.set_source(meta, train=train.resolve(), val=val_path.resolve() if val_path else None)
+    seen = None if any(hashes is None for hashes in seen) else np.concatenate(seen)  # all it fitted or selected on
+    estimator.set_source(meta, seen, train=train.resolve(), val=val_path.resolve() if val_path else None)
     out = Path(out) if out else Path("heads") / meta["backbone"] / head
     for stale in out.glob("eval-*"):  # reports of the head this one replaces
         shutil.rmtree(stale)
@@ -71,12 +77,18 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os
     store.require_finite(features, data.features)
     scores = estimator.decision_function(data.features)
     metrics = classification_metrics(data.labels, scores, data.class_names)
-    fitted_on = set(estimator.fitted_on_.values())
-    metrics["held_out"] = str(Path(features).resolve()) not in fitted_on
-    metrics["features"], metrics["head"] = str(features), str(head)
+    seen = times_seen(estimator.seen_, data.content_hash)  # by content: a copy of a seen image is seen
+    if seen is None:  # a head or file from an older featx: by file
+        seen = len(data.labels) if str(Path(features).resolve()) in set(estimator.fitted_on_.values()) else 0
+    metrics.update(held_out=seen == 0, seen_in_fitting=seen, far_rows=int(estimator.far_rows(data.features).sum()),
+                   features=str(features), head=str(head))
     folder = Path(out) if out else Path(head) / f"eval-{meta['split']}"
     write_metrics(metrics, folder, f"{estimator.kind} on {meta['split']}: accuracy {metrics['accuracy']:.3f}")
     write_predictions(folder / "predictions.csv", data.paths, data.labels, scores, data.class_names)
-    note = "" if metrics["held_out"] else " (NOT held out: the head was fitted on these features)"
+    note = "" if seen == 0 else f" ({not_held_out(seen, len(data.labels))})"
     print(f"{estimator.kind} on {features}: {summary_line(metrics)}{note} -> {folder}")
+    if metrics["far_rows"]:
+        print(f"featx: warning: {metrics['far_rows']} of {len(data.labels)} rows of {features} lie far outside the "
+              "features the head was fitted on (|standardised value| > 1e6): their predictions say nothing; were "
+              "they extracted the same way?", file=sys.stderr)
     return metrics

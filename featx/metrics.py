@@ -65,10 +65,13 @@ def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> P
 
 
 def write_metrics(metrics: dict, folder: str | os.PathLike, title: str = "") -> Path:
-    """``metrics.json`` and ``confusion.png`` in ``folder``; returns the folder."""
+    """``metrics.json`` and ``confusion.png`` in ``folder`` (its title says when the images were not held out, as
+    ``metrics["held_out"]`` does); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if metrics.get("held_out") is False:
+        title = f"{title} (NOT held out)"
     plot_confusion(metrics, folder / "confusion.png", title)
     return folder
 
@@ -89,6 +92,37 @@ def write_predictions(path: str | os.PathLike, paths: list[str], labels: np.ndar
             writer.writerow([paths[i], class_names[labels[i]], class_names[predicted[i]],
                              f"{probabilities[i, predicted[i]]:.6f}", int(predicted[i] == labels[i])])
     return Path(path)
+
+
+SEEN_FILE = "seen_images.npy"  # beside a head or run: content hashes of every image it was fitted or selected on
+
+
+def save_seen(folder: Path, hashes: np.ndarray) -> None:
+    """Record the content hashes (``featx.decode.bytes_hash``) of the images a head or run saw, as a plain array."""
+    tmp = Path(folder) / (SEEN_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.unique(np.asarray(hashes, np.uint64)), allow_pickle=False)
+    os.replace(tmp, Path(folder) / SEEN_FILE)
+
+
+def load_seen(folder: Path) -> np.ndarray | None:
+    """The content hashes a head or run saw, or None for one from an older featx that did not record them."""
+    path = Path(folder) / SEEN_FILE
+    return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def times_seen(seen: np.ndarray | None, hashes: np.ndarray | None) -> int | None:
+    """How many of the scored images (by content hash) were seen in fitting or selection; None when either side
+    does not know its hashes."""
+    if seen is None or hashes is None:
+        return None
+    hashes = np.asarray(hashes, np.uint64)
+    return int((np.isin(hashes, seen) & (hashes != 0)).sum())
+
+
+def not_held_out(seen: int, total: int, how: str = "to fit or select this head") -> str:
+    """The warning every score on seen images carries."""
+    return f"NOT held out: {seen} of {total} images were used {how}"
 
 
 def summary_line(metrics: dict) -> str:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from featx.embed import Embedder, resolve_device
 from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
+from featx.metrics import load_seen, not_held_out, times_seen
 from featx.sources import IMAGE_EXTENSIONS, list_images
 
 
@@ -37,47 +38,73 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
     return files
 
 
+class Classifier(NamedTuple):
+    """What ``predict`` runs: uint8 image batch -> (logits, rows far outside what the head was fitted on), the
+    transform it expects, the class name of each logit column, and the content hashes of the images it was fitted
+    or selected on (None: not recorded)."""
+
+    classify: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+    transform: EvalTransform
+    names: list[str]
+    seen: np.ndarray | None
+
+
 def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str | None = None,
-                    trust_pickle: bool = False
-                    ) -> tuple[Callable[[torch.Tensor], np.ndarray], EvalTransform, list[str]]:
-    """(uint8 image batch -> logits, the transform it expects, the class name of each logit column) for a head
-    folder (backbone features, then the head's ``decision_function``, as ``evaluate`` does) or a finetune run."""
+                    trust_pickle: bool = False) -> Classifier:
+    """The classifier of a head folder (backbone features, then the head's ``decision_function``, as ``evaluate``
+    does) or of a finetune run."""
     if (Path(folder) / RUN_FILE).is_file():
         model, record = load_finetuned(folder)
         transform = EvalTransform.from_dict(record["transform"])
         info = WeightsInfo("finetuned", str(folder), "")
         embedder = Embedder(Backbone(record["backbone"], model, record["num_classes"], info, transform), device)
-        return (lambda images: embedder(images).numpy()), transform, record["class_names"]
+
+        def classify_run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            logits = embedder(images).numpy()
+            return logits, np.zeros(len(logits), bool)
+
+        return Classifier(classify_run, transform, record["class_names"], load_seen(folder))
     estimator = load_head(folder, trust_pickle)
     backbone = backbone_from_source(estimator.source_, mirror)
     embedder = Embedder(backbone, device)
     names = [estimator.source_["class_names"][c] for c in estimator.classes_]
-    return (lambda images: estimator.decision_function(embedder(images).numpy())), backbone.transform, names
+
+    def classify_head(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        features = embedder(images).numpy()
+        return estimator.decision_function(features), estimator.far_rows(features)
+
+    return Classifier(classify_head, backbone.transform, names, estimator.seen_)
 
 
 def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
             workers: int | None = None, device: str = "auto", mirror: str | None = None,
             trust_pickle: bool = False) -> list[dict]:
     """Classify with a head folder or a finetune run folder. One record per image: path, true class (its
-    folder's name, when that is a class), prediction, top-k, logits; undecodable images get an ``error``."""
+    folder's name, when that is a class), prediction, top-k, logits, whether the classifier saw the image (by
+    content) in fitting or selection, and whether its features lie far outside the head's; undecodable images get
+    an ``error``."""
     check_positive("topk", topk, int)
     check_positive("batch_size", batch_size, int)
-    classify, transform, names = load_classifier(head, device, mirror, trust_pickle)
+    classifier = load_classifier(head, device, mirror, trust_pickle)
+    names = classifier.names
     files = collect_images(inputs)
-    dataset = ImageFiles(Path(), tuple(files), transform)
+    dataset = ImageFiles(Path(), tuple(files), classifier.transform)
     records: list[dict | None] = [None] * len(files)
     for batch in read_batches(dataset, sequential_batches(len(files), batch_size), workers, resolve_device(device)):
         for index, reason in batch.failed:
             records[index] = {"path": files[index], "error": reason}
         if not len(batch.indices):  # every image of this batch failed
             continue
-        logits = classify(batch.images)
+        logits, far = classifier.classify(batch.images)
         probabilities = softmax(logits, axis=1)
-        for index, row_logits, row_probabilities in zip(batch.indices.tolist(), logits, probabilities):
+        indices = batch.indices.tolist()
+        seen = [times_seen(classifier.seen, [dataset.content_hash(i)]) for i in indices]
+        for index, row_logits, row_probabilities, row_far, row_seen in zip(indices, logits, probabilities, far, seen):
             order = np.argsort(-row_probabilities)[:topk]
             top = [(names[i], float(row_probabilities[i])) for i in order]
             records[index] = {"path": files[index], "predicted": top[0][0], "probability": top[0][1],
-                              "topk": top, "logits": row_logits.tolist()}
+                              "topk": top, "logits": row_logits.tolist(), "seen": bool(row_seen),
+                              "far": bool(row_far)}
     for record in records:
         parent = Path(record["path"]).parent.name
         record["true"] = parent if parent in names else None
@@ -103,7 +130,13 @@ def run(head: str | os.PathLike, inputs: list[str], topk: int = 5, out: str | os
             print(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
     correct, labelled = accuracy(records)
     if labelled:
-        print(f"accuracy {correct:.4f} on {labelled} images whose folder names their class", file=sys.stderr)
+        seen = sum(1 for r in records if r.get("true") and r.get("seen"))
+        note = f" ({not_held_out(seen, labelled, 'in fitting or selection')})" if seen else ""
+        print(f"accuracy {correct:.4f} on {labelled} images whose folder names their class{note}", file=sys.stderr)
+    far = sum(1 for r in records if r.get("far"))
+    if far:
+        print(f"featx: warning: {far} images have features far outside what the head was fitted on (|standardised "
+              "value| > 1e6): their predictions say nothing", file=sys.stderr)
     if show:
         contact_sheet(records, show, show_limit)
     return records

@@ -40,7 +40,8 @@ def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: d
                 if writer is None:
                     shard_items = sum(len(b) for b in shards[number])
                     writer = store.ShardWriter(path, embedder.feature_dim, options.dtype, shard_items)
-                writer.append(batch.indices.numpy(), features)
+                hashes = np.asarray([dataset.content_hash(i) for i in batch.indices.tolist()], np.uint64)
+                writer.append(batch.indices.numpy(), features, hashes)
                 writer.add_failures(batch.failed)
                 if last:
                     writer.commit()

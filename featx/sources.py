@@ -4,10 +4,15 @@ boundaries where it has them. The runner, the engines and ``finetune`` never kno
 
 - **imagefolder**: ``DATA/[split/]class/image``.
 - **unlabelled**: a folder of images with no class folders, searched recursively (labels -1).
-- **manifest**: a CSV or Parquet file with a ``path`` column and optional ``label`` and ``split`` columns.
-- **webdataset**: tar shards (``shards/train-{000000..000099}.tar``, a glob, or a folder of ``.tar`` files) of
-  ``key.jpg|png|webp`` samples with an optional ``key.cls``, ``key.json`` or ``key.txt`` label; each tar is indexed
-  once (its headers only) and its members are read in place, one tar per shard.
+- **manifest**: a CSV or Parquet file with a ``path`` column and optional ``label`` and ``split`` columns; also a
+  Hugging Face imagefolder (``metadata.csv`` with ``file_name`` beside the images of each split).
+- **webdataset**: tar shards (``shards/train-{000000..000099}.tar``, a glob, a folder of ``.tar`` files, or an
+  img2dataset output folder) of ``key.jpg|png|webp`` samples. The label is ``key.cls`` when the sample has one; else
+  ``key.json``'s ``--label_key`` (default ``label``), or the ``key.txt`` caption only with ``--label_key txt``.
+  Captions and JSON are kept per row (``Split.columns``). Each tar is indexed once (its headers only) and its
+  members are read in place, one tar per shard.
+
+Split names are canonical: ``validation``, ``valid`` and ``dev`` are read as ``val``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,19 @@ from typing import NamedTuple
 import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}  # read as the canonical name
 SOURCES = ("auto", "imagefolder", "unlabelled", "manifest", "webdataset")
 TAR_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-TAR_LABEL_EXTENSIONS = (".cls", ".json", ".txt")
+TAR_TEXT_EXTENSIONS = (".cls", ".json", ".txt")  # label and metadata members, read at indexing
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+HF_METADATA = "metadata.csv"  # a Hugging Face imagefolder's per-split table (file_name + columns)
+
+
+def split_name(name: str) -> str | None:
+    """The canonical split a folder, tar prefix or manifest value names (``validation`` -> ``val``), or None."""
+    name = name.strip().lower()
+    return name if name in SPLIT_NAMES else SPLIT_ALIASES.get(name)
 
 
 class Member(NamedTuple):
@@ -115,6 +129,7 @@ class Split:
     members: tuple[Member | None, ...] | None = None
     shard_sizes: tuple[int, ...] | None = None
     source: str = "imagefolder"
+    columns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # per-item text kept beside the features: caption, json
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -127,7 +142,8 @@ class Split:
         """The items where ``mask`` is true, as a split called ``name``."""
         paths = tuple(p for p, keep in zip(self.paths, mask) if keep)
         members = tuple(m for m, keep in zip(self.members, mask) if keep) if self.members else None
-        return Split(name, self.root, paths, self.labels[mask], self.class_names, members, None, self.source)
+        columns = tuple((column, tuple(v for v, keep in zip(values, mask) if keep)) for column, values in self.columns)
+        return Split(name, self.root, paths, self.labels[mask], self.class_names, members, None, self.source, columns)
 
     def fingerprint(self) -> str:
         """sha256 over class names, relative paths and labels: changes when the file list does."""
@@ -142,14 +158,29 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def split_folders(root: Path) -> list[tuple[str, Path]]:
+    """(canonical split name, folder) of ``root``'s split folders, train first; two folders naming one split (``val/``
+    and ``validation/``) are an error."""
+    found: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        name = split_name(folder.name)
+        if name is None:
+            continue
+        if name in found:
+            raise ValueError(f"{root} has two folders for split {name}: {found[name].name}/ and {folder.name}/; "
+                             "merge them or rename one")
+        found[name] = folder
+    return [(name, found[name]) for name in SPLIT_NAMES if name in found]
+
+
 def image_folder(root: Path) -> list[Split]:
     """Splits of an ImageFolder tree: ``train/``, ``val/`` ... when present, else ``root`` as one split.
 
     Class names come from the training split (else the first split) and apply to every split.
     """
-    split_dirs = [(name, root / name) for name in SPLIT_NAMES if (root / name).is_dir()]
+    split_dirs = split_folders(root)
     if not split_dirs:
-        split_dirs = [(root.name if root.name in SPLIT_NAMES else "all", root)]
+        split_dirs = [(split_name(root.name) or "all", root)]
     class_names = _class_folders(split_dirs[0][1])
     if not class_names:
         raise ValueError(f"{split_dirs[0][1]} has no class folders (expected ImageFolder layout: <class>/<image>)")
@@ -189,9 +220,10 @@ def unlabelled_folder(root: Path) -> list[Split]:
 
 
 def _manifest_rows(path: Path) -> tuple[list[str], list[dict], int]:
-    """(columns, rows, number of the first data row as a user counts it: 2 under a CSV header, 0 in Parquet)."""
+    """(columns, rows, number of the first data row as a user counts it: 2 under a CSV header, 0 in Parquet). A CSV
+    may start with a UTF-8 byte-order mark (Excel's "CSV UTF-8")."""
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             return list(reader.fieldnames or []), list(reader), 2
     import pyarrow.parquet as pq
@@ -200,25 +232,109 @@ def _manifest_rows(path: Path) -> tuple[list[str], list[dict], int]:
     return table.column_names, table.to_pylist(), 0
 
 
-def manifest(path: Path, root: Path | None = None) -> list[Split]:
+def manifest(path: Path, root: Path | None = None, label_key: str = "label") -> list[Split]:
     """Splits of a CSV or Parquet manifest: ``path`` (relative to ``root``, default the manifest's folder, or
-    absolute), optional ``label`` (class names, or integers) and ``split`` (train/val/valid/validation/test)."""
+    absolute), optional ``label_key`` column (class names, or integers) and ``split`` (train/val/test and their
+    aliases)."""
     columns, rows, first = _manifest_rows(path)
     if "path" not in columns:
         raise ValueError(f"{path} has no 'path' column (its columns: {', '.join(columns) or 'none'})")
-    root = Path(root) if root else path.parent
-    numbered = list(enumerate(rows, start=first))
-    splits = [str(row.get("split") or "").strip() or "all" for _, row in numbered] if "split" in columns else \
-        ["all"] * len(rows)
-    for (number, _), split in zip(numbered, splits):
-        if split not in (*SPLIT_NAMES, "all"):
-            raise ValueError(f"{path} row {number}, column split: {split!r} is not one of {', '.join(SPLIT_NAMES)}")
-    labels, class_names = _labels(path, [(n, row.get("label")) for n, row in numbered], "label",
-                                  [s == "train" for s in splits]) if "label" in columns else \
-        (np.full(len(rows), -1, np.int64), ())
-    order = [name for name in (*SPLIT_NAMES, "all") if name in splits]
-    return [Split(name, root, tuple(str(row["path"]) for row, s in zip(rows, splits) if s == name),
-                  labels[[s == name for s in splits]], class_names, source="manifest") for name in order]
+    if not rows:
+        raise ValueError(f"{path} has a header but no rows: nothing to read")
+    table = [(number, str(row["path"]), row.get(label_key), row.get("split") if "split" in columns else None)
+             for number, row in enumerate(rows, start=first)]
+    return _table_splits(path, Path(root) if root else path.parent, table, label_key in columns, label_key,
+                         "manifest")
+
+
+def hf_imagefolder(root: Path, label_key: str = "label") -> list[Split]:
+    """A Hugging Face imagefolder: ``[split/]metadata.csv`` with ``file_name`` (relative to its folder) and the
+    ``label_key`` column; each split folder's table is that split."""
+    folders = split_folders(root) or [(split_name(root.name) or "all", root)]
+    table = []
+    for name, folder in folders:
+        columns, rows, first = _manifest_rows(folder / HF_METADATA)
+        if "file_name" not in columns:
+            raise ValueError(f"{folder / HF_METADATA} has no 'file_name' column (its columns: {', '.join(columns)})")
+        if label_key not in columns:
+            raise ValueError(f"{folder / HF_METADATA} has no {label_key!r} column to label the images with (its "
+                             f"columns: {', '.join(columns)}); name the label column with --label_key, or give "
+                             "--source imagefolder to label by class folders")
+        base = folder.relative_to(root)
+        table += [(f"{folder.name}/{HF_METADATA} row {number}", (base / str(row["file_name"])).as_posix(),
+                   row.get(label_key), name) for number, row in enumerate(rows, start=first)]
+    return _table_splits(root, root, table, True, label_key, "manifest")
+
+
+def _table_splits(where: Path, root: Path, table: list[tuple], labelled: bool, label_key: str, source: str
+                  ) -> list[Split]:
+    """Splits of (row, path, label, split) entries: split names made canonical, exact duplicates kept once and a
+    file in two splits reported (one line each), labels checked (``_labels``)."""
+    entries = []
+    for number, path, label, split in table:
+        name = split_name(str(split)) if split not in (None, "") else "all"
+        if name is None:
+            raise ValueError(f"{where} row {number}, column split: {split!r} is not a split name (train, val, "
+                             f"test; or {', '.join(SPLIT_ALIASES)} for val)")
+        entries.append((number, path, label, name))
+    entries = _without_duplicates(where, entries, labelled)
+    if labelled:
+        labels, class_names = _labels(where, [(n, label) for n, _, label, _ in entries], label_key,
+                                      [s == "train" for *_, s in entries])
+    else:
+        labels, class_names = np.full(len(entries), -1, np.int64), ()
+    names = [s for *_, s in entries]
+    return [Split(name, root, tuple(path for _, path, _, s in entries if s == name),
+                  labels[[s == name for s in names]], class_names, source=source)
+            for name in (*SPLIT_NAMES, "all") if name in names]
+
+
+def _without_duplicates(where: Path, entries: list[tuple], labelled: bool) -> list[tuple]:
+    """Entries with exact repeats (same path, split and label) dropped; both reported on stderr with counts, and
+    a file in two splits reported. The same file with two labels is an error naming its rows."""
+    first: dict[str, tuple] = {}
+    kept, repeats, across = [], 0, set()
+    for entry in entries:
+        number, path, label, split = entry
+        seen = first.get(path)
+        if seen is None:
+            first[path] = entry
+            kept.append(entry)
+            continue
+        if labelled and str(seen[2]).strip() != str(label).strip():
+            raise ValueError(f"{where} rows {seen[0]} and {number}: {path} has two labels ({seen[2]!r}, {label!r})")
+        if seen[3] == split:
+            repeats += 1
+            continue
+        across.add(path)
+        kept.append(entry)
+    if repeats:
+        print(f"featx: {where}: {repeats} duplicate rows (same file, split and label) read once", file=sys.stderr)
+    if across:
+        print(f"featx: {where}: {len(across)} files are in more than one split (e.g. {sorted(across)[0]}); scores on "
+              "a split that shares files with train are not held out", file=sys.stderr)
+    return kept
+
+
+def _label_value(where, number, column: str, value) -> int | str:
+    """One label as an integer or a class name: integral floats (``1.0``, pandas' floats) are integers; booleans,
+    lists and empty values are errors naming the row."""
+    if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
+        raise ValueError(f"{where} row {number}, column {column}: {value!r} is a boolean, not a class; map it to "
+                         "class names or integers")
+    if isinstance(value, (list, tuple, dict)) or str(value).strip().startswith(("[", "{")):
+        raise ValueError(f"{where} row {number}, column {column}: {value!r} holds several values; featx takes one "
+                         "label per image")
+    if isinstance(value, float) and value != value or value is None or not str(value).strip():
+        raise ValueError(f"{where} row {number}, column {column}: the label is empty")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    text = str(value).strip()
+    try:
+        number_value = float(text)
+    except ValueError:
+        return text
+    return int(number_value) if number_value.is_integer() else text
 
 
 def _labels(where, values: list[tuple[int | str, object]], column: str, train: list[bool]
@@ -226,48 +342,55 @@ def _labels(where, values: list[tuple[int | str, object]], column: str, train: l
     """Label indices and class names from (row, value) pairs of one kind: all integers (classes 0..max, named by
     number) or all class names (sorted, from the training rows when there are any)."""
     first: dict[str, int | str] = {}  # kind of label -> the first row holding one
+    parsed = []
     for number, value in values:
-        text = str(value).strip() if value is not None else ""
-        if not text:
-            raise ValueError(f"{where} row {number}, column {column}: the label is empty")
-        kind = "an integer" if isinstance(value, int) or text.lstrip("-").isdigit() else "a class name"
+        label = _label_value(where, number, column, value)
+        kind = "an integer" if isinstance(label, int) else "a class name"
         first.setdefault(kind, number)
         if len(first) > 1:
             other = next(k for k in first if k != kind)
             raise ValueError(f"{where} row {number}, column {column}: {value!r} is {kind}, but row {first[other]} "
                              f"holds {other}; use one kind of label")
+        parsed.append(label)
     if "an integer" in first:
-        labels = np.asarray([int(str(v).strip()) for _, v in values], np.int64)
+        labels = np.asarray(parsed, np.int64)
         if labels.min() < 0:
             raise ValueError(f"{where}, column {column}: integer labels must be >= 0")
         return labels, tuple(str(i) for i in range(int(labels.max()) + 1))
-    names = [str(v).strip() for _, v in values]
-    known = sorted({n for n, t in zip(names, train) if t} or set(names))
-    unknown = sorted(set(names) - set(known))
+    known = sorted({n for n, t in zip(parsed, train) if t} or set(parsed))
+    unknown = sorted(set(parsed) - set(known))
     if unknown:
         raise ValueError(f"{where}: labels {unknown} do not occur in the training rows; classes come from the "
                          f"training split: {', '.join(known)}")
-    return np.asarray([known.index(n) for n in names], np.int64), tuple(known)
+    return np.asarray([known.index(n) for n in parsed], np.int64), tuple(known)
 
 
 def tar_files(spec: str) -> list[Path]:
-    """The tar files a spec names: brace syntax (``train-{000000..000099}.tar``), a glob, a folder, or one file."""
+    """The tar files a spec names: brace syntax (``train-{000000..000099}.tar``), a glob, a folder (an img2dataset
+    output folder too), or one file. Compressed tars are refused by name: their members cannot be read in place."""
     from braceexpand import braceexpand
 
     path = Path(spec)
     if path.is_dir():
-        return sorted(path.glob("*.tar"))
-    files = [Path(f) for pattern in braceexpand(spec) for f in (sorted(glob.glob(pattern)) or [pattern])]
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".tar", *COMPRESSED_TARS)))
+    else:
+        files = [Path(f) for pattern in braceexpand(spec) for f in (sorted(glob.glob(pattern)) or [pattern])]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"tar shards not found: {', '.join(missing[:3])}" +
                                 (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    compressed = [f for f in files if f.name.endswith(COMPRESSED_TARS)]
+    if compressed:
+        raise ValueError(f"{compressed[0]} is a compressed tar: featx reads tar members in place, which a compressed "
+                         f"tar does not allow; decompress it first (e.g. gunzip -c {compressed[0].name} > "
+                         f"{compressed[0].name.split('.')[0]}.tar)")
     return files
 
 
-def _index_tar(tar: Path) -> list[tuple[str, Member, object]]:
-    """(key, image member, label value or None) of every sample, in the tar's order, read from its headers alone.
-    A tar cut short keeps the samples before the cut; the sample at the cut fails when it is read."""
+def _index_tar(tar: Path) -> list[tuple[str, Member, dict[str, bytes]]]:
+    """(key, image member, {".cls"/".txt"/".json": bytes}) of every sample, in the tar's order, read from its headers
+    and its small text members alone. A tar cut short keeps the samples before the cut; the sample at the cut fails
+    when it is read."""
     samples: dict[str, dict] = {}
     cut = ""
     try:
@@ -277,12 +400,12 @@ def _index_tar(tar: Path) -> list[tuple[str, Member, object]]:
                     continue
                 folder, _, name = info.name.rpartition("/")
                 key, _, extension = name.partition(".")
-                sample = samples.setdefault(f"{folder}/{key}" if folder else key, {})
+                sample = samples.setdefault(f"{folder}/{key}" if folder else key, {"texts": {}})
                 extension = "." + extension.lower()
                 if extension in TAR_IMAGE_EXTENSIONS and "image" not in sample:
                     sample["image"] = Member(str(tar), info.offset_data, info.size)
-                elif extension in TAR_LABEL_EXTENSIONS:
-                    sample["label"] = (extension, archive.extractfile(info).read())
+                elif extension in TAR_TEXT_EXTENSIONS:
+                    sample["texts"].setdefault(extension, archive.extractfile(info).read())
     except (tarfile.ReadError, EOFError) as error:
         cut = f"{tar.name} is cut short or damaged here ({error})"
         print(f"featx: {tar} is cut short or damaged after {len(samples)} samples ({error}); the samples before "
@@ -292,81 +415,101 @@ def _index_tar(tar: Path) -> list[tuple[str, Member, object]]:
         member = sample.get("image") or Member(str(tar), 0, 0, f"no image member (.jpg, .png, .webp) for {key}")
         if cut and number == len(samples) - 1:
             member = member._replace(problem=cut)
-        indexed.append((key, member, None if member.problem else _tar_label(tar, key, sample.get("label"))))
+        indexed.append((key, member, sample["texts"]))
     return indexed
 
 
-def _tar_label(tar: Path, key: str, found: tuple[str, bytes] | None):
-    if found is None:
+def _tar_label(tar: Path, key: str, texts: dict[str, bytes], label_key: str):
+    """A sample's label: ``.cls`` when it has one; else ``.json``'s ``label_key``, or the ``.txt`` caption when
+    ``label_key`` is ``txt``; None when it has none of these."""
+    if ".cls" in texts:
+        text = texts[".cls"].decode("utf-8", "replace").strip()
+        return int(text) if text.lstrip("-").isdigit() else text
+    if label_key == "txt":
+        return texts[".txt"].decode("utf-8", "replace").strip() if ".txt" in texts else None
+    if ".json" not in texts:
         return None
-    extension, data = found
-    text = data.decode("utf-8", "replace").strip()
-    if extension == ".json":
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise ValueError(f"{tar}: {key}.json is not JSON") from None
-        return value.get("label", value.get("cls")) if isinstance(value, dict) else value
-    return int(text) if extension == ".cls" and text.lstrip("-").isdigit() else text
+    try:
+        value = json.loads(texts[".json"])
+    except ValueError:
+        raise ValueError(f"{tar}: {key}.json is not JSON") from None
+    return value.get(label_key) if isinstance(value, dict) else None
 
 
-def tar_shards(spec: str) -> list[Split]:
+def tar_shards(spec: str, label_key: str = "label", labelled: bool = True) -> list[Split]:
     """One split of WebDataset tar shards, one tar per shard; named after the shards' common split prefix
-    (``train-000000.tar`` -> ``train``), else ``all``."""
+    (``train-000000.tar``, ``validation-000000.tar`` -> ``val``), else ``all``. ``labelled=False`` reads no labels;
+    captions (``.txt``) and JSON are kept as the ``caption`` and ``json`` columns."""
     tars = tar_files(spec)
     if not tars:
         raise FileNotFoundError(f"no .tar files in {spec}")
     paths, members, values, sizes = [], [], [], []
+    texts: dict[str, list[str]] = {"caption": [], "json": []}
     for tar in tars:
         samples = _index_tar(tar)
-        for key, member, value in samples:
+        for key, member, found in samples:
             paths.append(f"{tar.name}/{key}")
             members.append(member)
-            values.append(value)
+            values.append(None if member.problem or not labelled else _tar_label(tar, key, found, label_key))
+            texts["caption"].append(found.get(".txt", b"").decode("utf-8", "replace").strip())
+            texts["json"].append(found.get(".json", b"").decode("utf-8", "replace").strip())
         sizes.append(len(samples))
     readable = [i for i, member in enumerate(members) if not member.problem]  # the others fail when read
-    labelled = [i for i in readable if values[i] is not None]
-    if labelled and len(labelled) != len(readable):
+    labelled_items = [i for i in readable if values[i] is not None]
+    if labelled_items and len(labelled_items) != len(readable):
         missing = next(i for i in readable if values[i] is None)
-        raise ValueError(f"{paths[missing]} has no label but {paths[labelled[0]]} has one")
+        raise ValueError(f"{paths[missing]} has no label but {paths[labelled_items[0]]} has one")
     labels, class_names = np.full(len(paths), -1, np.int64), ()
-    if labelled:
-        known, class_names = _labels(spec, [(paths[i], values[i]) for i in labelled], "label", [True] * len(labelled))
-        labels[labelled] = known
-    prefixes = {tar.name.split("-")[0].split(".")[0] for tar in tars}
-    name = prefixes.pop() if len(prefixes) == 1 and prefixes <= set(SPLIT_NAMES) else "all"
+    if labelled_items:
+        known, class_names = _labels(spec, [(paths[i], values[i]) for i in labelled_items], label_key,
+                                     [True] * len(labelled_items))
+        labels[labelled_items] = known
+    names = {split_name(tar.name.split("-")[0].split(".")[0]) for tar in tars}
+    name = names.pop() if len(names) == 1 and None not in names else "all"
     root = Path(os.path.commonpath([str(t.parent.resolve()) for t in tars]))
-    return [Split(name, root, tuple(paths), labels, class_names, tuple(members), tuple(sizes), "webdataset")]
+    columns = tuple((column, tuple(values)) for column, values in texts.items() if any(values))
+    return [Split(name, root, tuple(paths), labels, class_names, tuple(members), tuple(sizes), "webdataset", columns)]
 
 
 def detect(data: str) -> str:
-    """The source ``data`` names: a CSV/Parquet file, tar shards, a folder of class folders, or of images."""
+    """The source ``data`` names: a CSV/Parquet file, tar shards (or an img2dataset folder), a Hugging Face
+    imagefolder, a folder of class folders, or of images."""
     path = Path(data)
     if path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq"):
         return "manifest"
-    if path.suffix.lower() == ".tar" or any(c in data for c in "{*?["):
+    if path.name.endswith((".tar", *COMPRESSED_TARS)) or any(c in data for c in "{*?["):
         return "webdataset"
     if not path.is_dir():
         raise FileNotFoundError(f"data {data} does not exist (give a folder, a .csv/.parquet manifest or .tar shards)")
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-    if entries and all(p.suffix.lower() == ".tar" for p in entries):
+    tars = [p for p in entries if p.name.endswith((".tar", *COMPRESSED_TARS))]
+    if tars and all(p in tars or p.suffix.lower() in (".parquet", ".json") for p in entries):  # img2dataset's too
         return "webdataset"
-    folders = [path / name for name in SPLIT_NAMES if (path / name).is_dir()] or [path]
+    folders = [folder for _, folder in split_folders(path)] or [path]
+    if any((folder / HF_METADATA).is_file() for folder in folders):
+        return "hf-imagefolder"
     loose = any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for f in folders for p in f.iterdir())
     return "unlabelled" if loose else "imagefolder"
 
 
-def discover(data: str | os.PathLike, source: str = "auto", root: str | os.PathLike | None = None) -> list[Split]:
+def discover(data: str | os.PathLike, source: str = "auto", root: str | os.PathLike | None = None,
+             label_key: str = "label") -> list[Split]:
     """The splits of ``data`` read as ``source`` (``auto``: ``detect``). ``root``: the folder a manifest's
-    relative paths start from (default: the manifest's folder)."""
+    relative paths start from (default: the manifest's folder). ``label_key``: the manifest column, JSON key
+    (tars) or ``txt`` (tar captions as labels) that holds the label."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
     data = str(data)
+    if "://" in data:
+        raise ValueError(f"{data} is a URL; featx reads local files and folders: download the data first (for "
+                         "WebDataset shards, e.g. with `curl -O` or img2dataset), then give its folder")
     kind = detect(data) if source == "auto" else source
     if kind == "manifest":
-        return manifest(Path(data), root)
-    if kind == "webdataset":
-        return tar_shards(data)
+        return manifest(Path(data), root, label_key)
+    if kind == "hf-imagefolder":
+        return hf_imagefolder(Path(data), label_key)
+    if kind == "webdataset" or (kind == "unlabelled" and detect(data) == "webdataset"):
+        return tar_shards(data, label_key, labelled=kind == "webdataset")
     if not Path(data).is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
     return unlabelled_folder(Path(data)) if kind == "unlabelled" else image_folder(Path(data))

@@ -153,16 +153,16 @@ class ShardWriter:
             "features", (0, feature_dim), maxshape=(None, feature_dim), dtype=dtype, chunks=(rows, feature_dim)
         )
         self.items = self.file.create_dataset("items", (0,), maxshape=(None,), dtype="int64", chunks=(rows,))
+        self.hashes = self.file.create_dataset("content_hash", (0,), maxshape=(None,), dtype="uint64", chunks=(rows,))
         self.failed_items: list[int] = []
         self.failed_reasons: list[str] = []
 
-    def append(self, items: np.ndarray, features: np.ndarray) -> None:
-        """Add rows: the features of dataset items ``items``."""
+    def append(self, items: np.ndarray, features: np.ndarray, hashes: np.ndarray) -> None:
+        """Add rows: the features of dataset items ``items``, and their images' ``content_hash``."""
         start, count = self.features.shape[0], len(items)
-        self.features.resize(start + count, axis=0)
-        self.items.resize(start + count, axis=0)
-        self.features[start:] = features
-        self.items[start:] = items
+        for dataset, values in ((self.features, features), (self.items, items), (self.hashes, hashes)):
+            dataset.resize(start + count, axis=0)
+            dataset[start:] = values
 
     def add_failures(self, failures: list[tuple[int, str]]) -> None:
         """Record items whose image could not be decoded."""
@@ -214,13 +214,14 @@ def finished_shards(parts: Path) -> set[int]:
 
 
 def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
-          compression: str | None = None, layout: str = "copy") -> dict:
+          compression: str | None = None, layout: str = "copy", columns: tuple = ()) -> dict:
     """Write ``path`` from the committed shards of ``parts`` in shard order. ``copy``: every feature row is copied
     into ``path``, then ``parts`` is deleted. ``virtual``: ``features`` is an HDF5 virtual dataset over the shards,
     which stay in ``parts`` (no copy; the shards are named relative to ``path``, so the folder can move).
 
     Shards hold item ids (image index x ``attrs["views"]`` + view); ``paths``/``labels`` are the split's file
-    list, which rows index through ``image_ids``. Returns counts.
+    list, which rows index through ``image_ids``, and ``columns`` ((name, per-image text) pairs: captions, JSON)
+    are written per row under ``columns/``. Returns counts.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
@@ -234,7 +235,7 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
         files = [stack.enter_context(h5py.File(p, "r")) for p in shards]
         out = h5py.File(tmp, "w")
         try:
-            counts = _merged(files, out, attrs, paths, labels, compression, layout)
+            counts = _merged(files, out, attrs, paths, labels, compression, layout, columns)
             out.close()
         except BaseException:
             _discard(out, tmp)
@@ -261,7 +262,7 @@ def _virtual_features(files: list[h5py.File], out: h5py.File, dim: int, dtype: s
 
 
 def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
-            compression: str | None, layout: str) -> dict:
+            compression: str | None, layout: str, columns: tuple) -> dict:
     """Write the shards ``files`` into ``out``; returns counts."""
     views, dim, dtype = attrs["views"], attrs["feature_dim"], attrs["dtype"]
     num_rows = sum(f["features"].shape[0] for f in files)
@@ -284,6 +285,11 @@ def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[st
     out.create_dataset("image_ids", data=image_ids)
     out.create_dataset("labels", data=labels[image_ids])
     out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
+    if all("content_hash" in f for f in files):  # shards of an older featx have none
+        out.create_dataset("content_hash", data=np.concatenate([f["content_hash"][:] for f in files] or
+                                                               [np.empty(0, np.uint64)]))
+    for name, values in columns:
+        out.create_dataset(f"columns/{name}", data=np.asarray([values[i] for i in image_ids], dtype=object), dtype=STR)
     failed_items = np.concatenate([f["failed_items"][:] for f in files]) if files else np.empty(0, np.int64)
     all_reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
     failed_ids, first = np.unique(failed_items // views, return_index=True)  # one entry per image
@@ -359,6 +365,8 @@ class FeatureSet:
     image_ids: np.ndarray  # [N] source image of each row
     meta: dict
     failed: list[tuple[str, str]]  # (path, reason)
+    content_hash: np.ndarray | None = None  # [N] uint64 hash of each row's image bytes (None: an older file)
+    columns: dict[str, list[str]] | None = None  # per-row text kept from the source: caption, json
 
     @property
     def class_names(self) -> list[str]:
@@ -376,7 +384,9 @@ def load(path: str | os.PathLike) -> FeatureSet:
     meta = read_meta(path)
     with h5py.File(path, "r") as f:
         arrays = f["features"][:], f["labels"][:], list(f["paths"].asstr()[:]), f["image_ids"][:]
-    return FeatureSet(*arrays, meta, load_failed(path))
+        hashes = f["content_hash"][:] if "content_hash" in f else None
+        columns = {name: list(f["columns"][name].asstr()[:]) for name in f.get("columns", {})}
+    return FeatureSet(*arrays, meta, load_failed(path), hashes, columns)
 
 
 def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -386,6 +396,28 @@ def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np
         features, labels = f["features"], f["labels"]
         for start in range(0, features.shape[0], rows):
             yield features[start:start + rows], labels[start:start + rows]
+
+
+def provenance(meta: dict) -> dict:
+    """What a features file was made from and by: backbone, weights (and their sha256), preprocessing, data root,
+    split, source, featx version, counts."""
+    keys = ("backbone", "weights", "weights_source", "weights_sha256", "feature_dim", "transform", "data_root",
+            "split", "source", "class_names", "dtype", "views", "featx_version", "created", "num_images", "num_rows",
+            "num_failed")
+    return {key: meta[key] for key in keys if key in meta}
+
+
+def summary(path: str | os.PathLike) -> str:
+    """``featx info``: a features file's provenance, counts and per-row columns, one item a line."""
+    meta = read_meta(path)
+    with open_h5(path) as f:
+        extra = [name for name in ("content_hash", *(f"columns/{c}" for c in f.get("columns", {}))) if name in f]
+    lines = [f"{path}: {meta['num_rows']} rows x {meta['feature_dim']} ({meta['dtype']}), {meta['num_images']} images, "
+             f"{meta['num_failed']} failed, layout {meta.get('layout', 'copy')}"]
+    lines += [f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
+              for key, value in provenance(meta).items() if key not in ("num_images", "num_rows", "num_failed")]
+    lines.append(f"  per-row data: features, labels, paths, image_ids{''.join(', ' + name for name in extra)}")
+    return "\n".join(lines)
 
 
 def require_labels(meta: dict, path: str | os.PathLike, command: str) -> None:

@@ -87,7 +87,8 @@ def test_a_fit_does_not_depend_on_how_the_rows_are_stored(tmp_path):
     heads = {}
     with h5py.File(tmp_path / "f.h5", "r") as f:
         for name in ("plain", "gzip"):
-            heads[name] = LinearHead(lrs=[0.1], weight_decays=[0.0, 1e-3], epochs=3, block_rows=700).fit(f[name], labels)
+            head = LinearHead(lrs=[0.1], weight_decays=[0.0, 1e-3], epochs=3, block_rows=700)
+            heads[name] = head.fit(f[name], labels)
     for key in ("weight", "bias"):
         torch.testing.assert_close(heads["plain"].state_[key], heads["gzip"].state_[key], rtol=0, atol=0)
     assert heads["plain"].selection_ == heads["gzip"].selection_ and heads["plain"].selection_["val_accuracy"] > 0.7

@@ -412,7 +412,7 @@ def test_parts_left_by_a_kill_after_the_commit_are_cleaned(image_folder, tmp_pat
 
 def test_shard_chunks_never_exceed_the_shard(tmp_path):
     writer = store.ShardWriter(tmp_path / "part-00000.h5", 1280, "float32", max_rows=16)
-    writer.append(np.arange(16), np.ones((16, 1280), np.float32))
+    writer.append(np.arange(16), np.ones((16, 1280), np.float32), np.zeros(16, np.uint64))
     writer.commit()
     with h5py.File(tmp_path / "part-00000.h5", "r") as f:
         assert f["features"].chunks == (16, 1280)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -23,7 +24,7 @@ from featx.sources import detect, discover
 
 def write_tars(folder: Path, samples: list[tuple[Path, int | str]], sizes: list[int], prefix: str = "val") -> str:
     """WebDataset tars of (image file, label) samples, ``sizes`` samples per tar, an integer label as ``key.cls``
-    and a class name as ``key.txt``; returns the brace spec."""
+    and a class name as ``key.json`` (``{"label": name}``); returns the brace spec."""
     folder.mkdir(parents=True, exist_ok=True)
     start = 0
     for number, size in enumerate(sizes):
@@ -31,8 +32,8 @@ def write_tars(folder: Path, samples: list[tuple[Path, int | str]], sizes: list[
             for index, (image, label) in enumerate(samples[start:start + size], start):
                 key = f"{index:06d}"
                 tar.add(image, f"{key}{image.suffix}")
-                data = str(label).encode()
-                info = tarfile.TarInfo(f"{key}.{'cls' if isinstance(label, int) else 'txt'}")
+                data = str(label).encode() if isinstance(label, int) else json.dumps({"label": label}).encode()
+                info = tarfile.TarInfo(f"{key}.{'cls' if isinstance(label, int) else 'json'}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
         start += size

@@ -12,6 +12,7 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featx import store
+from featx.metrics import load_seen, save_seen
 from featx.version import __version__
 
 HEAD_FILE = "head.json"
@@ -87,12 +88,23 @@ class Head(ClassifierMixin, BaseEstimator):
         """A module mapping features [B, D] to the same logits as ``decision_function``."""
         raise NotImplementedError
 
+    def scaled(self, X) -> np.ndarray:
+        """X as the head's linear map sees it (standardised, for the heads that standardise)."""
+        return np.asarray(X, np.float32)
+
+    def far_rows(self, X, limit: float = 1e6) -> np.ndarray:
+        """Rows whose scaled features exceed ``limit`` in magnitude: their logits saturate, so their predictions
+        say nothing (a broken extraction, or features from elsewhere)."""
+        return np.abs(self.scaled(X)).max(1) > limit if len(X) else np.zeros(0, bool)
+
     # --- provenance -------------------------------------------------------------------------------------
-    def set_source(self, meta: dict, **fitted_on) -> "Head":
-        """Record the features' provenance (and the files fitted on) so mismatched features are refused."""
+    def set_source(self, meta: dict, seen: np.ndarray | None = None, **fitted_on) -> "Head":
+        """Record the features' provenance (and the files fitted on) so mismatched features are refused, and
+        ``seen``: the content hashes of every image used in fitting or selection (None: not known)."""
         keys = (*store.SOURCE_KEYS, "class_names", "weights", "weights_source")
         self.source_ = {k: meta[k] for k in keys}
         self.fitted_on_ = {k: str(v) for k, v in fitted_on.items() if v is not None}
+        self.seen_ = None if seen is None else np.unique(np.asarray(seen, np.uint64))
         return self
 
     def check_features(self, meta: dict, what: str) -> None:
@@ -117,6 +129,8 @@ class Head(ClassifierMixin, BaseEstimator):
                   "classes": self.classes_.tolist(), "source": getattr(self, "source_", {}),
                   "fitted_on": getattr(self, "fitted_on_", {}), "selection": self.selection_}
         (folder / HEAD_FILE).write_text(json.dumps(record, indent=1))
+        if getattr(self, "seen_", None) is not None:
+            save_seen(folder, self.seen_)
         return folder
 
     @classmethod
@@ -126,6 +140,10 @@ class Head(ClassifierMixin, BaseEstimator):
         head.classes_ = np.asarray(record["classes"])
         head.source_, head.fitted_on_, head.selection_ = record["source"], record["fitted_on"], record["selection"]
         head._load_state(folder, trust_pickle)
+        head.seen_ = load_seen(folder)
+        module = head.to_torch()
+        if not all(torch.isfinite(t).all() for t in (*module.parameters(), *module.buffers())):
+            raise ValueError(f"head {folder} holds NaN or infinite parameters; fit it again with `featx fit-head`")
         return head
 
 

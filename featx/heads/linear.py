@@ -202,6 +202,9 @@ class LinearHead(Head):
         return [{"lr": lr, "weight_decay": wd, "val_accuracy": c / count, "val_loss": l / count}
                 for (lr, wd), c, l in zip(grid, correct, losses)]
 
+    def scaled(self, X) -> np.ndarray:
+        return (np.asarray(X, np.float32) - self.state_["mean"].numpy()) / self.state_["std"].numpy()
+
     def to_torch(self) -> nn.Module:
         return StandardisedLinear(**self.state_)
 

@@ -17,6 +17,8 @@ from featx.heads.base import Head, check_grid, check_positive
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-6, 5, 23))
 
+STATE_ARRAYS = ("mean", "scale", "var", "samples", "C", "coef", "intercept", "classes", "iterations")  # model.npz
+
 
 class LogRegHead(Head):
     """Logistic regression on standardised features with C swept over a log grid (warm-started, small to large).
@@ -78,6 +80,10 @@ class LogRegHead(Head):
             coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
         return coef, intercept
 
+    def scaled(self, X) -> np.ndarray:
+        scale = self.pipeline_["scale"]
+        return (np.asarray(X, np.float64) - scale.mean_) / scale.scale_
+
     def to_torch(self) -> torch.nn.Module:
         coef, intercept = self.linear_weights()
         layer = torch.nn.Linear(coef.shape[1], coef.shape[0])
@@ -99,6 +105,10 @@ class LogRegHead(Head):
             self.pipeline_ = _load_pickled(folder / "model.joblib", trust_pickle)
             return
         with np.load(folder / "model.npz", allow_pickle=False) as arrays:
+            missing = sorted(set(STATE_ARRAYS) - set(arrays.files))
+            if missing:
+                raise ValueError(f"{folder / 'model.npz'} lacks the arrays {', '.join(missing)}; fit the head again "
+                                 "with `featx fit-head`")
             scale = StandardScaler()
             scale.mean_, scale.scale_, scale.var_ = arrays["mean"], arrays["scale"], arrays["var"]
             scale.n_samples_seen_, scale.n_features_in_ = int(arrays["samples"]), len(arrays["mean"])
