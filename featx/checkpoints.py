@@ -9,6 +9,7 @@ Everything is read back with ``torch.load(weights_only=True)`` and JSON: no pick
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -76,6 +77,11 @@ def current(run: Path) -> Path | None:
 def commit(run: Path, epoch: int, state: dict, best: dict | None, history: list[dict]) -> Path:
     """Write epoch ``epoch``'s checkpoint and switch the pointer to it. ``best``: new best weights, or None to
     keep the previous checkpoint's (hard-linked, not copied)."""
+    with store.writing(run / FOLDER):  # a full device is one line; the previous checkpoint stays in force
+        return _commit(run, epoch, state, best, history)
+
+
+def _commit(run: Path, epoch: int, state: dict, best: dict | None, history: list[dict]) -> Path:
     previous = current(run)
     final = run / FOLDER / f"epoch-{epoch:04d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -83,9 +89,9 @@ def commit(run: Path, epoch: int, state: dict, best: dict | None, history: list[
         if leftover != previous:
             shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
+    _save(state, tmp / "state.pt")
     if best is not None:
-        torch.save(best, tmp / "best.pt")
+        _save(best, tmp / "best.pt")
     else:
         os.link(previous / "best.pt", tmp / "best.pt")
     (tmp / "history.json").write_text(json.dumps(history, indent=1))
@@ -96,6 +102,13 @@ def commit(run: Path, epoch: int, state: dict, best: dict | None, history: list[
             shutil.rmtree(old, ignore_errors=True)
     store.write_text(run / "history.json", json.dumps(history, indent=1))  # a copy to read; resume never does
     return final
+
+
+def _save(tensors: dict, path: Path) -> None:
+    """``torch.save`` built in memory and written with one plain write, so a full device is an ordinary OSError."""
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def load(run: Path) -> tuple[dict, list[dict]] | None:

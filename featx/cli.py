@@ -308,7 +308,8 @@ def run(argv: list[str]) -> None:
     if "-h" in before_separator or "--help" in before_separator:
         print(flags.help_page(command, function, extra))
         return
-    flags.check(command, {**flags.signature_flags(function)[1], **extra}, args)
+    positional, known = flags.signature_flags(function)
+    flags.check(command, positional, {**known, **extra}, args)
     fire.Fire(COMMANDS, [command, *args], name="featx")
 
 

@@ -55,6 +55,9 @@ def compiled_model(model: nn.Module, example: torch.Tensor, name: str = "model")
     require_private(folder)
     if not (path.is_file() and digest.is_file()):
         print(f"compiling {name} for input {tuple(example.shape)} once (cached in {folder}) ...", flush=True)
+        for module in model.modules():  # in-place activations (SqueezeNet's ReLUs) cannot write frozen storage
+            if getattr(module, "inplace", False):
+                module.inplace = False
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             program = torch.export.export(model, (example,))
             with tempfile.TemporaryDirectory(dir=folder) as scratch:

@@ -8,7 +8,12 @@ An engine has ``run(dataset, parts, shards, progress)`` and ``close()``; ``open_
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import socket
+import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +40,12 @@ class RayOptions:
     address: str | None = None
     workers: int | None = None
     cpus_per_worker: int = 1
+
+    def __post_init__(self):
+        for name, value in (("ray_workers", self.workers), ("ray_cpus_per_worker", self.cpus_per_worker)):
+            if (value is not None or name == "ray_cpus_per_worker") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
 
 
 class LocalEngine:
@@ -75,16 +86,41 @@ class ShardWorker:
 def _connect(ray_options: RayOptions):
     import ray
 
+    if ray_options.address not in (None, "auto"):
+        reachable(ray_options.address)
     if not ray.is_initialized():
+        local = (ray_options.address or "").removeprefix("ray://").startswith(("127.", "localhost:"))
         ray.init(address=ray_options.address, log_to_driver=False, logging_level="ERROR",
-                 **({} if ray_options.address else {"include_dashboard": False}))
+                 **({} if ray_options.address else {"include_dashboard": False}),
+                 **({"_node_ip_address": "127.0.0.1"} if local else {}))  # no probe of an outside address
     return ray
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line, within ``timeout``, when nothing answers at a cluster address (``HOST:PORT``, or
+    ``ray://HOST:PORT`` with Ray Client installed); Ray itself retries for minutes."""
+    client = address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise ValueError(f"--ray_address {address} needs Ray Client: pip install 'ray[client]'; or run featx on a node "
+                         "of the cluster with --ray_address HOST:PORT (the head's GCS address) or auto")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray_address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise EngineError(f"no Ray cluster answers at {address} ({error.strerror or error}); start one "
+                          "(`ray start --head`) or check --ray_address") from None
 
 
 def _placement(ray, ray_options: RayOptions, device: str) -> tuple[int, dict]:
     """(number of actors, the resources each asks for); asks for GPUs only where the cluster has them."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    widest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    if ray_options.cpus_per_worker > widest:
+        raise ValueError(f"--ray_cpus_per_worker {ray_options.cpus_per_worker} is more than any node of the Ray "
+                         f"cluster has (at most {int(widest)} CPUs); its actors could never start")
     if device.startswith("cuda") and not gpus:
         raise ValueError(f"--device {device} was asked for, but the Ray cluster has no GPU "
                          f"({cpus} CPUs); use --device cpu")
@@ -122,7 +158,12 @@ class RayEngine:
         return self.idle.pop() if self.idle else self.worker.remote(*self.arguments)
 
     def run(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress=None) -> None:
-        """Write ``shards`` (shard number -> batches of dataset items) into ``parts``."""
+        """Write ``shards`` (shard number -> batches of dataset items) into ``parts``; a cluster that goes away
+        meanwhile ends the job in one line (``watching``)."""
+        with watching(self.ray.get_runtime_context().gcs_address):
+            self._schedule(dataset, parts, shards, progress)
+
+    def _schedule(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress) -> None:
         ray, todo = self.ray, list(shards)
         attempts = {number: 0 for number in todo}
         dataset_ref = ray.put(dataset)
@@ -155,6 +196,35 @@ class RayEngine:
         for actor in self.idle:
             self.ray.kill(actor)
         self.idle = []
+
+
+@contextlib.contextmanager
+def watching(address: str, interval: float = 2.0, misses: int = 3):
+    """While the block runs, check every ``interval`` seconds that the cluster's GCS at ``address`` answers. After
+    ``misses`` failures in a row, say so in one line and exit with status 2: without it the driver hangs, or Ray
+    ends it a minute later with its own log. The shards committed so far stay; a rerun resumes."""
+    host, _, port = address.rpartition(":")
+    stop = threading.Event()
+
+    def watch() -> None:
+        failures = 0
+        while not stop.wait(interval):
+            try:
+                socket.create_connection((host, int(port)), timeout=interval).close()
+                failures = 0
+            except OSError:
+                failures += 1
+            if failures >= misses:
+                print(f"\nfeatx: error: the Ray cluster at {address} went away mid-job; the shards committed so far are "
+                      "kept: rerun the same command to resume", file=sys.stderr, flush=True)
+                os._exit(2)
+
+    thread = threading.Thread(target=watch, name="featx-ray-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _first_line(error: BaseException) -> str:

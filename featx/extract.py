@@ -9,7 +9,6 @@ The roles below it, each replaceable: ``featx.sources`` (what to read), ``featx.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import sys
@@ -86,6 +85,9 @@ def custom_transform(backbone: str, weights: str, mirror: str | None, resize: in
     """The weights' eval preset with the sizes and decode shortcuts asked for; None when nothing is asked."""
     if resize is None and crop is None and not draft and not resize_crop_only:
         return None
+    for name, value in (("resize", resize), ("crop", crop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer (pixels), got {value!r}")
     preset = create_model(backbone, weights, mirror)[2]
     return replace(preset, resize=resize or preset.resize, crop=crop or preset.crop, draft=draft,
                    resize_crop_only=resize_crop_only)
@@ -112,34 +114,11 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         all_splits = [s for s in all_splits if s.name in splits]
     folder = Path(out) / backbone
     extractor = create_backbone(backbone, weights, mirror, transform)
-    with exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
+    with store.exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
                                                            ray_options)) as runner, \
             tqdm(total=0, unit="img", desc=backbone, mininterval=1.0, file=sys.stderr) as progress:  # the whole job
         return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", options, progress)
                 for split in all_splits}
-
-
-@contextlib.contextmanager
-def exclusive(folder: Path):
-    """Create ``folder`` and hold an exclusive lock on it (flock on the directory itself: no lock file is left
-    behind). A second featx process writing there fails at once instead of mixing shards."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise ExtractError(f"output {existing} exists and is not a folder; choose another --out")
-    with store.writing(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExtractError(f"output folder {folder} is not writable; choose another --out")
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ExtractError(f"another featx process is writing to {folder}; wait for it to finish, or choose "
-                               "another --out") from None
-        yield folder
-    finally:
-        os.close(descriptor)  # releases the lock
 
 
 def augmentation_for(split: Split, backbone: Backbone, options: ExtractOptions) -> AugmentTransform | None:
@@ -184,7 +163,8 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
             return None
         raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
-    path.unlink(missing_ok=True)
+    if path.exists() and _rows_in_shards(path):  # --overwrite keeps an old copy-layout file until the new replaces it
+        path.unlink()
     manifest = store.read_manifest(parts)
     if options.overwrite and parts.exists():
         shutil.rmtree(parts)
@@ -196,6 +176,15 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     with store.writing(parts / "manifest.json"):
         store.write_manifest(parts, {**identity, "shard_size": options.shard_size})
     return options.shard_size
+
+
+def _rows_in_shards(path: Path) -> bool:
+    """Whether a complete features file reads its rows from the shards beside it (the virtual layout), or cannot be
+    read at all; either way it cannot outlive its shards being replaced."""
+    try:
+        return store.read_meta(path).get("layout") == "virtual"
+    except (ValueError, OSError):
+        return True
 
 
 def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions, progress: tqdm) -> dict:
@@ -213,7 +202,7 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     parts = store.parts_dir(path)
     sizes = [n * dataset.views for n in split.shard_sizes] if split.shard_sizes else None
     planned = plan_shards(len(dataset), shard_size, options.batch_size, sizes)
-    done = store.finished_shards(parts)
+    done = store.finished_shards(parts) - store.damaged_shards(parts)
     todo = {n: batches for n, batches in enumerate(planned) if n not in done}
     remaining = sum(len(b) for batches in todo.values() for b in batches)
     if done:
@@ -224,7 +213,7 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
     counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout,
-                         split.columns)
+                         split.columns, split.unreadable)
     rate = remaining / seconds if seconds > 0 else float("nan")
     print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} views processed "
           f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve
 from featx.heads import holdout_split, load_head
 from featx.memory import keep_freed_memory
 from featx.metrics import SEEN_FILE, classification_metrics, not_held_out, save_seen, summary_line, write_metrics
-from featx.sources import Split, discover
+from featx.sources import Split, discover, shown
 
 HEAD_INITS = ("random", "probe", "reuse")
 # Default (lr, head_lr_mult) per head_init: a head that already classifies (LP-FT, reused ImageNet rows) is wrecked
@@ -40,8 +41,10 @@ INITS = ("pretrained", "scratch")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 RUN_FILE = "run.json"
+FAILED_FILE = "failed.json"  # images of the run that could not be decoded, and why
+# what --overwrite deletes: the run's own files, nothing else in its folder
 RUN_OUTPUTS = (RUN_FILE, checkpoints.POINTER, checkpoints.FOLDER, "history.json", "curves.png", "metrics.json",
-               "confusion.png", SEEN_FILE)  # what --overwrite deletes: the run's own files, nothing else in its folder
+               "confusion.png", SEEN_FILE, FAILED_FILE)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
+        self._check_types()
         lr, head_lr_mult = HEAD_INIT_DEFAULTS.get(self.head_init, HEAD_INIT_DEFAULTS["random"])
         if self.lr is None:
             object.__setattr__(self, "lr", lr)
@@ -98,20 +102,41 @@ class FinetuneConfig:
         for name in ("lr", "head_lr_mult", "gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("momentum", "weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be zero or more, got {getattr(self, name)!r}")
         if self.head_init == "probe" and not self.probe:
             raise ValueError("head_init=probe needs --probe HEAD_FOLDER (from `featx fit-head`)")
         if self.init == "scratch" and self.head_init != "random":
             raise ValueError(f"head_init={self.head_init} needs pretrained weights; use init=pretrained")
 
 
+    def _check_types(self) -> None:
+        """Numbers where numbers go (a flag's value may arrive as any text): one error naming the field."""
+        for name, spec in self.__dataclass_fields__.items():
+            value, kinds = getattr(self, name), str(spec.type)
+            optional = "None" in kinds and value is None
+            if "float" in kinds and not optional and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if kinds.startswith("int") and not optional and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name, least in (("workers", 0), ("resize", 1), ("crop", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+
+
 # --- model ----------------------------------------------------------------------------------------------
 def imagenet_rows(class_names: list[str], categories: tuple[str, ...], spec: str) -> dict[int, int]:
     """Class index -> ImageNet row, from ``"name=index,..."`` or by matching names (plural 's' ignored)."""
     if spec != "auto":
-        pairs = dict(item.split("=") for item in spec.split(",") if item)
+        pairs = dict(item.partition("=")[::2] for item in str(spec).split(",") if item)
         unknown = sorted(set(pairs) - set(class_names))
         if unknown:
             raise ValueError(f"--reuse names classes {unknown} that the data does not have ({class_names})")
+        bad = [f"{name}={row}" for name, row in pairs.items() if not row.isdigit() or int(row) >= len(categories)]
+        if bad:
+            raise ValueError(f"--reuse {', '.join(bad)}: an ImageNet row is an integer from 0 to {len(categories) - 1}")
         return {class_names.index(name): int(index) for name, index in pairs.items()}
 
     def key(name: str) -> str:
@@ -260,6 +285,7 @@ class ImageLoaders:
         self.train_split, self.val_split, self.transform, self.cfg = train, val, transform, cfg
         self.device, self.channels_last = device, channels_last
         self.mean, self.std = channel_stats(transform, device)
+        self.failed: dict[str, str] = {}  # path -> why it could not be decoded
 
     def train(self, epoch: int):
         """Epoch ``epoch``'s shuffled, augmented training batches."""
@@ -281,6 +307,9 @@ class ImageLoaders:
     def _batches(self, split: Split, batches: list[list[int]], augment: AugmentTransform | None = None):
         data = ImageFiles(split.root, split.paths, self.transform, 1, augment, members=split.members)
         for batch in read_batches(data, batches, self.cfg.workers, self.device, self.cfg.reader):
+            self.failed.update((split.paths[index], reason) for index, reason in batch.failed)
+            if not len(batch.indices):  # every image of the batch failed: nothing to train or score on
+                continue
             labels = torch.from_numpy(split.labels[batch.indices.numpy()]).to(self.device)
             yield normalise(batch.images, self.mean, self.std, self.channels_last), labels
 
@@ -319,6 +348,8 @@ def predict(model: nn.Module, loader, amp: torch.dtype | None) -> tuple[np.ndarr
             logits.append(model(inputs).float().cpu())
         labels.append(batch_labels.cpu().numpy())
     seconds = time.perf_counter() - start
+    if not logits:
+        raise ValueError("no image of the validation split could be decoded")
     return torch.cat(logits).numpy(), np.concatenate(labels), sum(map(len, labels)) / seconds
 
 
@@ -420,6 +451,14 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
     otherwise refused."""
     out = Path(out)
     training = prepare(data, cfg, mirror, trust_pickle)
+    with store.exclusive(out):  # a second finetune into this folder stops at once
+        return _train_in(out, training, cfg, resume, overwrite)
+
+
+def _train_in(out: Path, training: Training, cfg: FinetuneConfig, resume: bool, overwrite: bool) -> dict:
+    """``finetune``'s body, with the run folder locked. A refused command changes nothing in it."""
+    model, optimizer, scheduler, scaler = training.model, training.optimizer, training.scheduler, training.scaler
+    progress = checkpoints.restore(out, model, optimizer, scheduler, scaler, resumable(out, cfg)) if resume else None
     if (out / RUN_FILE).is_file() and not resume:
         if not overwrite:
             raise ValueError(f"{out} already holds a finetune run; pass --resume to continue it, "
@@ -429,11 +468,9 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_text(out / RUN_FILE, json.dumps(training.record, indent=1))
-    save_seen(out, training.loaders.content_hashes())
-    model, optimizer, scheduler, scaler = training.model, training.optimizer, training.scheduler, training.scaler
-    progress = checkpoints.restore(out, model, optimizer, scheduler, scaler, resumable(out, cfg)) if resume else None
+    with store.writing(out / RUN_FILE):
+        store.write_text(out / RUN_FILE, json.dumps(training.record, indent=1))
+        save_seen(out, training.loaders.content_hashes())
     if progress is not None:
         print(f"resuming from epoch {progress.epoch} of {cfg.epochs} in {out}")
     elif resume:
@@ -450,6 +487,11 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
     metrics.update(wall_seconds=time.perf_counter() - start, steps=progress.step, split=val.name, held_out=False,
                    seen_in_fitting=len(val))  # val chose the best epoch
     write_metrics(metrics, out, f"fine-tuned {cfg.backbone}: accuracy {metrics['accuracy']:.3f}")
+    failed = training.loaders.failed
+    if failed:
+        store.write_text(out / FAILED_FILE, json.dumps(sorted((shown(p), why) for p, why in failed.items()), indent=1))
+        print(f"skipped {len(failed)} images that could not be decoded (listed in {out / FAILED_FILE})",
+              file=sys.stderr)
     note = not_held_out(len(val), len(val), "to choose the best epoch")
     print(f"best model on {val.name}: {summary_line(metrics)} ({note}) -> {out}")
     return metrics

@@ -57,22 +57,47 @@ def closest(name: str, names) -> str | None:
     return found[0] if found else None
 
 
-def check(command: str, known: dict[str, object], argv: list[str]) -> None:
-    """Raise ``UsageError`` for the first flag of ``argv`` (normalised) that is not in ``known`` (name ->
-    default); ``--noNAME`` is accepted for a boolean flag, as fire reads it."""
-    for arg in argv:
+BOOLEAN_WORDS = {"true": True, "false": False}
+
+
+def check(command: str, positional: list[str], known: dict[str, object], argv: list[str]) -> None:
+    """Raise ``UsageError`` for the first problem of ``argv`` (normalised), before any work: a flag not in
+    ``known`` (name -> default; ``--noNAME`` is accepted for a boolean flag, as fire reads it), a flag that needs a
+    value and has none, a switch given another value than true/false, a missing argument, or one too many
+    (``positional``: the argument names; one ending in ``...`` takes any number)."""
+    arguments, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
         if arg == "--":
-            return
-        if arg.startswith("--"):
-            name = arg[2:].partition("=")[0]
-            if name in known or (name.startswith("no") and isinstance(known.get(name[2:]), bool)):
-                continue
+            break
+        if not arg.startswith("--"):
+            if arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
+                raise UsageError(f"{command}: short flags such as {arg} are not taken; spell the flag out "
+                                 f"(`featx {command} --help`)")
+            arguments.append(arg)
+            continue
+        name, has_value, value = arg[2:].partition("=")
+        switch = name.startswith("no") and isinstance(known.get(name[2:]), bool)
+        if name not in known and not switch:
             close = closest(name, known)
             hint = f"did you mean --{close}?" if close else f"see `featx {command} --help`"
             raise UsageError(f"{command} has no flag --{name}; {hint}")
-        if arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
-            raise UsageError(f"{command}: short flags such as {arg} are not taken; spell the flag out "
-                             f"(`featx {command} --help`)")
+        if not has_value and index < len(argv) and (not argv[index].startswith("-") or _is_number(argv[index])):
+            has_value, value = True, argv[index]  # fire reads the next word as the flag's value
+            index += 1
+        if switch or isinstance(known.get(name), bool):
+            if has_value and value.lower() not in BOOLEAN_WORDS:
+                raise UsageError(f"--{name} is a switch: give it alone (or --{name}=false), not {value!r}")
+        elif not has_value:
+            raise UsageError(f"--{name} needs a value (`featx {command} --help`)")
+    names = [p for p in positional if not p.endswith("...")]
+    if len(arguments) < len(names):
+        missing = " ".join(n.upper() for n in names[len(arguments):])
+        raise UsageError(f"{command} needs {missing} (`featx {command} --help`)")
+    if len(arguments) > len(names) and len(names) == len(positional):
+        raise UsageError(f"{command} takes {' '.join(n.upper() for n in names)}; {arguments[len(names)]!r} is one "
+                         "argument too many (flags are written --name value)")
 
 
 def documented(function) -> tuple[str, dict[str, str]]:
@@ -92,10 +117,12 @@ def documented(function) -> tuple[str, dict[str, str]]:
 
 
 def signature_flags(function) -> tuple[list[str], dict[str, object]]:
-    """(positional names, {flag: default}) of a command function."""
+    """(positional names, {flag: default}) of a command function; a ``*args`` name ends in ``...``."""
     positional, flags = [], {}
     for parameter in inspect.signature(function).parameters.values():
-        if parameter.kind is parameter.VAR_POSITIONAL or parameter.default is parameter.empty:
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            positional.append(parameter.name + "...")
+        elif parameter.default is parameter.empty:
             if parameter.kind is not parameter.VAR_KEYWORD:
                 positional.append(parameter.name)
         else:
@@ -108,11 +135,11 @@ def help_page(command: str, function, extra: dict[str, object]) -> str:
     description, entries = documented(function)
     positional, flags = signature_flags(function)
     flags = {**flags, **extra}
-    usage = " ".join(p.upper() + ("..." if p == "inputs" else "") for p in positional)
+    usage = " ".join(p.upper() for p in positional)
     lines = [f"usage: featx {command} {usage} [flags]".replace("  ", " "), "", description, ""]
     if positional:
         lines.append("arguments:")
-        lines += [_item(name.upper(), entries.get(name, "")) for name in positional]
+        lines += [_item(name.upper(), entries.get(name.removesuffix("..."), "")) for name in positional]
         lines.append("")
     lines.append("flags (--name VALUE or --name=VALUE; --name-with-hyphens works too; --noNAME for False):")
     for name, default in flags.items():

@@ -18,9 +18,10 @@ MIRROR_ENV = "FEATX_MIRROR"
 
 
 def mirror_dir(mirror: str | os.PathLike | None = None) -> Path | None:
-    """The mirror directory from the argument or ``$FEATX_MIRROR``; None when neither is set."""
+    """The mirror directory from the argument or ``$FEATX_MIRROR``; None when neither is set, or when the argument is
+    ``none`` (download, whatever ``$FEATX_MIRROR`` says)."""
     chosen = mirror or os.environ.get(MIRROR_ENV)
-    if not chosen:
+    if not chosen or str(chosen).lower() == "none":
         return None
     path = Path(chosen).expanduser()
     if not path.is_dir():

@@ -21,21 +21,22 @@ from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
 from featx.metrics import load_seen, not_held_out, times_seen
-from featx.sources import IMAGE_EXTENSIONS, list_images
+from featx.sources import IMAGE_EXTENSIONS, list_images, shown
 
 
-def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
-    """Image files named directly, plus every image under the folders named."""
-    files = []
+def collect_images(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[Path, str]]]:
+    """Image files named directly, plus every image under the folders named; and the folders that could not be
+    read, with why."""
+    files, unreadable = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(str(p) for p in list_images(path))
+            files.extend(str(p) for p in list_images(path, unreadable=unreadable))
         elif path.is_file() or path.suffix.lower() in IMAGE_EXTENSIONS:
             files.append(str(path))  # a missing file is reported as a failure, like an undecodable one
         else:
             raise FileNotFoundError(f"{item} is neither an image file nor a folder")
-    return files
+    return files, unreadable
 
 
 class Classifier(NamedTuple):
@@ -85,9 +86,11 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
     an ``error``."""
     check_positive("topk", topk, int)
     check_positive("batch_size", batch_size, int)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
     classifier = load_classifier(head, device, mirror, trust_pickle)
     names = classifier.names
-    files = collect_images(inputs)
+    files, unreadable = collect_images(inputs)
     dataset = ImageFiles(Path(), tuple(files), classifier.transform)
     records: list[dict | None] = [None] * len(files)
     for batch in read_batches(dataset, sequential_batches(len(files), batch_size), workers, resolve_device(device)):
@@ -105,6 +108,7 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
             records[index] = {"path": files[index], "predicted": top[0][0], "probability": top[0][1],
                               "topk": top, "logits": row_logits.tolist(), "seen": bool(row_seen),
                               "far": bool(row_far)}
+    records += [{"path": str(folder), "error": reason} for folder, reason in unreadable]
     for record in records:
         parent = Path(record["path"]).parent.name
         record["true"] = parent if parent in names else None
@@ -127,7 +131,7 @@ def run(head: str | os.PathLike, inputs: list[str], topk: int = 5, out: str | os
         print(to_csv(records), end="")
     for record in records:
         if "error" in record:
-            print(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
+            print(f"skipped {shown(record['path'])}: {record['error']}", file=sys.stderr)
     correct, labelled = accuracy(records)
     if labelled:
         seen = sum(1 for r in records if r.get("true") and r.get("seen"))
@@ -156,7 +160,7 @@ def to_csv(records: list[dict]) -> str:
     writer.writerow(["path", "true", "predicted", "probability", "topk", "error"])
     for r in records:
         top = ";".join(f"{name}:{p:.6f}" for name, p in r.get("topk", []))
-        writer.writerow([r["path"], r.get("true") or "", r.get("predicted", ""),
+        writer.writerow([shown(r["path"]), r.get("true") or "", r.get("predicted", ""),
                          f"{r['probability']:.6f}" if "probability" in r else "", top, r.get("error", "")])
     return buffer.getvalue()
 
@@ -165,7 +169,8 @@ def write_records(records: list[dict], out: str | os.PathLike) -> Path:
     """Write as JSON when ``out`` ends in .json, else CSV."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1) if out.suffix == ".json" else to_csv(records))
+    readable = [{**record, "path": shown(record["path"])} for record in records]
+    out.write_text(json.dumps(readable, indent=1) if out.suffix == ".json" else to_csv(records))
     return out
 
 
@@ -176,13 +181,13 @@ def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, 
 
     decoded = [r for r in records if "predicted" in r]
     wrong = [r for r in decoded if r["true"] and r["true"] != r["predicted"]]
-    shown = sorted(decoded, key=lambda r: (r not in wrong, r["probability"]))[:limit]
-    rows = max(1, -(-len(shown) // columns))
+    chosen = sorted(decoded, key=lambda r: (r not in wrong, r["probability"]))[:limit]
+    rows = max(1, -(-len(chosen) // columns))
     figure = Figure(figsize=(2.4 * columns, 2.9 * rows + 0.4))
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, record in zip(axes.flat, shown):
+    for axis, record in zip(axes.flat, chosen):
         image = load_rgb(record["path"])
         image.thumbnail((224, 224))
         axis.imshow(image)
@@ -192,10 +197,10 @@ def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, 
             title += f"\ntrue: {record['true']}"
             colour = "green" if record["true"] == record["predicted"] else "red"
         axis.set_title(title, fontsize=8, color=colour)
-        name = Path(record["path"]).name
+        name = shown(Path(record["path"]).name)
         axis.text(0.5, -0.03, name if len(name) <= 28 else name[:12] + "..." + name[-13:], transform=axis.transAxes,
                   ha="center", va="top", fontsize=7)
-    figure.suptitle(f"{len(wrong)} mistakes of {len(decoded)} images; showing {len(shown)}: mistakes first, then "
+    figure.suptitle(f"{len(wrong)} mistakes of {len(decoded)} images; showing {len(chosen)}: mistakes first, then "
                     "the least confident", fontsize=10)
     figure.tight_layout()
     figure.savefig(out, dpi=80)

@@ -68,8 +68,16 @@ class Member(NamedTuple):
         return io.BytesIO(data)
 
 
-def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None = None) -> list[Path]:
-    """Regular image files under ``folder``, sorted; hidden files/folders and other extensions ignored.
+def shown(path: str | os.PathLike) -> str:
+    """A path as text that prints and stores as UTF-8: the bytes of a file name that are not UTF-8 (kept by Python
+    as surrogates, so the file still opens) are written ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None = None,
+                unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Regular image files under ``folder``, sorted; hidden files/folders and other extensions ignored. A folder
+    that cannot be read (no permission) is added to ``unreadable`` with why, never dropped silently.
 
     Links to files are read like files. Links to directories are followed, but each real directory is walked
     once: a link to a directory already walked or in ``seen`` (a loop, or a second way to the same images) is
@@ -78,7 +86,12 @@ def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None
     seen = set() if seen is None else seen
     seen.add(directory_key(folder))
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    def report(error: OSError) -> None:
+        if unreadable is None:
+            raise error
+        unreadable.append((Path(error.filename), f"cannot read this folder: {error.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=report, followlinks=True):
         kept = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             key = directory_key(Path(dirpath) / name)
@@ -130,6 +143,7 @@ class Split:
     shard_sizes: tuple[int, ...] | None = None
     source: str = "imagefolder"
     columns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # per-item text kept beside the features: caption, json
+    unreadable: tuple[tuple[str, str], ...] = ()  # (folder, why) of folders that could not be listed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -150,7 +164,7 @@ class Split:
         digest = hashlib.sha256()
         digest.update("\0".join(self.class_names).encode())
         for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"\n{path}\t{label}".encode())
+            digest.update(f"\n{path}\t{label}".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
 
 
@@ -194,29 +208,41 @@ def image_folder(root: Path) -> list[Split]:
             )
         # the data root, the split and its class folders are walked once each, whatever links lead to them
         seen = {directory_key(p) for p in (root, folder, *(folder / c for c in class_names))}
-        paths, labels, skipped = [], [], []
+        paths, labels, skipped, unreadable = [], [], [], []
         for label, class_name in enumerate(class_names):
             class_folder = folder / class_name
-            for path in list_images(class_folder, seen, skipped) if class_folder.is_dir() else []:
+            for path in list_images(class_folder, seen, skipped, unreadable) if class_folder.is_dir() else []:
                 paths.append(path.relative_to(root).as_posix())
                 labels.append(label)
-        for line in skipped:
-            print(f"featx: skipped {line}", file=sys.stderr)
+        _report(skipped, unreadable)
         if not paths:
             raise ValueError(f"{folder} has no images in its class folders ({', '.join(class_names)})")
-        splits.append(Split(name, root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names)))
+        splits.append(Split(name, root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names),
+                            unreadable=_relative(unreadable, root)))
     return splits
 
 
 def unlabelled_folder(root: Path) -> list[Split]:
     """Every image under ``root`` (recursively, sorted) as one split ``all`` with no labels."""
     skipped: list[str] = []
-    paths = tuple(p.relative_to(root).as_posix() for p in list_images(root, skipped=skipped))
-    for line in skipped:
-        print(f"featx: skipped {line}", file=sys.stderr)
+    unreadable: list[tuple[Path, str]] = []
+    paths = tuple(p.relative_to(root).as_posix() for p in list_images(root, skipped=skipped, unreadable=unreadable))
+    _report(skipped, unreadable)
     if not paths:
         raise ValueError(f"{root} holds no images")
-    return [Split("all", root, paths, np.full(len(paths), -1, np.int64), (), source="unlabelled")]
+    return [Split("all", root, paths, np.full(len(paths), -1, np.int64), (), source="unlabelled",
+                  unreadable=_relative(unreadable, root))]
+
+
+def _report(skipped: list[str], unreadable: list[tuple[Path, str]]) -> None:
+    for line in skipped:
+        print(f"featx: skipped {line}", file=sys.stderr)
+    for folder, reason in unreadable:
+        print(f"featx: skipped {folder}: {reason}; recorded as failed", file=sys.stderr)
+
+
+def _relative(unreadable: list[tuple[Path, str]], root: Path) -> tuple[tuple[str, str], ...]:
+    return tuple((folder.relative_to(root).as_posix(), reason) for folder, reason in unreadable)
 
 
 def _manifest_rows(path: Path) -> tuple[list[str], list[dict], int]:

@@ -9,6 +9,8 @@ complete. Schema of ``<split>.h5``:
 - ``labels`` [N] int64, ``paths`` [N] UTF-8 (relative to the data root), ``image_ids`` [N] int64 (index of
   the source image in the split's file list; several rows share one id when augmented views are stored)
 - ``failed/paths``, ``failed/reasons``: files that could not be decoded, and why
+- ``content_hash`` [N] uint64: BLAKE2b-64 of each row's image bytes (heads and runs record the hashes they saw)
+- ``columns/caption``, ``columns/json`` [N] UTF-8: per-row text a source keeps (a tar sample's .txt and .json)
 - attrs: ``format``, ``featx_version``, ``split``, ``data_root``, ``class_names``, ``backbone``, ``weights``,
   ``weights_source``, ``weights_sha256``, ``feature_dim``, ``transform`` (JSON), ``views``, ``augmentation``
   (JSON; empty unless ``views`` > 1), ``dtype``,
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from featx.sources import shown
 from featx.version import __version__
 
 FORMAT = "featx-features/1"
@@ -95,6 +100,34 @@ def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
     size = f" (about {needed >> 20} MB needed)" if needed else ""
     return NoSpaceError(f"no space left on {_mount_point(path.parent)} while writing {path}{size}; free space and "
                         "rerun to resume")
+
+
+class BusyError(ValueError):
+    """An output folder another featx process holds, or one featx cannot write to."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path):
+    """Create ``folder`` and hold an exclusive lock on it (flock on the directory itself: no lock file is left
+    behind). A second featx process writing there (extract's output, a finetune run) fails at once instead of
+    mixing its files in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise BusyError(f"output {existing} exists and is not a folder; choose another --out")
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BusyError(f"output folder {folder} is not writable; choose another --out")
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"another featx process is writing to {folder}; wait for it to finish, or choose "
+                               "another --out") from None
+        yield folder
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -213,15 +246,36 @@ def finished_shards(parts: Path) -> set[int]:
     return {int(p.name[5:10]) for p in parts.glob("part-*.h5")} if parts.is_dir() else set()
 
 
+def damaged_shards(parts: Path) -> set[int]:
+    """Committed shards that cannot be read whole (cut short, overwritten): each is named on stderr and deleted, so
+    the run recomputes it."""
+    damaged = set()
+    for number in sorted(finished_shards(parts)):
+        shard = shard_path(parts, number)
+        try:
+            with h5py.File(shard, "r") as f:
+                rows = {f[name].shape[0] for name in ("features", "items")}
+                f["features"][-1:], f["failed_items"][:], f["failed_reasons"][:]
+                if len(rows) != 1:
+                    raise ValueError(f"features and items disagree: {sorted(rows)} rows")
+        except (OSError, KeyError, ValueError) as error:
+            reason = str(error).split("(")[-1].rstrip(")") if "(" in str(error) else str(error)
+            print(f"featx: {shard} is damaged ({reason}); recomputing it", file=sys.stderr)
+            shard.unlink()
+            damaged.add(number)
+    return damaged
+
+
 def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
-          compression: str | None = None, layout: str = "copy", columns: tuple = ()) -> dict:
+          compression: str | None = None, layout: str = "copy", columns: tuple = (), unreadable: tuple = ()) -> dict:
     """Write ``path`` from the committed shards of ``parts`` in shard order. ``copy``: every feature row is copied
     into ``path``, then ``parts`` is deleted. ``virtual``: ``features`` is an HDF5 virtual dataset over the shards,
     which stay in ``parts`` (no copy; the shards are named relative to ``path``, so the folder can move).
 
     Shards hold item ids (image index x ``attrs["views"]`` + view); ``paths``/``labels`` are the split's file
     list, which rows index through ``image_ids``, and ``columns`` ((name, per-image text) pairs: captions, JSON)
-    are written per row under ``columns/``. Returns counts.
+    are written per row under ``columns/``; ``unreadable`` ((folder, why) pairs) are recorded as failed too.
+    Returns counts.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
@@ -235,7 +289,7 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
         files = [stack.enter_context(h5py.File(p, "r")) for p in shards]
         out = h5py.File(tmp, "w")
         try:
-            counts = _merged(files, out, attrs, paths, labels, compression, layout, columns)
+            counts = _merged(files, out, attrs, paths, labels, compression, layout, columns, unreadable)
             out.close()
         except BaseException:
             _discard(out, tmp)
@@ -262,7 +316,7 @@ def _virtual_features(files: list[h5py.File], out: h5py.File, dim: int, dtype: s
 
 
 def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
-            compression: str | None, layout: str, columns: tuple) -> dict:
+            compression: str | None, layout: str, columns: tuple, unreadable: tuple) -> dict:
     """Write the shards ``files`` into ``out``; returns counts."""
     views, dim, dtype = attrs["views"], attrs["feature_dim"], attrs["dtype"]
     num_rows = sum(f["features"].shape[0] for f in files)
@@ -284,7 +338,7 @@ def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[st
                 start += len(piece)
     out.create_dataset("image_ids", data=image_ids)
     out.create_dataset("labels", data=labels[image_ids])
-    out.create_dataset("paths", data=np.asarray([paths[i] for i in image_ids], dtype=object), dtype=STR)
+    out.create_dataset("paths", data=np.asarray([shown(paths[i]) for i in image_ids], dtype=object), dtype=STR)
     if all("content_hash" in f for f in files):  # shards of an older featx have none
         out.create_dataset("content_hash", data=np.concatenate([f["content_hash"][:] for f in files] or
                                                                [np.empty(0, np.uint64)]))
@@ -293,11 +347,12 @@ def _merged(files: list[h5py.File], out: h5py.File, attrs: dict, paths: tuple[st
     failed_items = np.concatenate([f["failed_items"][:] for f in files]) if files else np.empty(0, np.int64)
     all_reasons = [r.decode() for f in files for r in f["failed_reasons"][:]]
     failed_ids, first = np.unique(failed_items // views, return_index=True)  # one entry per image
-    reasons = [all_reasons[i] for i in first]
+    failed_paths = [shown(paths[i]) for i in failed_ids] + [shown(folder) for folder, _ in unreadable]
+    reasons = [all_reasons[i] for i in first] + [reason for _, reason in unreadable]
     failed = out.create_group("failed")
-    failed.create_dataset("paths", data=np.asarray([paths[i] for i in failed_ids], dtype=object), dtype=STR)
+    failed.create_dataset("paths", data=np.asarray(failed_paths, dtype=object), dtype=STR)
     failed.create_dataset("reasons", data=np.asarray(reasons, dtype=object), dtype=STR)
-    counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": int(len(failed_ids))}
+    counts = {"num_images": len(paths), "num_rows": num_rows, "num_failed": len(failed_paths)}
     stamp = {"format": FORMAT, "featx_version": __version__,
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": True, **stamp_layout}
     for key, value in {**attrs, **counts, **stamp}.items():

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,32 +92,59 @@ def ray_problem() -> str | None:
     return None
 
 
+def start_ray_node(log: Path, *arguments: str) -> subprocess.Popen:
+    """``ray start ... --block`` on loopback, in a process group of its own (so it can be stopped alone), logging
+    to ``log``; returns once the node has started. Token authentication is off: a local test cluster."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with open(log, "w") as output:
+        node = subprocess.Popen([ray_cli, "start", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+                                 "--block", *arguments], env=env, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log.read_text() and node.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert node.poll() is None and "Ray runtime started" in log.read_text(), log.read_text()[-2000:]
+    return node
+
+
+def stop_ray_nodes(*nodes: subprocess.Popen) -> None:
+    """Stop these nodes' own processes (the ``ray start`` process, its process group and every descendant), never
+    another cluster's: ``ray stop`` would stop every Ray process on the machine."""
+    import psutil
+
+    for node in nodes:
+        try:
+            family = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        for process in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        node.wait()
+
+
 @pytest.fixture(scope="module")  # stopped before other modules run (README's own cluster)
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """A two-node Ray cluster on this machine (a head and a second node, 1 CPU each, separate processes), on
     loopback only; its address. Without Ray or outside a loopback-only namespace the Ray tests are skipped with
     why, except under CI (FEATX_REQUIRE_RAY=1), where they fail."""
-    import subprocess
-    import sys
-
     problem = ray_problem()
     if problem:
         if os.environ.get("FEATX_REQUIRE_RAY") == "1":
             pytest.fail(problem)
         pytest.skip(problem)
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (this process) too
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run([ray_cli, "start", "--head", "--port", "6390", "--include-dashboard=false", *common], env=env,
-                   check=True, capture_output=True)
-    subprocess.run([ray_cli, "start", "--address", "127.0.0.1:6390", *common], env=env, check=True,
-                   capture_output=True)
+    logs = tmp_path_factory.mktemp("ray")
+    head = start_ray_node(logs / "head.log", "--head", "--port", "6390", "--num-cpus", "1", "--include-dashboard=false")
+    node = start_ray_node(logs / "node.log", "--address=127.0.0.1:6390", "--num-cpus", "1")
     yield "127.0.0.1:6390"
     import ray
 
     ray.shutdown()
-    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
+    stop_ray_nodes(node, head)
 
 
 def sigkill_when(process, ready, timeout: float = 180) -> None:

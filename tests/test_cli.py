@@ -18,7 +18,7 @@ from featx.flags import normalise
 
 ARGUMENTS = {"extract": ["data"], "fit-head": ["train.h5"], "evaluate": ["head", "val.h5"],
              "predict": ["head", "photos"], "export": ["head", "exported"], "finetune": ["data"],
-             "export-features": ["val.h5", "out.parquet"], "backbones": []}
+             "export-features": ["val.h5", "out.parquet"], "info": ["val.h5"], "backbones": []}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -115,3 +115,59 @@ def test_missing_gpus_are_one_line_and_failing_workers_stop_the_job(ray_cluster,
     with pytest.raises(EngineError, match=r"shard 0 failed 3 times.*gone.pth"):
         engine.run(split_dataset(split, backbone, options), tmp_path, {0: [[0, 1]]})
     assert time.monotonic() - start < 120
+
+
+def test_a_cluster_nobody_runs_fails_in_one_line_within_seconds(image_folder, tmp_path):
+    for address in ("127.0.0.1:1", "no-such-host.invalid:6379"):
+        start = time.monotonic()
+        one_line_error(*cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", "--weights",
+                            "none", "--engine", "ray", "--ray_address", address)[::2], address, "no Ray cluster")
+        assert time.monotonic() - start < 30
+    client = "ray://127.0.0.1:10001"
+    status, _, err = cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", "--weights",
+                         "none", "--engine", "ray", "--ray_address", client)
+    import importlib.util
+
+    one_line_error(status, err, client, "ray[client]" if importlib.util.find_spec("grpc") is None else "no Ray")
+
+
+@pytest.mark.parametrize("flags, message", [(["--ray_cpus_per_worker", "0"], "ray_cpus_per_worker must be"),
+                                            (["--ray_workers", "-3"], "ray_workers must be")])
+def test_impossible_worker_shapes_are_refused_before_any_work(image_folder, tmp_path, flags, message):
+    one_line_error(*cli("extract", image_folder, "--out", tmp_path / "f", "--engine", "ray", *flags)[::2], message)
+    assert not (tmp_path / "f").exists()
+
+
+def test_workers_wider_than_any_node_are_refused(ray_cluster, image_folder, tmp_path):
+    one_line_error(*cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", "--weights", "none",
+                        "--engine", "ray", "--ray_address", ray_cluster, "--ray_cpus_per_worker", "4")[::2],
+                   "more than any node", "at most 1 CPUs")
+
+
+@pytest.mark.slow
+def test_a_cluster_that_goes_away_mid_job_is_one_line_and_the_rerun_resumes(ray_cluster, tmp_path):
+    from conftest import start_ray_node, stop_ray_nodes
+
+    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=30, size=(160, 160))
+    head = start_ray_node(tmp_path / "head.log", "--head", "--port", "6395", "--num-cpus", "1",
+                          "--include-dashboard=false")
+    command = [sys.executable, "-m", "featx", "extract", str(data), "--out", str(tmp_path / "f"), "--backbone",
+               "resnet18", "--weights", "none", "--device", "cpu", "--engine", "ray", "--ray_address",
+               "127.0.0.1:6395", "--shard_size", "4", "--batch_size", "4"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
+    try:
+        deadline = time.monotonic() + 180
+        while not list(parts.glob("part-*.h5")) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop_ray_nodes(head)  # this cluster only; the module's own keeps running
+    _, err = job.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("featx: error:")]
+    assert job.returncode == 2 and len(lines) == 1 and "went away mid-job" in lines[0], err[-2000:]
+    done = len(list(parts.glob("part-*.h5")))
+    assert done >= 1
+    resumed = subprocess.run([*command[:-8], "--shard_size", "4", "--batch_size", "4"], capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    assert len(store.load(tmp_path / "f" / "resnet18" / "train.h5").paths) == 60

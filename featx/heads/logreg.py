@@ -126,4 +126,7 @@ def _load_pickled(path: Path, trust_pickle: bool) -> Pipeline:
     import joblib
 
     print(f"featx: warning: loading the pickle {path} (--trust_pickle): it runs whatever code it holds")
-    return joblib.load(path)
+    pipeline = joblib.load(path)
+    if not isinstance(pipeline, Pipeline):
+        raise ValueError(f"{path} holds a {type(pipeline).__name__}, not a scikit-learn pipeline: not a featx head")
+    return pipeline
