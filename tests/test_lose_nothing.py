@@ -198,6 +198,8 @@ def test_a_full_device_during_finetune_is_one_line_and_keeps_the_committed_epoch
     (["finetune", "data", "--seed", "x"], "seed must be an integer"),
     (["finetune", "data", "--warmup_epochs", "-1"], "warmup_epochs must be zero or more"),
     (["predict", "head", "x.jpg", "--workers", "-1"], "workers must be a non-negative integer"),
+    (["export-features", "f.h5", "out.csv"], "not .csv"),
+    (["export-features", "f.h5", "out.parquet", "--format", "npy"], "--format is npy"),
 ])
 def test_user_errors_are_one_line_before_any_work(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
