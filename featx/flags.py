@@ -57,7 +57,7 @@ def closest(name: str, names) -> str | None:
     return found[0] if found else None
 
 
-BOOLEAN_WORDS = {"true": True, "false": False}
+BOOLEAN_WORDS = ("true", "false")  # what a switch may be given: --overwrite=false
 
 
 def check(command: str, positional: list[str], known: dict[str, object], argv: list[str]) -> None:
