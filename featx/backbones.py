@@ -1,10 +1,14 @@
-"""One registry of backbones: build any torchvision classifier, load its weights, strip or replace its classifier.
+"""One registry of backbones: build any torchvision classifier (a bare name) or timm model (``timm:NAME[.TAG]``),
+load its weights, strip or replace its classifier.
 
-This is the only module that knows where each family keeps its final classification layer.
+This is the only module that knows the families apart: where each keeps its final classification layer, how its
+weights are found, and which preprocessing they expect.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ SPECIAL_CLASSIFIER_LAYERS = {
     "squeezenet": "classifier.1",  # a 1x1 Conv2d; the ReLU and global pooling after it stay in place
 }
 RANDOM_INIT_SEED = 0
+TIMM = "timm:"  # the prefix of timm models: timm:resnet50.a1_in1k, timm:vit_small_patch14_dinov2.lvd142m
 
 
 class WeightsError(ValueError):
@@ -45,8 +50,20 @@ def available() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def families() -> list[str]:
+    """One line per family beyond torchvision's names: its spelling and whether it is installed."""
+    try:
+        import timm
+    except ImportError:
+        return [f"{TIMM}NAME[.TAG]  any timm model (not installed: pip install 'featx[timm]')"]
+    return [f"{TIMM}NAME[.TAG]  any of timm {timm.__version__}'s {len(timm.list_models())} models, e.g. "
+            f"{TIMM}convnext_tiny.fb_in22k"]
+
+
 def classifier_layer_name(model: nn.Module, name: str) -> str:
     """Dotted path of the model's final classification layer."""
+    if name.startswith(TIMM):
+        return model.pretrained_cfg["classifier"]
     for prefix, layer in SPECIAL_CLASSIFIER_LAYERS.items():
         if name.startswith(prefix):
             return layer
@@ -66,6 +83,9 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int | None) -> 
 
     With None the model returns its pooled features ([B, D]); returns the new layer.
     """
+    if name.startswith(TIMM):  # timm's own: num_classes 0 returns the pooled features (pre-logits)
+        model.reset_classifier(num_classes or 0)
+        return model.get_classifier()
     layer_name = classifier_layer_name(model, name)
     old = model.get_submodule(layer_name)
     if num_classes is None:
@@ -80,6 +100,8 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int | None) -> 
 
 def feature_dim(model: nn.Module, name: str) -> int:
     """Width of the pooled features that feed the final layer."""
+    if name.startswith(TIMM):
+        return getattr(model, "head_hidden_size", None) or model.num_features
     layer = classifier_layer(model, name)
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
@@ -116,8 +138,11 @@ def create_model(
     in the mirror), or ``none`` for a seeded random init. Returns the model in eval mode, the weights'
     provenance and the eval transform the weights expect.
     """
+    if name.startswith(TIMM):
+        return _timm_model(name, str(weights), mirror)
     if name not in available():
-        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(available())}")
+        raise ValueError(f"unknown backbone {name!r}; choose a torchvision model ({', '.join(available()[:4])}, ... "
+                         "`featx backbones` lists them) or timm:NAME")
     spec = str(weights)
     if spec.lower() == "none":
         with torch.random.fork_rng():
@@ -166,7 +191,7 @@ def _weights_file(spec: str, mirror) -> Path | None:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    file_like = os.sep in spec or path.suffix in {".pth", ".pt", ".bin", ".ckpt"}
+    file_like = os.sep in spec or path.suffix in {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
     if file_like:
         found = mirrored_weights(path.name, mirror) if path.parent == Path(".") else None
         if found is None:
@@ -177,6 +202,10 @@ def _weights_file(spec: str, mirror) -> Path | None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
         state = load_tensors(path, "weights file")
     except ValueError as error:
         raise WeightsError(str(error)) from None
@@ -218,6 +247,8 @@ def _load_state_dict(model: nn.Module, name: str, state: dict, source: str) -> b
 
 
 def _num_outputs(model: nn.Module, name: str) -> int:
+    if name.startswith(TIMM):
+        return model.num_classes
     layer = classifier_layer(model, name)
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
@@ -264,3 +295,65 @@ def _torchvision_pretrained(name: str, spec: str, mirror) -> tuple[nn.Module, We
     )
     info = WeightsInfo(spec, weights.url, file_digest(path), True, tuple(categories))
     return model.eval(), info, transform
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm backbones need timm: pip install 'featx[timm]'") from None
+    return timm
+
+
+def _timm_model(name: str, spec: str, mirror) -> tuple[nn.Module, WeightsInfo, EvalTransform]:
+    """A timm model with its classifier, and the eval transform of its own data config. ``DEFAULT``: timm's
+    pretrained weights for the tag, from ``<mirror>/weights/NAME.safetensors`` when the mirror has them, else
+    downloaded by timm; a file; or ``none``."""
+    timm, model_name = _timm(), name.removeprefix(TIMM)
+    if not timm.is_model(model_name.split(".")[0]):
+        raise ValueError(f"unknown timm model {model_name!r} (`python -c \"import timm; print(timm.list_models())\"`)")
+    if spec.lower() == "none":
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(model_name, pretrained=False)
+        info = WeightsInfo(spec="none", source=f"random init (seed {RANDOM_INIT_SEED})", sha256="")
+        return model.eval(), info, _timm_transform(timm, model)
+    path = _weights_file(spec, mirror) if spec.upper() != "DEFAULT" else mirrored_weights(
+        f"{model_name}.safetensors", mirror)
+    if path is None and spec.upper() != "DEFAULT":
+        raise WeightsError(f"weights {spec!r} for {name} are not a file, DEFAULT or none")
+    if path is None:
+        try:
+            model = timm.create_model(model_name, pretrained=True)
+        except Exception as error:  # noqa: BLE001 - timm and the hub raise many kinds; all mean "not here"
+            raise WeightsError(f"cannot get timm's pretrained weights for {model_name} ({type(error).__name__}); "
+                               f"offline, put {model_name}.safetensors in <mirror>/weights/ and pass --mirror or set "
+                               "$FEATX_MIRROR") from None
+        source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or model_name}"
+        digest, loaded = _state_digest(model), True
+    else:
+        model = timm.create_model(model_name, pretrained=False)
+        loaded = _load_state_dict(model, name, _read_state_dict(path), str(path))
+        source, digest = str(path.resolve()), file_digest(path)
+    categories = _imagenet_categories() if loaded and model.num_classes == 1000 else ()
+    return model.eval(), WeightsInfo(spec, source, digest, loaded, categories), _timm_transform(timm, model)
+
+
+def _state_digest(model: nn.Module) -> str:
+    """sha256 over a model's weights (for weights timm loaded itself, whose file featx never sees)."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _timm_transform(timm, model: nn.Module) -> EvalTransform:
+    """timm's eval preprocessing for ``model`` (``resolve_data_config``): resize to floor(size / crop_pct), centre
+    crop, its interpolation and mean/std."""
+    config = timm.data.resolve_data_config({}, model=model)
+    if config.get("crop_mode", "center") != "center":
+        raise ValueError(f"timm crop_mode {config['crop_mode']!r} is not supported; featx centre-crops")
+    size = config["input_size"][-1]
+    return EvalTransform(resize=math.floor(size / config["crop_pct"]), crop=size, mean=tuple(config["mean"]),
+                         std=tuple(config["std"]), interpolation=config["interpolation"])

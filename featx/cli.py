@@ -40,9 +40,10 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         root: the folder a manifest's relative paths start from (default: the manifest's folder).
         label_key: where labels are: the manifest column (or Hugging Face metadata.csv column); for tars the key of
             key.json (key.cls always wins), or txt to take the key.txt captions as labels.
-        backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...;
-            `featx backbones` lists them).
-        weights: torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or none (random).
+        backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...), or
+            timm:NAME[.TAG] (any timm model; `featx backbones` lists them).
+        weights: DEFAULT (the library's pretrained weights), a torchvision weights name (IMAGENET1K_V1, ...), a
+            state-dict or .safetensors file, or none (random).
         out: output root folder.
         mirror: offline mirror folder holding weights/ and datasets/ (default: $FEATX_MIRROR; none: download).
         batch_size: images decoded and written together.
@@ -193,7 +194,7 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
         overwrite: replace the run already in OUT (without it, featx refuses to touch it).
         mirror: offline mirror for the weights (default: $FEATX_MIRROR).
         trust_pickle: let --probe load an older featx's pickled logreg head (model.joblib); it can run code.
-        backbone: torchvision backbone name.
+        backbone: torchvision backbone name, or timm:NAME[.TAG].
         weights: torchvision weights name, state-dict file, or none.
         init: pretrained, or scratch (random backbone: the from-scratch baseline).
         head_init: random (Xavier), probe (a fit-head head: LP-FT), or reuse (the ImageNet classifier's rows).
@@ -260,8 +261,8 @@ def info(features):
 
 
 def backbones():
-    """List the backbone names the registry can build."""
-    print("\n".join(backbone_registry.available()))
+    """List the backbones the registry can build: torchvision's by name, then the other families."""
+    print("\n".join([*backbone_registry.available(), *backbone_registry.families()]))
 
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,

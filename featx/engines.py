@@ -215,8 +215,8 @@ def watching(address: str, interval: float = 2.0, misses: int = 3):
             except OSError:
                 failures += 1
             if failures >= misses:
-                print(f"\nfeatx: error: the Ray cluster at {address} went away mid-job; the shards committed so far are "
-                      "kept: rerun the same command to resume", file=sys.stderr, flush=True)
+                print(f"\nfeatx: error: the Ray cluster at {address} went away mid-job; the shards committed so far "
+                      "are kept: rerun the same command to resume", file=sys.stderr, flush=True)
                 os._exit(2)
 
     thread = threading.Thread(target=watch, name="featx-ray-watch", daemon=True)

@@ -171,3 +171,13 @@ def test_a_cluster_that_goes_away_mid_job_is_one_line_and_the_rerun_resumes(ray_
                              text=True)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
     assert len(store.load(tmp_path / "f" / "resnet18" / "train.h5").paths) == 60
+
+
+def test_ray_runs_a_timm_backbone_as_the_local_engine_does(ray_cluster, image_folder, tmp_path):
+    options = ExtractOptions(batch_size=4, shard_size=4, device="cpu", workers=1)
+    local = featx.api.run_extract(image_folder, "timm:resnet18", "none", tmp_path / "local", options=options)
+    distributed = featx.api.run_extract(image_folder, "timm:resnet18", "none", tmp_path / "ray", options=options,
+                                        **_on_ray(ray_cluster))
+    for split in ("train", "val"):
+        a, b = store.load(local[split]["path"]), store.load(distributed[split]["path"])
+        assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5

@@ -1,0 +1,77 @@
+"""timm backbones (``--backbone timm:NAME``): the same features as torchvision for the same weights and
+preprocessing, timm's own preprocessing by default (equal to timm's pipeline on real images), and every stage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from PIL import Image
+from test_faults import cli, one_line_error
+
+import featx
+from featx import store
+from featx.backbones import create_backbone
+from featx.decode import EvalTransform, load_rgb
+
+SMALL = ["--weights", "none", "--resize", "40", "--crop", "32", "--device", "cpu", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def photos(hymenoptera) -> list[str]:
+    return [str(p) for p in sorted((hymenoptera / "val").rglob("*.jpg"))[::16]]  # 10 real photos, both classes
+
+
+def test_timm_resnet18_with_torchvision_weights_gives_torchvision_features(photos, tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "resnet18.pth")
+    timm_model = create_backbone("timm:resnet18", str(tmp_path / "resnet18.pth"))
+    assert timm_model.weights.classifier_loaded  # every tensor, the classifier too: the names are the same
+    same = EvalTransform()  # torchvision's preset for both
+    ours = featx.embed_images(photos, "timm:resnet18", str(tmp_path / "resnet18.pth"), transform=same, device="cpu")
+    theirs = featx.embed_images(photos, "resnet18", str(tmp_path / "resnet18.pth"), transform=same, device="cpu")
+    assert ours.shape == (10, 512) and np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_the_default_preprocessing_is_timms_own_pipeline(photos):
+    backbone = create_backbone("timm:resnet18", "none")
+    config = timm.data.resolve_data_config({}, model=timm.create_model("resnet18"))
+    assert (backbone.transform.interpolation, backbone.transform.crop) == (config["interpolation"], 224)
+    reference = timm.data.create_transform(**config)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (backbone.transform.mean, backbone.transform.std))
+    for path in photos:
+        expected = reference(Image.open(path).convert("RGB"))
+        ours = (backbone.transform(load_rgb(path)).float() / 255 - mean) / std
+        assert ours.shape == expected.shape and (ours - expected).abs().max() <= 1e-5, path
+
+
+def test_every_stage_runs_on_a_timm_backbone(image_folder, tmp_path):
+    flags = ["--backbone", "timm:resnet18", *SMALL]
+    assert cli("extract", image_folder, "--out", tmp_path / "f", *flags)[0] == 0
+    train = tmp_path / "f" / "timm:resnet18" / "train.h5"
+    assert store.read_meta(train)["backbone"] == "timm:resnet18"
+    assert cli("fit-head", train, "--out", tmp_path / "head", "--val", "none")[0] == 0
+    status, _, err = cli("predict", tmp_path / "head", image_folder / "val", "--device", "cpu")
+    assert status == 0 and "accuracy" in err
+    assert cli("export", tmp_path / "head", tmp_path / "exported", "--noonnx")[0] == 0
+    status, out, err = cli("finetune", image_folder, "--out", tmp_path / "run", *flags, "--epochs", "1",
+                           "--batch_size", "4", "--freeze", "layer2")
+    assert status == 0, err
+    assert cli("predict", tmp_path / "run", image_folder / "val", "--device", "cpu")[0] == 0
+
+
+def test_offline_default_weights_and_a_missing_extra_are_one_line(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the network
+    one_line_error(*cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "timm:resnet18",
+                        "--mirror", "none", "--device", "cpu")[::2], "resnet18.safetensors", "<mirror>/weights/")
+    without = subprocess.run([sys.executable, "-c", "import sys; sys.modules['timm'] = None; from featx.cli import "
+                              "main; main()", "extract", str(image_folder), "--backbone", "timm:resnet18",
+                              "--weights", "none"], capture_output=True, text=True)
+    one_line_error(without.returncode, without.stderr, "pip install 'featx[timm]'")
