@@ -1,5 +1,5 @@
-"""One registry of backbones: build any torchvision classifier (a bare name) or timm model (``timm:NAME[.TAG]``),
-load its weights, strip or replace its classifier.
+"""One registry of backbones: build any torchvision classifier (a bare name), timm model (``timm:NAME[.TAG]``) or
+OpenCLIP image tower (``open_clip:ARCH[/PRETRAINED]``), load its weights, strip or replace its classifier.
 
 This is the only module that knows the families apart: where each keeps its final classification layer, how its
 weights are found, and which preprocessing they expect.
@@ -28,6 +28,19 @@ SPECIAL_CLASSIFIER_LAYERS = {
 }
 RANDOM_INIT_SEED = 0
 TIMM = "timm:"  # the prefix of timm models: timm:resnet50.a1_in1k, timm:vit_small_patch14_dinov2.lvd142m
+OPEN_CLIP = "open_clip:"  # the prefix of OpenCLIP models: open_clip:ViT-B-32/laion2b_s34b_b79k
+
+
+class ImageTower(nn.Module):
+    """A CLIP model's image half as a classifier: ``encode_image`` (the projected embedding), then ``head``
+    (nn.Identity for features; a new nn.Linear to fine-tune)."""
+
+    def __init__(self, visual: nn.Module, dim: int):
+        super().__init__()
+        self.visual, self.head, self.dim = visual, nn.Identity(), dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.visual(images))
 
 
 class WeightsError(ValueError):
@@ -52,18 +65,30 @@ def available() -> list[str]:
 
 def families() -> list[str]:
     """One line per family beyond torchvision's names: its spelling and whether it is installed."""
+    lines = []
     try:
         import timm
+
+        lines.append(f"{TIMM}NAME[.TAG]  any of timm {timm.__version__}'s {len(timm.list_models())} models, e.g. "
+                     f"{TIMM}convnext_tiny.fb_in22k")
     except ImportError:
-        return [f"{TIMM}NAME[.TAG]  any timm model (not installed: pip install 'featx[timm]')"]
-    return [f"{TIMM}NAME[.TAG]  any of timm {timm.__version__}'s {len(timm.list_models())} models, e.g. "
-            f"{TIMM}convnext_tiny.fb_in22k"]
+        lines.append(f"{TIMM}NAME[.TAG]  any timm model (not installed: pip install 'featx[timm]')")
+    try:
+        import open_clip
+
+        lines.append(f"{OPEN_CLIP}ARCH[/PRETRAINED]  the image tower of any of OpenCLIP {open_clip.__version__}'s "
+                     f"{len(open_clip.list_models())} models, e.g. {OPEN_CLIP}ViT-B-32/laion2b_s34b_b79k")
+    except ImportError:
+        lines.append(f"{OPEN_CLIP}ARCH[/PRETRAINED]  an OpenCLIP model (not installed: pip install 'featx[clip]')")
+    return lines
 
 
 def classifier_layer_name(model: nn.Module, name: str) -> str:
     """Dotted path of the model's final classification layer."""
     if name.startswith(TIMM):
         return model.pretrained_cfg["classifier"]
+    if name.startswith(OPEN_CLIP):
+        return "head"
     for prefix, layer in SPECIAL_CLASSIFIER_LAYERS.items():
         if name.startswith(prefix):
             return layer
@@ -86,6 +111,9 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int | None) -> 
     if name.startswith(TIMM):  # timm's own: num_classes 0 returns the pooled features (pre-logits)
         model.reset_classifier(num_classes or 0)
         return model.get_classifier()
+    if name.startswith(OPEN_CLIP):
+        model.head = nn.Linear(model.dim, num_classes) if num_classes else nn.Identity()
+        return model.head
     layer_name = classifier_layer_name(model, name)
     old = model.get_submodule(layer_name)
     if num_classes is None:
@@ -102,6 +130,8 @@ def feature_dim(model: nn.Module, name: str) -> int:
     """Width of the pooled features that feed the final layer."""
     if name.startswith(TIMM):
         return getattr(model, "head_hidden_size", None) or model.num_features
+    if name.startswith(OPEN_CLIP):
+        return model.dim
     layer = classifier_layer(model, name)
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
@@ -140,6 +170,9 @@ def create_model(
     """
     if name.startswith(TIMM):
         return _timm_model(name, str(weights), mirror)
+    if name.startswith(OPEN_CLIP):
+        clip, info = _clip_model(name, str(weights), mirror)
+        return ImageTower(clip.visual, clip.visual.output_dim).eval(), info, _clip_transform(clip)
     if name not in available():
         raise ValueError(f"unknown backbone {name!r}; choose a torchvision model ({', '.join(available()[:4])}, ... "
                          "`featx backbones` lists them) or timm:NAME")
@@ -249,6 +282,8 @@ def _load_state_dict(model: nn.Module, name: str, state: dict, source: str) -> b
 def _num_outputs(model: nn.Module, name: str) -> int:
     if name.startswith(TIMM):
         return model.num_classes
+    if name.startswith(OPEN_CLIP):
+        return 0  # no classifier: CLIP classifies through its text tower (the zeroshot head)
     layer = classifier_layer(model, name)
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
@@ -357,3 +392,69 @@ def _timm_transform(timm, model: nn.Module) -> EvalTransform:
     size = config["input_size"][-1]
     return EvalTransform(resize=math.floor(size / config["crop_pct"]), crop=size, mean=tuple(config["mean"]),
                          std=tuple(config["std"]), interpolation=config["interpolation"])
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise ValueError("OpenCLIP backbones need open_clip: pip install 'featx[clip]'") from None
+    return open_clip
+
+
+def _clip_model(name: str, spec: str, mirror) -> tuple[nn.Module, WeightsInfo]:
+    """A whole OpenCLIP model (image and text towers). ``DEFAULT``: the PRETRAINED tag's weights, from
+    ``<mirror>/weights/ARCH-PRETRAINED.safetensors`` when the mirror has them, else OpenCLIP's download (which reads
+    tensors only); a file; or ``none``."""
+    open_clip = _open_clip()
+    arch, _, tag = name.removeprefix(OPEN_CLIP).partition("/")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown OpenCLIP model {arch!r} (open_clip.list_models() lists them)")
+    if spec.lower() == "none":
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            clip = open_clip.create_model(arch, pretrained=None)
+        return clip.eval(), WeightsInfo("none", f"random init (seed {RANDOM_INIT_SEED})", "")
+    default = spec.upper() == "DEFAULT"
+    if default and not tag:
+        raise WeightsError(f"{name} names no pretrained weights: write open_clip:{arch}/PRETRAINED "
+                           f"(open_clip.list_pretrained_tags_by_model({arch!r})), or --weights FILE or none")
+    path = mirrored_weights(f"{arch}-{tag}.safetensors", mirror) if default else _weights_file(spec, mirror)
+    if path is None and not default:
+        raise WeightsError(f"weights {spec!r} for {name} are not a file, DEFAULT or none")
+    if path is None:
+        try:
+            clip = open_clip.create_model(arch, pretrained=tag, require_pretrained=True)
+        except Exception as error:  # noqa: BLE001 - the hub and OpenCLIP raise many kinds; all mean "not here"
+            raise WeightsError(f"cannot get OpenCLIP's {arch}/{tag} weights ({type(error).__name__}); offline, put "
+                               f"{arch}-{tag}.safetensors in <mirror>/weights/ and pass --mirror or set "
+                               "$FEATX_MIRROR") from None
+        return clip.eval(), WeightsInfo(spec, f"open_clip:{arch}/{tag}", _state_digest(clip))
+    clip = open_clip.create_model(arch, pretrained=None)
+    try:
+        clip.load_state_dict(_read_state_dict(path))
+    except RuntimeError as error:
+        raise WeightsError(f"weights {path} do not fit {name}: {str(error).splitlines()[0]}") from None
+    return clip.eval(), WeightsInfo(spec, str(path.resolve()), file_digest(path))
+
+
+def _clip_transform(clip: nn.Module) -> EvalTransform:
+    """OpenCLIP's own eval preprocessing (``visual.preprocess_cfg``): resize the shorter side, centre crop."""
+    config = clip.visual.preprocess_cfg
+    if config.get("resize_mode", "shortest") != "shortest":
+        raise ValueError(f"OpenCLIP resize_mode {config['resize_mode']!r} is not supported; featx centre-crops")
+    size = config["size"] if isinstance(config["size"], int) else config["size"][-1]
+    return EvalTransform(resize=size, crop=size, mean=tuple(config["mean"]), std=tuple(config["std"]),
+                         interpolation=config["interpolation"])
+
+
+def text_embeddings(name: str, weights: str, mirror, texts: list[str]) -> tuple[torch.Tensor, float]:
+    """L2-normalised text embeddings of ``texts`` [T, D] by the CLIP model ``name`` with ``weights`` (the one whose
+    image tower made some features), and its logit scale: CLIP's image-text similarity is scale * cos."""
+    if not name.startswith(OPEN_CLIP):
+        raise ValueError(f"{name} has no text tower: the zeroshot head needs features of an open_clip: backbone")
+    clip, _ = _clip_model(name, weights, mirror)
+    tokenizer = _open_clip().get_tokenizer(name.removeprefix(OPEN_CLIP).partition("/")[0])
+    with torch.inference_mode():
+        text = clip.encode_text(tokenizer(texts)).float()
+    return nn.functional.normalize(text, dim=-1), float(clip.logit_scale.detach().exp())

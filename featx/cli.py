@@ -41,7 +41,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         label_key: where labels are: the manifest column (or Hugging Face metadata.csv column); for tars the key of
             key.json (key.cls always wins), or txt to take the key.txt captions as labels.
         backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...), or
-            timm:NAME[.TAG] (any timm model; `featx backbones` lists them).
+            timm:NAME[.TAG] (any timm model), or open_clip:ARCH[/PRETRAINED] (an OpenCLIP image tower; `featx
+            backbones` lists them).
         weights: DEFAULT (the library's pretrained weights), a torchvision weights name (IMAGENET1K_V1, ...), a
             state-dict or .safetensors file, or none (random).
         out: output root folder.
@@ -104,7 +105,9 @@ def fit_head(train, val="auto", head="logreg", out=None, **params):
         val: validation features file; auto = val.h5 beside TRAIN when present; none = a stratified,
             deterministic 20% hold-out of TRAIN (views of one image never split).
         head: logreg (sklearn, C swept on val then refit on train+val), linear (torch nn.Linear, a grid of
-            lr x weight decay trained together, streamed from the file), or knn (cosine, k chosen on val).
+            lr x weight decay trained together, streamed from the file), knn (cosine, k chosen on val), or zeroshot
+            (features of an open_clip: backbone; the class names in --prompts through CLIP's text tower, no
+            training).
         out: head folder (default: heads/BACKBONE/HEAD). Reports of a head it replaces are deleted.
         Cs: logreg: the C values swept, e.g. --Cs=[0.01,0.1,1] (default: 23 values, 1e-6 ... 1e5).
         max_iter: logreg: lbfgs iterations per fit (default 1000).
@@ -118,6 +121,8 @@ def fit_head(train, val="auto", head="logreg", out=None, **params):
         ks: knn: the k values tried (default [1,3,5,10,20,50]).
         temperature: knn: vote temperature (default 0.07).
         seed: the hold-out's and the head's seed (default 0).
+        prompts: zeroshot: the prompt, {} standing for the class name (default "a photo of a {}.").
+        mirror: zeroshot: offline mirror to find the CLIP weights in (default: $FEATX_MIRROR).
     """
     from featx import fit
 

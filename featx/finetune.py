@@ -150,7 +150,7 @@ def init_head(model: nn.Module, cfg: FinetuneConfig, class_names: list[str], cat
               source_sha256: str, trust_pickle: bool = False) -> dict:
     """Replace the classifier by one sized to the classes and initialise it as ``cfg.head_init`` says."""
     old = classifier_layer(model, cfg.backbone)
-    old_weight, old_bias = old.weight.detach().clone(), old.bias.detach().clone()
+    old_weight, old_bias = (old.weight.detach().clone(), old.bias.detach().clone()) if categories else (None, None)
     head = replace_classifier(model, cfg.backbone, len(class_names))
     nn.init.xavier_uniform_(head.weight)
     nn.init.zeros_(head.bias)

@@ -45,6 +45,8 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
         X = f["features"] if head == "linear" else f["features"][:]
         y, groups = f["labels"][:], f["image_ids"][:]
         seen = [file["content_hash"][:] if "content_hash" in file else None for file in (f, v) if file is not None]
+        seen = None if any(hashes is None for hashes in seen) else np.concatenate(seen)  # all it fits or selects on
+        estimator.set_source(meta, seen, train=train.resolve(), val=val_path.resolve() if val_path else None)
         X_val = None if v is None else v["features"] if head == "linear" else v["features"][:]
         try:
             estimator.fit(X, y, X_val, None if v is None else v["labels"][:], groups=groups)
@@ -53,8 +55,6 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
             if v is not None:
                 store.require_finite(val_path, v["features"])
             raise
-    seen = None if any(hashes is None for hashes in seen) else np.concatenate(seen)  # all it fitted or selected on
-    estimator.set_source(meta, seen, train=train.resolve(), val=val_path.resolve() if val_path else None)
     out = Path(out) if out else Path("heads") / meta["backbone"] / head
     for stale in out.glob("eval-*"):  # reports of the head this one replaces
         shutil.rmtree(stale)

@@ -1,4 +1,5 @@
-"""Classifier heads on cached features: ``logreg`` (sklearn), ``linear`` (torch), ``knn`` (cosine)."""
+"""Classifier heads on cached features: ``logreg`` (sklearn), ``linear`` (torch), ``knn`` (cosine), ``zeroshot``
+(a CLIP model's text tower)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from featx.heads.base import Head, holdout_split, read_record
 from featx.heads.knn import KNNHead
 from featx.heads.linear import LinearHead
 from featx.heads.logreg import LogRegHead
+from featx.heads.zeroshot import ZeroShotHead
 
-HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (LogRegHead, LinearHead, KNNHead)}
+HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (LogRegHead, LinearHead, KNNHead, ZeroShotHead)}
 
 
 def make_head(kind: str, **params) -> Head:
@@ -31,4 +33,5 @@ def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
     return HEADS[record["kind"]]._restore(Path(folder), record, trust_pickle)
 
 
-__all__ = ["HEADS", "Head", "KNNHead", "LinearHead", "LogRegHead", "holdout_split", "load_head", "make_head"]
+__all__ = ["HEADS", "Head", "KNNHead", "LinearHead", "LogRegHead", "ZeroShotHead", "holdout_split", "load_head",
+           "make_head"]
