@@ -141,11 +141,16 @@ def load_rgb(path: str | os.PathLike | io.BytesIO, draft_size: int | None = None
     return to_rgb(image)
 
 
+def read_bytes(path: str | os.PathLike | io.BytesIO) -> bytes:
+    """The bytes of a file, or of a tar member already read."""
+    return path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
+
+
 def jpeg_bytes(path: str | os.PathLike | io.BytesIO) -> torch.Tensor | None:
     """A file's bytes when they are a JPEG (known by its first two bytes: no parsing, so reading costs only the
     read), else None: other files are decoded with PIL. EXIF orientation and greyscale are handled by the device
     decoder (``decode_on_device``); a JPEG it rejects (CMYK or progressive on nvjpeg) goes to PIL there."""
-    data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
+    data = read_bytes(path)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data[:2] == b"\xff\xd8" else None
 
 
@@ -215,19 +220,20 @@ class ImageFiles(torch.utils.data.Dataset):
     def content_hash(self, item: int) -> int:
         """A 64-bit hash (BLAKE2b) of item ``item``'s image bytes: the same image has the same hash wherever it is
         and whatever it is called; 0 when it cannot be read."""
-        image = item // self.views
-        member = self.members[image] if self.members else None
         try:
-            data = member.read().getvalue() if member else (self.root / self.paths[image]).read_bytes()
+            return bytes_hash(read_bytes(self._source(item // self.views)))
         except (OSError, ValueError):
             return 0
-        return bytes_hash(data)
+
+    def _source(self, image: int) -> Path | io.BytesIO:
+        """Image ``image``'s file, or its bytes read from its tar."""
+        member = self.members[image] if self.members else None
+        return member.read() if member else self.root / self.paths[image]
 
     def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str]:
         image = item // self.views
         try:
-            member = self.members[image] if self.members else None
-            path = member.read() if member else self.root / self.paths[image]
+            path = self._source(image)
             if self.augment is not None:
                 return item, self.augment(load_rgb(path), item), ""
             if self.encoded and (data := jpeg_bytes(path)) is not None:

@@ -301,8 +301,9 @@ class ImageLoaders:
 
     def content_hashes(self) -> np.ndarray:
         """The content hashes of every training and validation image: what the run sees in fitting or selection."""
-        return np.asarray([ImageFiles(split.root, split.paths, self.transform, members=split.members).content_hash(i)
-                           for split in (self.train_split, self.val_split) for i in range(len(split))], np.uint64)
+        files = [ImageFiles(split.root, split.paths, self.transform, members=split.members)
+                 for split in (self.train_split, self.val_split)]
+        return np.asarray([data.content_hash(i) for data in files for i in range(len(data))], np.uint64)
 
     def _batches(self, split: Split, batches: list[list[int]], augment: AugmentTransform | None = None):
         data = ImageFiles(split.root, split.paths, self.transform, 1, augment, members=split.members)

@@ -111,13 +111,19 @@ def load_seen(folder: Path) -> np.ndarray | None:
     return np.load(path, allow_pickle=False) if path.is_file() else None
 
 
-def times_seen(seen: np.ndarray | None, hashes: np.ndarray | None) -> int | None:
-    """How many of the scored images (by content hash) were seen in fitting or selection; None when either side
-    does not know its hashes."""
+def seen_rows(seen: np.ndarray | None, hashes: np.ndarray | None) -> np.ndarray | None:
+    """Which scored images (by content hash) were seen in fitting or selection; None when either side does not
+    know its hashes."""
     if seen is None or hashes is None:
         return None
     hashes = np.asarray(hashes, np.uint64)
-    return int((np.isin(hashes, seen) & (hashes != 0)).sum())
+    return np.isin(hashes, seen) & (hashes != 0)
+
+
+def times_seen(seen: np.ndarray | None, hashes: np.ndarray | None) -> int | None:
+    """How many of the scored images were seen in fitting or selection (``seen_rows``), or None."""
+    rows = seen_rows(seen, hashes)
+    return None if rows is None else int(rows.sum())
 
 
 def not_held_out(seen: int, total: int, how: str = "to fit or select this head") -> str:

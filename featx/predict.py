@@ -20,7 +20,7 @@ from featx.embed import Embedder, resolve_device
 from featx.finetune import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
-from featx.metrics import load_seen, not_held_out, times_seen
+from featx.metrics import load_seen, not_held_out, seen_rows
 from featx.sources import IMAGE_EXTENSIONS, list_images, shown
 
 
@@ -101,7 +101,8 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
         logits, far = classifier.classify(batch.images)
         probabilities = softmax(logits, axis=1)
         indices = batch.indices.tolist()
-        seen = [times_seen(classifier.seen, [dataset.content_hash(i)]) for i in indices]
+        seen = np.zeros(len(indices), bool) if classifier.seen is None else seen_rows(
+            classifier.seen, [dataset.content_hash(i) for i in indices])  # hashed only when the head knows its own
         for index, row_logits, row_probabilities, row_far, row_seen in zip(indices, logits, probabilities, far, seen):
             order = np.argsort(-row_probabilities)[:topk]
             top = [(names[i], float(row_probabilities[i])) for i in order]

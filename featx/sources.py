@@ -86,6 +86,7 @@ def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None
     seen = set() if seen is None else seen
     seen.add(directory_key(folder))
     found = []
+
     def report(error: OSError) -> None:
         if unreadable is None:
             raise error
@@ -269,8 +270,7 @@ def manifest(path: Path, root: Path | None = None, label_key: str = "label") -> 
         raise ValueError(f"{path} has a header but no rows: nothing to read")
     table = [(number, str(row["path"]), row.get(label_key), row.get("split") if "split" in columns else None)
              for number, row in enumerate(rows, start=first)]
-    return _table_splits(path, Path(root) if root else path.parent, table, label_key in columns, label_key,
-                         "manifest")
+    return _table_splits(path, Path(root) if root else path.parent, table, label_key in columns, label_key)
 
 
 def hf_imagefolder(root: Path, label_key: str = "label") -> list[Split]:
@@ -289,11 +289,10 @@ def hf_imagefolder(root: Path, label_key: str = "label") -> list[Split]:
         base = folder.relative_to(root)
         table += [(f"{folder.name}/{HF_METADATA} row {number}", (base / str(row["file_name"])).as_posix(),
                    row.get(label_key), name) for number, row in enumerate(rows, start=first)]
-    return _table_splits(root, root, table, True, label_key, "manifest")
+    return _table_splits(root, root, table, True, label_key)
 
 
-def _table_splits(where: Path, root: Path, table: list[tuple], labelled: bool, label_key: str, source: str
-                  ) -> list[Split]:
+def _table_splits(where: Path, root: Path, table: list[tuple], labelled: bool, label_key: str) -> list[Split]:
     """Splits of (row, path, label, split) entries: split names made canonical, exact duplicates kept once and a
     file in two splits reported (one line each), labels checked (``_labels``)."""
     entries = []
@@ -311,7 +310,7 @@ def _table_splits(where: Path, root: Path, table: list[tuple], labelled: bool, l
         labels, class_names = np.full(len(entries), -1, np.int64), ()
     names = [s for *_, s in entries]
     return [Split(name, root, tuple(path for _, path, _, s in entries if s == name),
-                  labels[[s == name for s in names]], class_names, source=source)
+                  labels[[s == name for s in names]], class_names, source="manifest")
             for name in (*SPLIT_NAMES, "all") if name in names]
 
 

@@ -124,7 +124,7 @@ def exclusive(folder: Path):
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BusyError(f"another featx process is writing to {folder}; wait for it to finish, or choose "
-                               "another --out") from None
+                            "another --out") from None
         yield folder
     finally:
         os.close(descriptor)  # releases the lock
