@@ -25,7 +25,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
             fold_batch_norm=True, forward_batch=None, decode_on_device=None, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0, source="auto", root=None, engine="local", ray_address=None,
-            ray_workers=None, ray_cpus_per_worker=1, layout="copy", label_key="label"):
+            ray_workers=None, ray_cpus_per_worker=1, layout="copy", label_key="label", pool="default"):
     """Run a frozen backbone over images and cache their pooled features in HDF5.
 
     Writes OUT/BACKBONE/SPLIT.h5 for each split of DATA (train/, val/, test/ folders, a manifest's split column),
@@ -40,11 +40,14 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         root: the folder a manifest's relative paths start from (default: the manifest's folder).
         label_key: where labels are: the manifest column (or Hugging Face metadata.csv column); for tars the key of
             key.json (key.cls always wins), or txt to take the key.txt captions as labels.
-        backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...), or
-            timm:NAME[.TAG] (any timm model), or open_clip:ARCH[/PRETRAINED] (an OpenCLIP image tower; `featx
-            backbones` lists them).
-        weights: DEFAULT (the library's pretrained weights), a torchvision weights name (IMAGENET1K_V1, ...), a
-            state-dict or .safetensors file, or none (random).
+        backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...),
+            timm:NAME[.TAG] (any timm model), open_clip:ARCH[/PRETRAINED] (an OpenCLIP image tower), or
+            hf:REPO_OR_FOLDER (a Hugging Face transformers vision model); `featx backbones` lists them.
+        weights: DEFAULT (the library's pretrained weights: the mirror first, then a download), a torchvision
+            weights name (IMAGENET1K_V1, ...), a state-dict or .safetensors file, or none (random).
+        pool: default (the model's own pooled embedding: timm's global_pool, Hugging Face's pooler_output or
+            else the class token), cls (the class token), or mean (the mean of the patch tokens); for timm: and
+            hf: backbones. Recorded in the file's identity.
         out: output root folder.
         mirror: offline mirror folder holding weights/ and datasets/ (default: $FEATX_MIRROR; none: download).
         batch_size: images decoded and written together.
@@ -89,12 +92,12 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
                              decode_on_device=decode_on_device, dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed,
                              layout=layout)
-    transform = custom_transform(backbone, weights, mirror, resize, crop, draft, resize_crop_only)
+    transform = custom_transform(backbone, weights, mirror, resize, crop, draft, resize_crop_only, pool)
     if isinstance(splits, str):
         splits = splits.split(",")
     ray_options = RayOptions(ray_address, ray_workers, ray_cpus_per_worker)
     run_extract(data, backbone, weights, out, mirror, transform, splits, options, source, root, engine, ray_options,
-                label_key)
+                label_key, pool)
 
 
 def fit_head(train, val="auto", head="logreg", out=None, **params):
@@ -199,8 +202,9 @@ def finetune(data, out="runs/finetune", resume=False, overwrite=False, mirror=No
         overwrite: replace the run already in OUT (without it, featx refuses to touch it).
         mirror: offline mirror for the weights (default: $FEATX_MIRROR).
         trust_pickle: let --probe load an older featx's pickled logreg head (model.joblib); it can run code.
-        backbone: torchvision backbone name, or timm:NAME[.TAG].
-        weights: torchvision weights name, state-dict file, or none.
+        backbone: torchvision backbone name, timm:NAME[.TAG], open_clip:ARCH[/PRETRAINED] or hf:REPO_OR_FOLDER.
+        weights: DEFAULT, a torchvision weights name, a state-dict or .safetensors file, or none.
+        pool: default, cls or mean (timm: and hf: backbones; see `featx extract --help`).
         init: pretrained, or scratch (random backbone: the from-scratch baseline).
         head_init: random (Xavier), probe (a fit-head head: LP-FT), or reuse (the ImageNet classifier's rows).
         probe: head folder for --head_init probe.
@@ -265,9 +269,16 @@ def info(features):
     print(store.summary(features))
 
 
-def backbones():
-    """List the backbones the registry can build: torchvision's by name, then the other families."""
-    print("\n".join([*backbone_registry.available(), *backbone_registry.families()]))
+def backbones(mirror=None):
+    """List the backbones the registry can build, a family at a time: name, feature width, and whether the
+    weights are here offline (the mirror, the download caches) or would be downloaded.
+
+    Args:
+        mirror: offline mirror folder (default: $FEATX_MIRROR).
+    """
+    rows = [("BACKBONE", "FEATURES", "WEIGHTS"), *backbone_registry.listing(mirror)]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    print("\n".join(f"{name:{widths[0]}}  {dim:>{widths[1]}}  {where}" for name, dim, where in rows))
 
 
 COMMANDS = {"extract": extract, "fit-head": fit_head, "evaluate": evaluate, "predict": predict, "export": export,

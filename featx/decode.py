@@ -54,11 +54,18 @@ class EvalTransform:
     interpolation: str = "bilinear"
     draft: bool = False
     resize_crop_only: bool = False
+    squash: bool = False  # resize both sides to ``resize`` (aspect not kept: Hugging Face's ViT processors)
+    crop_offset: str = "round"  # the crop's offset: (size - crop) / 2 rounded (torchvision) or floored (Hugging Face)
 
     def __post_init__(self):
         if self.crop > self.resize:
             raise ValueError(f"crop {self.crop} must not exceed resize {self.resize}")
         InterpolationMode(self.interpolation)  # raises on an unknown name
+        if self.crop_offset not in ("round", "floor"):
+            raise ValueError(f"crop_offset must be round or floor, got {self.crop_offset!r}")
+        if self.resize_crop_only and (self.squash or self.crop_offset != "round"):
+            raise ValueError("resize_crop_only works with torchvision-style resizing only (this backbone's "
+                             "preprocessing squashes or floors its crop)")
         if self.resize_crop_only and self.interpolation not in PIL_FILTERS:
             raise ValueError(f"resize_crop_only needs one of PIL's filters {sorted(PIL_FILTERS)}, "
                              f"got interpolation {self.interpolation!r}")
@@ -69,11 +76,12 @@ class EvalTransform:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in described.items()})
 
     def describe(self) -> dict:
-        """JSON-ready description, stored as provenance (``resize_crop_only`` only when set, so files written
-        before it existed keep their identity)."""
+        """JSON-ready description, stored as provenance (the fields added later only when not their defaults, so
+        files written before they existed keep their identity)."""
         described = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        if not self.resize_crop_only:
-            del described["resize_crop_only"]
+        for name, value in (("resize_crop_only", False), ("squash", False), ("crop_offset", "round")):
+            if described[name] == value:
+                del described[name]
         return described
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -82,8 +90,13 @@ class EvalTransform:
             size, box = (self.crop, self.crop), self.crop_box(*image.size)
             pil_filter = TF.pil_modes_mapping[InterpolationMode(self.interpolation)]  # as TF.resize picks it
             return pil_to_uint8(image.resize(size, pil_filter, box=box))
-        image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True)
-        image = TF.center_crop(image, self.crop)
+        size = [self.resize, self.resize] if self.squash else self.resize
+        image = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation), antialias=True)
+        if self.crop_offset == "floor":
+            height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else image.size[::-1]
+            image = TF.crop(image, (height - self.crop) // 2, (width - self.crop) // 2, self.crop, self.crop)
+        else:
+            image = TF.center_crop(image, self.crop)
         return image.contiguous() if isinstance(image, torch.Tensor) else pil_to_uint8(image)
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:

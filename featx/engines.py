@@ -241,18 +241,21 @@ def ray_available() -> bool:
     return True
 
 
-def backbone_spec(name: str, weights: str, mirror, transform) -> dict:
+def backbone_spec(name: str, weights: str, mirror, transform, pool: str = "default") -> dict:
     """How a worker rebuilds the extractor: the arguments of ``create_backbone``, with a weights file made absolute
     (workers may start in another folder)."""
     weights = str(weights)
     if os.path.isfile(weights):
         weights = os.path.abspath(weights)
     root = mirror_dir(mirror)
-    return {"name": name, "weights": weights, "mirror": str(root.resolve()) if root else None, "transform": transform}
+    return {"name": name, "weights": weights, "mirror": str(root.resolve()) if root else None, "transform": transform,
+            "pool": pool}
 
 
-def open_engine(name: str, backbone: Backbone, weights: str, mirror, options, ray_options: RayOptions = RayOptions()):
-    """The engine ``name`` (``ENGINES``) for ``backbone`` (built from ``weights`` and ``mirror``); close it after."""
+def open_engine(name: str, backbone: Backbone, weights: str, mirror, options, ray_options: RayOptions = RayOptions(),
+                pool: str = "default"):
+    """The engine ``name`` (``ENGINES``) for ``backbone`` (built from ``weights``, ``mirror`` and ``pool``); close it
+    after."""
     if name == "ray":
-        return RayEngine(backbone_spec(backbone.name, weights, mirror, backbone.transform), options, ray_options)
+        return RayEngine(backbone_spec(backbone.name, weights, mirror, backbone.transform, pool), options, ray_options)
     return LocalEngine(backbone, options)

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from featx import store
-from featx.backbones import Backbone, create_backbone, create_model
+from featx.backbones import Backbone, create_backbone, create_model, folder_name
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles
 from featx.embed import resolve_device
 from featx.engines import ENGINES, RayOptions, open_engine, ray_available
@@ -27,7 +27,7 @@ from featx.shards import plan_shards
 from featx.sources import Split, discover
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
-IDENTITY_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
+IDENTITY_KEYS = ("backbone", "pool", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
                  "augmentation", "class_names", "file_list_sha256")
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
@@ -80,15 +80,15 @@ class ExtractOptions:
 
 
 def custom_transform(backbone: str, weights: str, mirror: str | None, resize: int | None = None,
-                     crop: int | None = None, draft: bool = False, resize_crop_only: bool = False
-                     ) -> EvalTransform | None:
+                     crop: int | None = None, draft: bool = False, resize_crop_only: bool = False,
+                     pool: str = "default") -> EvalTransform | None:
     """The weights' eval preset with the sizes and decode shortcuts asked for; None when nothing is asked."""
     if resize is None and crop is None and not draft and not resize_crop_only:
         return None
     for name, value in (("resize", resize), ("crop", crop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer (pixels), got {value!r}")
-    preset = create_model(backbone, weights, mirror)[2]
+    preset = create_model(backbone, weights, mirror, pool)[2]
     return replace(preset, resize=resize or preset.resize, crop=crop or preset.crop, draft=draft,
                    resize_crop_only=resize_crop_only)
 
@@ -97,9 +97,10 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
             out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
             splits: list[str] | None = None, options: ExtractOptions = ExtractOptions(), source: str = "auto",
             root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions(),
-            label_key: str = "label") -> dict[str, dict]:
-    """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) to ``out/<backbone>/<split>.h5``,
-    its shards run by ``engine`` (``featx.engines``: local, or ray); returns a summary per split."""
+            label_key: str = "label", pool: str = "default") -> dict[str, dict]:
+    """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) to ``out/<backbone>/<split>.h5``
+    (``featx.backbones.folder_name``), its shards run by ``engine`` (``featx.engines``: local, or ray); returns a
+    summary per split. ``pool``: how ViT-like backbones pool (``featx.backbones.POOLS``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if engine == "ray" and not ray_available():
@@ -112,10 +113,10 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         if unknown:
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
-    folder = Path(out) / backbone
-    extractor = create_backbone(backbone, weights, mirror, transform)
+    folder = Path(out) / folder_name(backbone)
+    extractor = create_backbone(backbone, weights, mirror, transform, pool)
     with store.exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
-                                                           ray_options)) as runner, \
+                                                           ray_options, pool)) as runner, \
             tqdm(total=0, unit="img", desc=backbone, mininterval=1.0, file=sys.stderr) as progress:  # the whole job
         return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", options, progress)
                 for split in all_splits}
@@ -194,7 +195,7 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
     attrs = split_attrs(split, backbone, dataset, options)
-    identity = {k: attrs[k] for k in IDENTITY_KEYS}
+    identity = {k: attrs.get(k) for k in IDENTITY_KEYS}
     shard_size = _prepare(path, identity, options)
     if shard_size is None:
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")

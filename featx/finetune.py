@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from featx import checkpoints, store
-from featx.backbones import classifier_layer, classifier_layer_name, create_model, replace_classifier
+from featx.backbones import POOLS, classifier_layer, classifier_layer_name, create_model, replace_classifier
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles, read_batches, sequential_batches
 from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
 from featx.heads import holdout_split, load_head
@@ -58,6 +58,7 @@ class FinetuneConfig:
     probe: str | None = None  # head folder for head_init=probe
     reuse: str = "auto"  # for head_init=reuse: "ants=310,bees=309", or auto (match ImageNet class names)
     freeze: str = "none"  # none, backbone, or a module name: it and everything before it are frozen
+    pool: str = "default"  # how timm: and hf: ViTs pool (featx.backbones.POOLS)
     epochs: int = 5
     batch_size: int = 32
     lr: float | None = None  # None: 0.01 for a random head; 1e-4 for a head that starts good (probe, reuse)
@@ -92,7 +93,7 @@ class FinetuneConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
         choices = {"init": INITS, "head_init": HEAD_INITS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "reader": READERS}
+                   "reader": READERS, "pool": POOLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -411,7 +412,8 @@ def prepare(data: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = N
     train, val = training_splits(data, cfg)
     torch.manual_seed(cfg.seed)
     keep_freed_memory()
-    model, weights, preset = create_model(cfg.backbone, "none" if cfg.init == "scratch" else cfg.weights, mirror)
+    model, weights, preset = create_model(cfg.backbone, "none" if cfg.init == "scratch" else cfg.weights, mirror,
+                                          cfg.pool)
     transform = replace(preset, resize=cfg.resize or preset.resize, crop=cfg.crop or preset.crop)
     class_names = list(train.class_names)
     head_report = init_head(model, cfg, class_names, weights.categories, weights.sha256, trust_pickle)
@@ -523,7 +525,7 @@ def load_finetuned(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     """The best model of a finetune run (normalised images -> logits) and its ``run.json``."""
     folder = Path(folder)
     record = json.loads((folder / RUN_FILE).read_text())
-    model = create_model(record["backbone"], "none")[0]
+    model = create_model(record["backbone"], "none", pool=record["config"].get("pool", "default"))[0]
     replace_classifier(model, record["backbone"], record["num_classes"])
     model.load_state_dict(checkpoints.best_weights(folder))
     return model.eval(), record

@@ -42,9 +42,10 @@ FORMAT = "featx-features/1"
 LAYOUTS = ("copy", "virtual")
 CHUNK_BYTES = 1 << 20
 STR = h5py.string_dtype("utf-8")
-# Attributes that must agree for two feature files to come from the same extractor.
-SOURCE_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform")
-REQUIRED_ATTRS = (*SOURCE_KEYS, "weights", "weights_source", "class_names", "split", "views", "augmentation",
+# Attributes that must agree for two feature files to come from the same extractor ("pool" only where the backbone's
+# family offers a choice: an absent one agrees with an absent one).
+SOURCE_KEYS = ("backbone", "pool", "weights_sha256", "feature_dim", "transform")
+REQUIRED_ATTRS = ("backbone", "weights_sha256", "feature_dim", "transform", "weights", "weights_source", "class_names", "split", "views", "augmentation",
                   "dtype", "file_list_sha256")
 
 
@@ -454,9 +455,9 @@ def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np
 
 
 def provenance(meta: dict) -> dict:
-    """What a features file was made from and by: backbone, weights (and their sha256), preprocessing, data root,
-    split, source, featx version, counts."""
-    keys = ("backbone", "weights", "weights_source", "weights_sha256", "feature_dim", "transform", "data_root",
+    """What a features file was made from and by: backbone (and its pooling), weights (and their sha256),
+    preprocessing, data root, split, source, featx version, counts."""
+    keys = ("backbone", "pool", "weights", "weights_source", "weights_sha256", "feature_dim", "transform", "data_root",
             "split", "source", "class_names", "dtype", "views", "featx_version", "created", "num_images", "num_rows",
             "num_failed")
     return {key: meta[key] for key in keys if key in meta}

@@ -69,9 +69,9 @@ def test_schedules():
 
 
 def test_imagenet_rows_by_name_and_by_index():
-    from featx.backbones import _imagenet_categories
+    from featx.backbones import imagenet_categories
 
-    categories = _imagenet_categories()
+    categories = imagenet_categories()
     assert imagenet_rows(["ants", "bees"], categories, "auto") == {0: 310, 1: 309}
     assert imagenet_rows(["ants", "bees"], categories, "ants=310,bees=309") == {0: 310, 1: 309}
     with pytest.raises(ValueError, match="wasps"):

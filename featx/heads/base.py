@@ -102,7 +102,7 @@ class Head(ClassifierMixin, BaseEstimator):
         """Record the features' provenance (and the files fitted on) so mismatched features are refused, and
         ``seen``: the content hashes of every image used in fitting or selection (None: not known)."""
         keys = (*store.SOURCE_KEYS, "class_names", "weights", "weights_source")
-        self.source_ = {k: meta[k] for k in keys}
+        self.source_ = {k: meta[k] for k in keys if k in meta}
         self.fitted_on_ = {k: str(v) for k, v in fitted_on.items() if v is not None}
         self.seen_ = None if seen is None else np.unique(np.asarray(seen, np.uint64))
         return self
