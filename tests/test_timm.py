@@ -75,3 +75,21 @@ def test_offline_default_weights_and_a_missing_extra_are_one_line(image_folder, 
                               "main; main()", "extract", str(image_folder), "--backbone", "timm:resnet18",
                               "--weights", "none"], capture_output=True, text=True)
     one_line_error(without.returncode, without.stderr, "pip install 'featx[timm]'")
+
+
+def test_pool_takes_the_class_token_or_the_mean_of_the_patch_tokens(photos):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    backbone = create_backbone("timm:vit_tiny_patch16_224", "none")
+    assert backbone.pool == "token"  # this ViT's own pooling: the class token
+    mean = create_backbone("timm:vit_tiny_patch16_224", "none", pool="mean")
+    model.load_state_dict(mean.model.state_dict(), strict=False)  # the same seeded weights, timm's classifier kept
+    images = torch.stack([mean.transform(load_rgb(p)) for p in photos[:4]])
+    x = (images.float() / 255 - torch.tensor(mean.transform.mean).view(1, 3, 1, 1)) / torch.tensor(
+        mean.transform.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        tokens = model.forward_features(x)  # after the final norm, which mean pooling keeps
+        ours, cls = mean.model(x), backbone.model(x)
+    assert mean.pool == "avg" and (ours - tokens[:, model.num_prefix_tokens:].mean(1)).abs().max() <= 1e-5
+    assert (cls - tokens[:, 0]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="--pool cls does not apply to timm:resnet18"):
+        create_backbone("timm:resnet18", "none", pool="cls")

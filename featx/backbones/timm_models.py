@@ -35,18 +35,12 @@ class Timm(Family):
         if not timm.is_model(model_name.split(".")[0]):
             raise ValueError(f"unknown timm model {model_name!r} (`python -c \"import timm; "
                              "print(timm.list_models())\"`)")
-        options = {} if pool == "default" else {"global_pool": TIMM_POOLS[pool]}
 
         def build(pretrained=False):
-            try:
-                return timm.create_model(model_name, pretrained=pretrained, **options)
-            except (TypeError, ValueError, AssertionError) as error:
-                if not options:
-                    raise
-                raise ValueError(f"--pool {pool} does not apply to {name} ({error})") from None
+            return timm.create_model(model_name, pretrained=pretrained)
 
         if spec.lower() == "none":
-            model = seeded(build)
+            model = self._repool(seeded(build), pool, name)
             return model.eval(), RANDOM_WEIGHTS, _transform(timm, model)
         default = spec.upper() == "DEFAULT"
         path = mirrored_weights(f"{model_name}.safetensors", mirror) if default else weights_file(spec, mirror)
@@ -66,7 +60,21 @@ class Timm(Family):
             loaded = load_state_dict(model, name, read_state_dict(path), str(path), self.classifier_name(model))
             source, digest = str(path.resolve()), file_digest(path)
         categories = imagenet_categories() if loaded and model.num_classes == 1000 else ()
+        model = self._repool(model, pool, name)
         return model.eval(), WeightsInfo(spec, source, digest, loaded, categories), _transform(timm, model)
+
+    def _repool(self, model: nn.Module, pool: str, name: str) -> nn.Module:
+        """``model`` pooling by ``pool`` (timm's ``global_pool``) after the weights loaded, so the layers they were
+        trained with stay (a ViT built for avg pooling would swap its final norm); the classifier is kept."""
+        if pool == "default":
+            return model
+        classifier = model.get_classifier()
+        try:
+            model.reset_classifier(model.num_classes, global_pool=TIMM_POOLS[pool])
+        except (TypeError, ValueError, AssertionError, KeyError) as error:
+            raise ValueError(f"--pool {pool} does not apply to {name} ({error})") from None
+        model.set_submodule(self.classifier_name(model), classifier)
+        return model
 
     def classifier_name(self, model):
         return model.pretrained_cfg["classifier"]
