@@ -10,7 +10,7 @@ export FEATX_MIRROR ?= $(if $(wildcard ../shared/README.md),$(abspath ../shared)
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf,onnx]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -21,7 +21,8 @@ from featx.version import __version__
 
 
 def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror=None, batch_size=64,
-            workers=None, reader="auto", device="auto", amp="auto", channels_last=True, compile=False,
+            workers=None, reader="auto", device="auto", precision="auto", runtime="auto", channels_last=True,
+            compile=False,
             fold_batch_norm=True, forward_batch=None, decode_on_device=None, dtype="float32",
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024, splits=None,
             overwrite=False, views=1, augment_seed=0, source="auto", root=None, engine="local", ray_address=None,
@@ -55,12 +56,17 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         reader: auto (threads on a CPU-only run: decode, then forward, in turn; processes overlapping with a
             GPU), threads, or processes.
         device: auto, cpu, cuda, cuda:1 ...
-        amp: auto (bf16 on CUDA, off on CPU), none, bf16, fp16.
+        precision: auto (bf16 on CUDA, exact fp32 on CPU), fp32, bf16 or fp16 (on a CPU only where it has them
+            natively: AVX512_BF16 / AMX; elsewhere refused, as emulation is slower than fp32). Recorded in the
+            file's identity, so a resumed run never mixes precisions.
+        runtime: what runs the model: auto (on CPU in fp32, the faster of torch and onnxruntime whose features
+            stay within 1e-4 of PyTorch fp32, measured once per model and host), torch, or onnxruntime (CPU, fp32;
+            pip install 'featx[onnx]'). Recorded in the provenance.
         channels_last: run the model in channels_last memory format.
         compile: on CPU, compile the frozen model ahead of time once and reuse it from $FEATX_CACHE
             (default ~/.cache/featx); on CUDA, torch.compile.
         fold_batch_norm: fold each BatchNorm into the convolution before it (fewer passes over the
-            activations; MobileNetV2 ~1.3x on CPU); features change by float32 rounding only. Not under --amp.
+            activations; MobileNetV2 ~1.3x on CPU); features change by float32 rounding only. Not in bf16/fp16.
         forward_batch: images per model call (default: the whole batch). Features do not depend on it.
         decode_on_device: threads only read the files' bytes; JPEGs are decoded in one batched call, resized and
             cropped on DEVICE (nvjpeg on CUDA), EXIF orientation applied. Other files, and JPEGs the device
@@ -86,9 +92,9 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         layout: copy (one merged file) or virtual (SPLIT.h5 reads the shards in SPLIT.h5.parts/ in place: no copy
             of the rows, for very large splits; keep the shards beside it).
     """
-    options = ExtractOptions(batch_size=batch_size, workers=workers, reader=reader, device=device, amp=amp,
-                             channels_last=channels_last, compile=compile, forward_batch=forward_batch,
-                             fold_batch_norm=fold_batch_norm,
+    options = ExtractOptions(batch_size=batch_size, workers=workers, reader=reader, device=device, precision=precision,
+                             runtime=runtime, channels_last=channels_last, compile=compile,
+                             forward_batch=forward_batch, fold_batch_norm=fold_batch_norm,
                              decode_on_device=decode_on_device, dtype=dtype, compression=compression,
                              shard_size=shard_size, overwrite=overwrite, views=views, augment_seed=augment_seed,
                              layout=layout)

@@ -11,10 +11,12 @@ from torch.fx.experimental.optimization import fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones import Backbone
+from featx.cache import model_key
 from featx.compiled import compiled_model
 from featx.memory import keep_freed_memory
+from featx.runtimes import RUNTIMES, OnnxModel, calibration_batch, choose, onnxruntime_available
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; "auto" picks
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -32,15 +34,29 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``auto`` is bf16 on CUDA and off on CPU (exact float32); ``none``, ``bf16``, ``fp16``."""
-    if amp == "auto":
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_precision(precision: str, device: torch.device, emulate: bool = False) -> torch.dtype | None:
+    """Autocast dtype (None: exact float32). ``auto``: bf16 on CUDA, float32 on CPU. On a CPU, bf16 needs native
+    bf16 (AVX512_BF16 or AMX) and fp16 AMX-FP16: emulated, they are slower than float32, so they are refused
+    unless ``emulate`` (to measure agreement on any host)."""
+    if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "none":
-        return None
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of auto, none, bf16, fp16; got {amp!r}")
-    return AMP_DTYPES[amp]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"amx_fp16", "avx512_fp16"}}.get(precision)
+    if device.type == "cpu" and native and not native & cpu_flags() and not emulate:
+        raise ValueError(f"--precision {precision} needs a CPU with native {precision} ({' or '.join(sorted(native))})"
+                         f"; this one ({torch.backends.cpu.get_cpu_capability()}) would emulate it, slower than fp32: "
+                         "leave --precision fp32 here, or run on CUDA")
+    return PRECISIONS[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -95,24 +111,35 @@ def _fold_sequential_pairs(sequence: nn.Sequential) -> None:
 class Embedder:
     """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU.
 
+    ``precision``: ``resolve_precision`` (``emulate`` lets a CPU without native bf16 run it anyway, to measure it).
+    ``runtime``: ``torch``, ``onnxruntime`` (CPU, float32) or ``auto`` (``choose_runtime``: the faster exact one
+    here); ``self.runtime`` is the one that runs.
     ``forward_batch``: images per model call (batches are cut into such chunks); None is the whole batch.
     Each image's features do not depend on it.
     ``fold_batch_norm``: fold BatchNorms into the convolutions before them (``fold_batch_norms``), in float32
-    runs (not under autocast).
+    torch runs (not under autocast).
     Sets ``featx.memory.keep_freed_memory`` for the process.
     """
 
-    def __init__(self, backbone: Backbone, device: str = "auto", amp: str = "auto", channels_last: bool = True,
-                 compile: bool = False, forward_batch: int | None = None, fold_batch_norm: bool = True):
+    def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+                 compile: bool = False, forward_batch: int | None = None, fold_batch_norm: bool = True,
+                 runtime: str = "torch", emulate: bool = False):
         self.device = resolve_device(device)
-        self.amp = resolve_amp(amp, self.device)
+        self.amp = resolve_precision(precision, self.device, emulate)
         keep_freed_memory()
-        self.channels_last = channels_last
+        if runtime == "auto":
+            runtime = choose_runtime(backbone, self.device, self.amp, compile, channels_last, fold_batch_norm)
+        self.runtime = check_runtime(runtime, self.device, self.amp, compile)
         self.feature_dim = backbone.feature_dim
         self.name = backbone.name
+        self.onnx = None
+        if runtime == "onnxruntime":  # ONNX Runtime fuses the graph itself, from the model as it is
+            self.onnx = OnnxModel(backbone.model, backbone.transform.crop, backbone.name, torch.get_num_threads())
+            channels_last = False  # it takes NCHW
+        self.channels_last = channels_last
         self.model = backbone.model.eval().to(self.device)
-        if fold_batch_norm and self.amp is None:  # folded weights lose more to bf16 (MobileNetV2: min cosine
-            self.model = fold_batch_norms(self.model)  # to float32 0.982 vs 0.99+ unfolded)
+        if fold_batch_norm and self.amp is None and not self.onnx:  # folded weights lose more to bf16 (MobileNetV2:
+            self.model = fold_batch_norms(self.model)  # min cosine to float32 0.982 vs 0.99+ unfolded)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward_batch = forward_batch  # None: whole batches
@@ -135,6 +162,8 @@ class Embedder:
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         count = images.shape[0]
+        if self.onnx:
+            return self.onnx(self.normalise(images)).flatten(1)
         if not self.compile:
             with autocast(self.device, self.amp):
                 return self.model(self.normalise(images)).float().flatten(1).cpu()
@@ -151,3 +180,33 @@ class Embedder:
         if self.device.type == "cpu" and self.amp is None:
             return compiled_model(self.model, example, self.name)
         return torch.compile(self.model, dynamic=False)
+
+
+def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool) -> str:
+    """``runtime`` if it can run as asked, else a one-line ValueError."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    if runtime == "onnxruntime" and (device.type != "cpu" or amp is not None or compile):
+        raise ValueError("--runtime onnxruntime runs float32 on the CPU: not with --device cuda, --precision bf16/fp16 "
+                         "or --compile (use --runtime torch for those)")
+    return runtime
+
+
+def choose_runtime(backbone: Backbone, device: torch.device, amp: torch.dtype | None, compile: bool,
+                   channels_last: bool = True, fold_batch_norm: bool = True) -> str:
+    """``--runtime auto``: on a CPU in float32 without --compile, the faster of torch and onnxruntime whose features
+    stay exact (``featx.runtimes.EXACT``) against unfolded PyTorch float32, measured once per model, thread count
+    and host (then remembered in the private cache); torch everywhere else, and when ONNX Runtime is not
+    installed or cannot take the model."""
+    if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
+        return "torch"
+    batch = calibration_batch(backbone.transform.crop)
+    key = model_key(backbone.model, batch, "runtime", torch.get_num_threads(), channels_last, fold_batch_norm)
+    reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
+    candidates = {"torch": Embedder(backbone, "cpu", "fp32", channels_last, fold_batch_norm=fold_batch_norm)}
+    try:
+        candidates["onnxruntime"] = Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
+    except Exception as error:  # noqa: BLE001 - an exporter that cannot take the model: torch runs it
+        print(f"onnxruntime cannot run {backbone.name} ({type(error).__name__}); using torch", flush=True)
+        return "torch"
+    return choose(candidates, reference, batch, key)["runtime"]

@@ -52,8 +52,8 @@ class LocalEngine:
     """Runs shards in this process, one after another, with one model for the whole job."""
 
     def __init__(self, backbone: Backbone, options):
-        self.embedder = Embedder(backbone, options.device, options.amp, options.channels_last, options.compile,
-                                 options.forward_batch, options.fold_batch_norm)
+        self.embedder = Embedder(backbone, options.device, options.precision, options.channels_last,
+                                 options.compile, options.forward_batch, options.fold_batch_norm, options.runtime)
         self.options = options
 
     def run(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress=None) -> None:

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from featx import store
 from featx.backbones import Backbone, create_backbone, create_model, folder_name
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles
-from featx.embed import resolve_device
+from featx.embed import PRECISIONS, choose_runtime, resolve_device, resolve_precision
+from featx.runtimes import RUNTIMES, describe
 from featx.engines import ENGINES, RayOptions, open_engine, ray_available
 from featx.shards import plan_shards
 from featx.sources import Split, discover
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
-IDENTITY_KEYS = ("backbone", "pool", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
+IDENTITY_KEYS = ("backbone", "pool", "precision", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
                  "augmentation", "class_names", "file_list_sha256")
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
@@ -46,7 +47,8 @@ class ExtractOptions:
     workers: int | None = None  # decode threads or processes; None = one per core
     reader: str = "auto"  # threads (decode, then forward, in turn: no contention) on CPU; processes on CUDA
     device: str = "auto"
-    amp: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 (exact) on CPU; bf16/fp16 on CPUs that have them natively
+    runtime: str = "auto"  # torch, onnxruntime, or auto: the faster exact one here (featx.embed.choose_runtime)
     channels_last: bool = True
     compile: bool = False
     fold_batch_norm: bool = True  # BatchNorms folded into the convolutions before them (float32 rounding only)
@@ -75,6 +77,10 @@ class ExtractOptions:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.layout not in store.LAYOUTS:
             raise ValueError(f"layout must be one of {store.LAYOUTS}, got {self.layout!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.layout == "virtual" and self.compression:
             raise ValueError("compression applies to the copy layout; the virtual layout reads the shards as written")
 
@@ -114,7 +120,12 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
     folder = Path(out) / folder_name(backbone)
+    device = resolve_device(options.device)
+    amp = resolve_precision(options.precision, device)  # refused here, before any work, where it cannot run
     extractor = create_backbone(backbone, weights, mirror, transform, pool)
+    if options.runtime == "auto":  # chosen once here, so every engine's workers run the same one
+        options = replace(options, runtime=choose_runtime(extractor, device, amp, options.compile,
+                                                          options.channels_last, options.fold_batch_norm))
     with store.exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
                                                            ray_options, pool)) as runner, \
             tqdm(total=0, unit="img", desc=backbone, mininterval=1.0, file=sys.stderr) as progress:  # the whole job
@@ -138,9 +149,12 @@ def split_dataset(split: Split, backbone: Backbone, options: ExtractOptions) -> 
 
 
 def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: ExtractOptions) -> dict:
-    """Everything recorded about how a split's features are made."""
+    """Everything recorded about how a split's features are made (the precision only when not exact float32, so
+    files from before it was recorded keep their identity)."""
     augment = dataset.augment
-    return {**backbone.provenance(), "split": split.name, "data_root": str(Path(split.root).resolve()),
+    amp = resolve_precision(options.precision, resolve_device(options.device))
+    precision = {} if amp is None else {"precision": next(k for k, v in PRECISIONS.items() if v == amp)}
+    return {**backbone.provenance(), **precision, "runtime": describe(options.runtime), "split": split.name, "data_root": str(Path(split.root).resolve()),
             "class_names": list(split.class_names), "dtype": options.dtype, "views": dataset.views,
             "augmentation": augment.describe() if augment else {}, "decoder": dataset.decoder,
             "file_list_sha256": split.fingerprint(), "source": split.source}

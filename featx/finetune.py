@@ -26,7 +26,7 @@ from tqdm import tqdm
 from featx import checkpoints, store
 from featx.backbones import POOLS, classifier_layer, classifier_layer_name, create_model, replace_classifier
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles, read_batches, sequential_batches
-from featx.embed import autocast, channel_stats, normalise, resolve_amp, resolve_device
+from featx.embed import autocast, channel_stats, normalise, resolve_device, resolve_precision
 from featx.heads import holdout_split, load_head
 from featx.memory import keep_freed_memory
 from featx.metrics import SEEN_FILE, classification_metrics, not_held_out, save_seen, summary_line, write_metrics
@@ -40,6 +40,7 @@ HEAD_INIT_DEFAULTS = {"random": (0.01, 10.0), "probe": (1e-4, 1.0), "reuse": (1e
 INITS = ("pretrained", "scratch")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+AMPS = ("auto", "none", "bf16", "fp16")  # autocast in training: auto is bf16 on CUDA, none (float32) on CPU
 RUN_FILE = "run.json"
 FAILED_FILE = "failed.json"  # images of the run that could not be decoded, and why
 # what --overwrite deletes: the run's own files, nothing else in its folder
@@ -93,7 +94,7 @@ class FinetuneConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
         choices = {"init": INITS, "head_init": HEAD_INITS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "reader": READERS, "pool": POOLS}
+                   "reader": READERS, "pool": POOLS, "amp": AMPS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -419,7 +420,7 @@ def prepare(data: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = N
     head_report = init_head(model, cfg, class_names, weights.categories, weights.sha256, trust_pickle)
     frozen = freeze(model, cfg.backbone, cfg.freeze)
     device = resolve_device(cfg.device)
-    amp = resolve_amp(cfg.amp, device)
+    amp = resolve_precision({"none": "fp32"}.get(cfg.amp, cfg.amp), device, emulate=True)  # asked for: trained so
     channels_last = device.type == "cpu" if cfg.channels_last is None else cfg.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     loaders = ImageLoaders(train, val, transform, cfg, device, channels_last)

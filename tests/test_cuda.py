@@ -19,11 +19,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.mark.parametrize("amp,decode_on_device,bound", [("none", False, 0.9999), ("bf16", False, 0.98),
-                                                        ("bf16", True, 0.98)])
-def test_cuda_features_match_cpu(hymenoptera_features, hymenoptera, mobilenet_weights, tmp_path, amp,
+@pytest.mark.parametrize("precision,decode_on_device,bound", [("fp32", False, 0.9999), ("bf16", False, 0.98),
+                                                              ("bf16", True, 0.98)])
+def test_cuda_features_match_cpu(hymenoptera_features, hymenoptera, mobilenet_weights, tmp_path, precision,
                                  decode_on_device, bound):
-    options = ExtractOptions(device="cuda", amp=amp, decode_on_device=decode_on_device)
+    options = ExtractOptions(device="cuda", precision=precision, decode_on_device=decode_on_device)
     extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"], options=options)
     cpu, cuda = store.load(hymenoptera_features / "val.h5"), store.load(tmp_path / "mobilenet_v2" / "val.h5")
     cosine = _cosine(cpu.features, cuda.features)

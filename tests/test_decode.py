@@ -109,7 +109,7 @@ def test_decode_on_device_agrees_with_pil_and_reports_the_same_failures(tmp_path
             data / "odd" / f"photo{i}.jpg", quality=90)
     runs = {}
     for on_device in (False, True):
-        options = ExtractOptions(batch_size=4, workers=1, device=device, amp="none", decode_on_device=on_device)
+        options = ExtractOptions(batch_size=4, workers=1, device=device, precision="fp32", decode_on_device=on_device)
         extract(data, "resnet18", "none", tmp_path / str(on_device), options=options)
         runs[on_device] = store.load(tmp_path / str(on_device) / "resnet18" / "all.h5")
     pil, nvjpeg = runs[False], runs[True]

@@ -302,13 +302,14 @@ def test_unsafe_tensor_files_are_refused_in_one_line(features, tmp_path):
 
 # --- 7. the compiled-model cache ---------------------------------------------------------------------------
 def test_a_planted_or_shared_compiled_package_is_refused(tmp_path, monkeypatch):
-    from featx.compiled import UntrustedCacheError, compiled_model, package_key
+    from featx.cache import UntrustedCacheError, model_key
+    from featx.compiled import compiled_model
 
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
     model, example = torch.nn.Linear(4, 2).eval(), torch.randn(3, 4)
     folder = tmp_path / "cache" / "compiled"
     folder.mkdir(parents=True, mode=0o700)
-    planted = folder / f"model-{package_key(model, example)[:24]}.pt2"
+    planted = folder / f"model-{model_key(model, example)[:24]}.pt2"
     planted.write_bytes(b"a shared library someone else built")
     (folder / (planted.name + ".sha256")).write_text("0" * 64)
     with pytest.raises(UntrustedCacheError, match="sha256 is not the one featx recorded"):

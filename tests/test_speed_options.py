@@ -12,7 +12,7 @@ import torch
 
 from featx import store
 from featx.backbones import create_backbone
-from featx.compiled import package_key
+from featx.cache import model_key
 from featx.decode import EvalTransform, ImageFiles, collate
 from featx.embed import Embedder, fold_batch_norms
 from featx.extract import ExtractOptions, extract
@@ -42,13 +42,13 @@ def test_compiled_package_matches_eager_and_is_reused(real_batch, mobilenet_weig
     again = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", compile=True)(real_batch)
     assert list((tmp_path / "compiled").glob("*.pt2")) == [package] and torch.equal(again, compiled)  # not rebuilt
     other = create_backbone("mobilenet_v2", "none")  # other weights: another key, never the cached package
-    assert package_key(other.model, real_batch.float()) != package_key(
+    assert model_key(other.model, real_batch.float()) != model_key(
         create_backbone("mobilenet_v2", str(mobilenet_weights)).model, real_batch.float())
 
 
 def test_bf16_autocast_on_cpu_stays_close(real_batch, mobilenet_weights):
-    exact = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", amp="none")(real_batch)
-    bf16 = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", amp="bf16")(real_batch)
+    exact = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", "fp32")(real_batch)
+    bf16 = Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", "bf16", emulate=True)(real_batch)
     assert _cosine(exact.numpy(), bf16.numpy()).min() >= 0.99
 
 

@@ -1,0 +1,112 @@
+"""Runtimes for the mapper: what runs a backbone's forward pass on normalised float32 batches. ``torch`` is PyTorch
+eager (``featx.embed``); ``onnxruntime`` runs the same model exported to ONNX once (CPU). Both are exact: features
+within ``EXACT`` of PyTorch float32. ``choose`` measures them on this host and model and keeps the faster.
+
+An ONNX graph is data, not code (featx registers no custom operators); it is still kept in featx's private cache
+(``featx.cache``) and loaded only when its digest is the one recorded when it was exported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from featx.cache import cache_dir, cached_file, model_key, require_private
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+EXACT = {"max_abs": 1e-4, "min_cosine": 0.99999}  # what "the same features" means for a runtime
+
+
+def onnxruntime_available() -> bool:
+    """Whether the onnx extra is installed (``pip install 'featx[onnx]'``)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+class OnnxModel:
+    """``model`` exported to ONNX (batch size free) and run by ONNX Runtime's CPU provider with ``threads`` threads:
+    normalised float32 [B, 3, H, W] (any memory format) -> float32 [B, D]."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, crop: int, label: str, threads: int):
+        if not onnxruntime_available():
+            raise ValueError("--runtime onnxruntime needs ONNX Runtime: pip install 'featx[onnx]'")
+        import onnxruntime
+
+        example = torch.zeros(1, 3, crop, crop)
+        path = cached_file("onnx", f"{label.replace('/', '--')}-{model_key(model, example)[:24]}.onnx",
+                           lambda out: _export(model, example, out), f"{label} as ONNX")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
+
+
+def describe(runtime: str) -> str:
+    """A runtime and its version, for provenance: ``torch 2.14.1``, ``onnxruntime 1.32.0``."""
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    return f"torch {torch.__version__}"
+
+
+def _export(model: nn.Module, example: torch.Tensor, path) -> None:
+    """The TorchScript-based exporter: ~1.5 s for ResNet-18 on 2 cores, against 6-14 s for the dynamo one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+        torch.onnx.export(model.eval(), (example,), str(path), input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
+
+
+def agreement(reference: torch.Tensor, features: torch.Tensor) -> dict:
+    """Max abs difference and min cosine of ``features`` to ``reference`` (rows), and whether that is exact."""
+    reference, features = reference.double().flatten(1), features.double().flatten(1)
+    max_abs = float((reference - features).abs().max()) if len(reference) else 0.0
+    cosine = float(nn.functional.cosine_similarity(reference, features, dim=1).min()) if len(reference) else 1.0
+    return {"max_abs": max_abs, "min_cosine": cosine,
+            "exact": max_abs <= EXACT["max_abs"] and cosine >= EXACT["min_cosine"]}
+
+
+def images_per_second(run, batch: torch.Tensor, repeats: int = 2) -> float:
+    """Throughput of ``run(batch)`` after one warm-up call."""
+    run(batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run(batch)
+    return repeats * len(batch) / (time.perf_counter() - start)
+
+
+def choose(candidates: dict, reference, batch: torch.Tensor, key: str) -> dict:
+    """The fastest exact runtime of ``candidates`` (name -> callable on ``batch``) against ``reference`` (PyTorch
+    float32, unfolded) on this host, with what was measured; remembered under ``key`` in the private cache."""
+    folder = cache_dir("runtimes")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    require_private(folder)
+    path = folder / f"{key[:32]}.json"
+    if path.is_file():
+        require_private(path)
+        return json.loads(path.read_text())
+    expected = reference(batch)
+    measured = {name: {**agreement(expected, run(batch)), "images_per_second": images_per_second(run, batch)}
+                for name, run in candidates.items()}
+    exact = [name for name in measured if measured[name]["exact"]] or ["torch"]
+    choice = {"runtime": max(exact, key=lambda name: measured[name]["images_per_second"]), "measured": measured}
+    path.write_text(json.dumps(choice))
+    path.chmod(0o600)
+    return choice
+
+
+def calibration_batch(crop: int, size: int = 16) -> torch.Tensor:
+    """A fixed uint8 batch for timing and agreement: smooth random images (not noise, which no photo looks like)."""
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 256, (size, 3, 8, 8), generator=generator, dtype=torch.uint8).float()
+    return nn.functional.interpolate(small, size=(crop, crop), mode="bilinear").round().to(torch.uint8)
+
