@@ -32,12 +32,12 @@ def extract(data: str | os.PathLike, backbone: str = "resnet18", weights: str = 
 
 def embed_images(images: list, backbone: str = "resnet18", weights: str = "DEFAULT", *, mirror: str | None = None,
                  batch_size: int = 64, device: str = "auto", transform: EvalTransform | None = None,
-                 pool: str = "default") -> np.ndarray:
+                 pool: str = "default", runtime: str = "auto") -> np.ndarray:
     """Pooled features [N, D] (float32) of image files or PIL images, in memory: the preprocessing and numbers of
     ``extract`` (timm's ``num_classes=0``, img2vec's ``get_vec``). An image that cannot be decoded is an error
     naming it."""
     extractor = create_backbone(backbone, weights, mirror, transform, pool)
-    embedder = Embedder(extractor, device)
+    embedder = Embedder(extractor, device, runtime=runtime)
     rows = []
     for start in range(0, len(images), batch_size):
         pixels = [(i, extractor.transform(_rgb(image)), "") for i, image in enumerate(images[start:start + batch_size])]

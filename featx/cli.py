@@ -54,7 +54,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", mirror
         batch_size: images decoded and written together.
         workers: decode threads or processes (default: one per CPU core).
         reader: auto (threads on a CPU-only run: decode, then forward, in turn; processes overlapping with a
-            GPU), threads, or processes.
+            GPU), threads, pipeline (threads decoding ahead of the model, overlapping it), or processes.
         device: auto, cpu, cuda, cuda:1 ...
         precision: auto (bf16 on CUDA, exact fp32 on CPU), fp32, bf16 or fp16 (on a CPU only where it has them
             natively: AVX512_BF16 / AMX; elsewhere refused, as emulation is slower than fp32). Recorded in the

@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from featx.sources import Member
 
 _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
-READERS = ("auto", "threads", "processes")  # see read_batches
+READERS = ("auto", "threads", "pipeline", "processes")  # see read_batches
 READ_AHEAD = 2  # batches whose bytes are read while the device works (threads reader, GPU)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -315,17 +315,18 @@ def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int | N
     """Decoded batches in order, by ``workers`` threads or processes (None: one per core). ``threads`` (``auto``
     on a CPU-only run): a thread pool decodes each batch while the model waits, then the model runs while the
     pool waits, so the cores never serve both (decode processes would preempt the model's threads).
-    ``processes`` (``auto`` with a GPU): DataLoader workers overlap decoding with the device. With a GPU and
-    ``decode_on_device`` (``dataset.encoded``), ``auto`` uses threads that only read bytes, ``READ_AHEAD``
-    batches ahead of the device."""
+    ``pipeline``: the threads decode ``READ_AHEAD`` batches ahead of the model, overlapping with it (on 2 CPU
+    cores slower than taking turns: measured in ``benchmarks/bench_extract.py``). ``processes`` (``auto`` with a
+    GPU): DataLoader workers overlap decoding with the device. With a GPU and ``decode_on_device``
+    (``dataset.encoded``), ``auto`` uses threads that only read bytes, ``READ_AHEAD`` batches ahead of the device."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if reader == "threads" or (reader == "auto" and (device.type == "cpu" or dataset.encoded)):
+    if reader in ("threads", "pipeline") or (reader == "auto" and (device.type == "cpu" or dataset.encoded)):
         with ThreadPoolExecutor(max(workers, 1)) as pool:
-            if device.type == "cpu":
+            if device.type == "cpu" and reader != "pipeline":
                 for batch in batches:
                     yield collate(list(pool.map(dataset.__getitem__, batch)))
                 return
-            pending: deque = deque()  # a device: read READ_AHEAD batches ahead of it
+            pending: deque = deque()  # read READ_AHEAD batches ahead of the model
             for batch in batches:
                 pending.append([pool.submit(dataset.__getitem__, item) for item in batch])
                 if len(pending) > READ_AHEAD:

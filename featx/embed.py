@@ -47,8 +47,7 @@ def resolve_precision(precision: str, device: torch.device, emulate: bool = Fals
     """Autocast dtype (None: exact float32). ``auto``: bf16 on CUDA, float32 on CPU. On a CPU, bf16 needs native
     bf16 (AVX512_BF16 or AMX) and fp16 AMX-FP16: emulated, they are slower than float32, so they are refused
     unless ``emulate`` (to measure agreement on any host)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+    precision = precision_name(precision, device.type)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
     native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"amx_fp16", "avx512_fp16"}}.get(precision)
@@ -57,6 +56,11 @@ def resolve_precision(precision: str, device: torch.device, emulate: bool = Fals
                          f"; this one ({torch.backends.cpu.get_cpu_capability()}) would emulate it, slower than fp32: "
                          "leave --precision fp32 here, or run on CUDA")
     return PRECISIONS[precision]
+
+
+def precision_name(precision: str, device_type: str) -> str:
+    """What ``precision`` means on a ``device_type`` (cpu, cuda) device: ``auto`` is bf16 on CUDA, fp32 on CPU."""
+    return ("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else precision
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

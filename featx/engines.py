@@ -3,7 +3,8 @@ hands them to Ray actors, one per GPU or per N CPU cores, each loading the model
 into the shared output folder. Both run ``featx.shards.write_shards``. A shard is the unit of work and of retry:
 it becomes visible only by its atomic rename, so a retried shard never duplicates rows. The runner merges.
 
-An engine has ``run(dataset, parts, shards, progress)`` and ``close()``; ``open_engine`` makes one by name.
+An engine has ``run(dataset, parts, shards, progress)``, ``close()`` and ``device_type`` (where its models run: cpu,
+cuda); ``open_engine`` makes one by name.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class LocalEngine:
         self.embedder = Embedder(backbone, options.device, options.precision, options.channels_last,
                                  options.compile, options.forward_batch, options.fold_batch_norm, options.runtime)
         self.options = options
+        self.device_type = self.embedder.device.type
 
     def run(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress=None) -> None:
         """Write ``shards`` (shard number -> batches of dataset items) into ``parts``."""
@@ -139,7 +141,7 @@ class RayEngine:
         self.ray = _connect(ray_options)
         count, resources = _placement(self.ray, ray_options, options.device)
         self.worker = self.ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)
-        device = "cuda" if "num_gpus" in resources else "cpu"
+        device = self.device_type = "cuda" if "num_gpus" in resources else "cpu"
         worker_options = replace(options, device=device, workers=options.workers or ray_options.cpus_per_worker,
                                  reader="threads" if device == "cpu" else options.reader)
         self.arguments = (backbone_spec, worker_options, ray_options.cpus_per_worker)

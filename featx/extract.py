@@ -21,7 +21,7 @@ from tqdm import tqdm
 from featx import store
 from featx.backbones import Backbone, create_backbone, create_model, folder_name
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles
-from featx.embed import PRECISIONS, choose_runtime, resolve_device, resolve_precision
+from featx.embed import PRECISIONS, choose_runtime, precision_name, resolve_device, resolve_precision
 from featx.runtimes import RUNTIMES, describe
 from featx.engines import ENGINES, RayOptions, open_engine, ray_available
 from featx.shards import plan_shards
@@ -120,15 +120,19 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
     folder = Path(out) / folder_name(backbone)
-    device = resolve_device(options.device)
-    amp = resolve_precision(options.precision, device)  # refused here, before any work, where it cannot run
     extractor = create_backbone(backbone, weights, mirror, transform, pool)
-    if options.runtime == "auto":  # chosen once here, so every engine's workers run the same one
-        options = replace(options, runtime=choose_runtime(extractor, device, amp, options.compile,
-                                                          options.channels_last, options.fold_batch_norm))
+    if engine == "local" or options.device == "cpu":  # the model runs here, or on CPUs like these
+        device = resolve_device(options.device)
+        amp = resolve_precision(options.precision, device)  # refused here, before any work, where it cannot run
+        if options.runtime == "auto":  # chosen once here, so every worker runs the same one
+            options = replace(options, runtime=choose_runtime(extractor, device, amp, options.compile,
+                                                              options.channels_last, options.fold_batch_norm))
+    elif options.runtime == "auto":  # Ray workers on the cluster's GPUs (or where Ray places them): PyTorch
+        options = replace(options, runtime="torch")
     with store.exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
                                                            ray_options, pool)) as runner, \
             tqdm(total=0, unit="img", desc=backbone, mininterval=1.0, file=sys.stderr) as progress:  # the whole job
+        options = replace(options, precision=precision_name(options.precision, runner.device_type))
         return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", options, progress)
                 for split in all_splits}
 
@@ -152,8 +156,7 @@ def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: 
     """Everything recorded about how a split's features are made (the precision only when not exact float32, so
     files from before it was recorded keep their identity)."""
     augment = dataset.augment
-    amp = resolve_precision(options.precision, resolve_device(options.device))
-    precision = {} if amp is None else {"precision": next(k for k, v in PRECISIONS.items() if v == amp)}
+    precision = {} if options.precision == "fp32" else {"precision": options.precision}
     return {**backbone.provenance(), **precision, "runtime": describe(options.runtime), "split": split.name, "data_root": str(Path(split.root).resolve()),
             "class_names": list(split.class_names), "dtype": options.dtype, "views": dataset.views,
             "augmentation": augment.describe() if augment else {}, "decoder": dataset.decoder,

@@ -40,7 +40,8 @@ def test_ray_writes_the_local_engines_files(ray_cluster, hymenoptera, hymenopter
         local, distributed = store.load(hymenoptera_features / f"{split}.h5"), store.load(summaries[split]["path"])
         assert distributed.paths == local.paths and np.array_equal(distributed.labels, local.labels)
         assert np.abs(distributed.features - local.features).max() <= 1e-5
-        assert {k: distributed.meta[k] for k in IDENTITY_KEYS} == {k: local.meta[k] for k in IDENTITY_KEYS}
+        assert {k: distributed.meta.get(k) for k in IDENTITY_KEYS} == {k: local.meta.get(k) for k in IDENTITY_KEYS}
+        assert distributed.meta["runtime"] == local.meta["runtime"]  # the runtime the driver chose, on every worker
     head = fit_head(tmp_path / "mobilenet_v2" / "train.h5", "auto", "logreg", tmp_path / "head")
     reference = fit_head(hymenoptera_features / "train.h5", "auto", "logreg", tmp_path / "reference")
     assert head.selection_["val_accuracy"] == reference.selection_["val_accuracy"] == pytest.approx(0.9608, abs=1e-4)
