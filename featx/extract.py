@@ -28,8 +28,8 @@ from featx.shards import plan_shards
 from featx.sources import Split, discover
 
 # What must match for an existing output (partial or complete) to be resumed or kept.
-IDENTITY_KEYS = ("backbone", "pool", "precision", "weights_sha256", "feature_dim", "transform", "decoder", "dtype", "views",
-                 "augmentation", "class_names", "file_list_sha256")
+IDENTITY_KEYS = ("backbone", "pool", "precision", "weights_sha256", "feature_dim", "transform", "decoder", "dtype",
+                 "views", "augmentation", "class_names", "file_list_sha256")
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "gzip", "lzf")
@@ -157,7 +157,8 @@ def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: 
     files from before it was recorded keep their identity)."""
     augment = dataset.augment
     precision = {} if options.precision == "fp32" else {"precision": options.precision}
-    return {**backbone.provenance(), **precision, "runtime": describe(options.runtime), "split": split.name, "data_root": str(Path(split.root).resolve()),
+    return {**backbone.provenance(), **precision, "runtime": describe(options.runtime), "split": split.name,
+            "data_root": str(Path(split.root).resolve()),
             "class_names": list(split.class_names), "dtype": options.dtype, "views": dataset.views,
             "augmentation": augment.describe() if augment else {}, "decoder": dataset.decoder,
             "file_list_sha256": split.fingerprint(), "source": split.source}

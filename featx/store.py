@@ -45,8 +45,8 @@ STR = h5py.string_dtype("utf-8")
 # Attributes that must agree for two feature files to come from the same extractor ("pool" only where the backbone's
 # family offers a choice: an absent one agrees with an absent one).
 SOURCE_KEYS = ("backbone", "pool", "weights_sha256", "feature_dim", "transform")
-REQUIRED_ATTRS = ("backbone", "weights_sha256", "feature_dim", "transform", "weights", "weights_source", "class_names", "split", "views", "augmentation",
-                  "dtype", "file_list_sha256")
+REQUIRED_ATTRS = ("backbone", "weights_sha256", "feature_dim", "transform", "weights", "weights_source", "class_names",
+                  "split", "views", "augmentation", "dtype", "file_list_sha256")
 
 
 class IncompleteFeaturesError(FileNotFoundError):
@@ -457,9 +457,9 @@ def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np
 def provenance(meta: dict) -> dict:
     """What a features file was made from and by: backbone (and its pooling), weights (and their sha256),
     preprocessing, precision and runtime, data root, split, source, featx version, counts."""
-    keys = ("backbone", "pool", "precision", "runtime", "weights", "weights_source", "weights_sha256", "feature_dim", "transform", "data_root",
-            "split", "source", "class_names", "dtype", "views", "featx_version", "created", "num_images", "num_rows",
-            "num_failed")
+    keys = ("backbone", "pool", "precision", "runtime", "weights", "weights_source", "weights_sha256", "feature_dim",
+            "transform", "data_root", "split", "source", "class_names", "dtype", "views", "featx_version", "created",
+            "num_images", "num_rows", "num_failed")
     return {key: meta[key] for key in keys if key in meta}
 
 

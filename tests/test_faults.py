@@ -43,6 +43,19 @@ def cli(*argv) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
+def fit_predict_export_finetune(folder: Path, train: Path, out: Path, flags: list, freeze: str) -> None:
+    """The stages after extract, on ``train`` (features of ``folder``): fit-head, predict, export, and a one-epoch
+    finetune with the same backbone ``flags``, freezing ``freeze``, then predict with it."""
+    assert cli("fit-head", train, "--out", out / "head", "--val", "none")[0] == 0
+    status, _, err = cli("predict", out / "head", folder / "val", "--device", "cpu")
+    assert status == 0 and "accuracy" in err
+    assert cli("export", out / "head", out / "exported", "--noonnx")[0] == 0
+    status, _, err = cli("finetune", folder, "--out", out / "run", *flags, "--epochs", "1", "--batch_size", "4",
+                         "--freeze", freeze)
+    assert status == 0, err
+    assert cli("predict", out / "run", folder / "val", "--device", "cpu")[0] == 0
+
+
 def one_line_error(status: int, err: str, *fragments: str) -> None:
     lines = [line for line in err.splitlines() if line.startswith("featx: error:")]
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err

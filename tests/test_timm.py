@@ -12,7 +12,7 @@ import timm
 import torch
 import torchvision
 from PIL import Image
-from test_faults import cli, one_line_error
+from test_faults import cli, fit_predict_export_finetune, one_line_error
 
 import featx
 from featx import store
@@ -57,14 +57,7 @@ def test_every_stage_runs_on_a_timm_backbone(image_folder, tmp_path):
     assert cli("extract", image_folder, "--out", tmp_path / "f", *flags)[0] == 0
     train = tmp_path / "f" / "timm:resnet18" / "train.h5"
     assert store.read_meta(train)["backbone"] == "timm:resnet18"
-    assert cli("fit-head", train, "--out", tmp_path / "head", "--val", "none")[0] == 0
-    status, _, err = cli("predict", tmp_path / "head", image_folder / "val", "--device", "cpu")
-    assert status == 0 and "accuracy" in err
-    assert cli("export", tmp_path / "head", tmp_path / "exported", "--noonnx")[0] == 0
-    status, out, err = cli("finetune", image_folder, "--out", tmp_path / "run", *flags, "--epochs", "1",
-                           "--batch_size", "4", "--freeze", "layer2")
-    assert status == 0, err
-    assert cli("predict", tmp_path / "run", image_folder / "val", "--device", "cpu")[0] == 0
+    fit_predict_export_finetune(image_folder, train, tmp_path, flags, "layer2")
 
 
 def test_offline_default_weights_and_a_missing_extra_are_one_line(image_folder, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ strict loading, and ``ImageTower`` for models whose pooled embedding is not a cl
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,13 @@ class Family:
     prefix = ""
     spelling = ""  # how a name of this family is written, for `featx backbones`
     extra = ""  # the pip extra that installs the family's library
+
+    def library(self, module: str):
+        """The family's library, or a one-line ValueError naming the extra that installs it."""
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            raise ValueError(f"{self.spelling} backbones need {module}: pip install 'featx[{self.extra}]'") from None
 
     def create(self, name: str, spec: str, mirror, pool: str) -> tuple[nn.Module, WeightsInfo, EvalTransform]:
         """The model with its classifier (if any), its weights' provenance and the eval transform they expect."""

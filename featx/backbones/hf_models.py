@@ -19,14 +19,6 @@ PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box
 MIRROR_CACHE = "huggingface"  # <mirror>/huggingface: a Hugging Face hub cache (models--ORG--NAME/...)
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("Hugging Face backbones need transformers: pip install 'featx[hf]'") from None
-    return transformers
-
-
 class Pooled(nn.Module):
     """A ``transformers`` encoder's pooled output: ``pooler`` (its ``pooler_output``), ``cls`` (the class token of
     the last hidden state) or ``mean`` (the mean of its patch tokens, or of a conv feature map)."""
@@ -54,7 +46,7 @@ class HuggingFace(TowerFamily):
     def create(self, name, spec, mirror, pool):
         """``DEFAULT``: the repository's safetensors weights (a folder's own, the mirror's cache, or the hub's);
         a file (safetensors or a tensors-only state dict) for the same config; or ``none``."""
-        transformers = _transformers()
+        transformers = FAMILY.library("transformers")
         where, options = _location(name.removeprefix(self.prefix), mirror)
         config = _hub_call(transformers.AutoConfig.from_pretrained, where, options, name)
         if spec.upper() == "DEFAULT":
@@ -111,7 +103,8 @@ def _hub_call(load, where: str, options: dict, name: str):
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightsError(f"cannot load {name} ({reason[:200]}); offline, put the hub's cache of {where} in "
-                           f"<mirror>/{MIRROR_CACHE} (hf download {where} --cache-dir <mirror>/{MIRROR_CACHE}) and pass "
+                           f"<mirror>/{MIRROR_CACHE} (hf download {where} --cache-dir <mirror>/{MIRROR_CACHE}) and "
+                           "pass "
                            "--mirror or set $FEATX_MIRROR, or name a folder written by save_pretrained") from None
 
 
@@ -129,7 +122,7 @@ def _has_pooler(encoder: nn.Module, transform: EvalTransform) -> bool:
 def _width(repo: str, mirror) -> str:
     try:
         where, options = _location(repo, mirror)
-        config = _transformers().AutoConfig.from_pretrained(where, **options)
+        config = FAMILY.library("transformers").AutoConfig.from_pretrained(where, **options)
         config = getattr(config, "vision_config", config)
         return str(getattr(config, "hidden_size", None) or config.hidden_sizes[-1])
     except Exception:  # noqa: BLE001 - a listing shows what it can

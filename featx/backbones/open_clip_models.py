@@ -12,14 +12,6 @@ from featx.decode import EvalTransform
 from featx.mirror import file_digest, mirror_dir, mirrored_weights
 
 
-def _open_clip():
-    try:
-        import open_clip
-    except ImportError:
-        raise ValueError("OpenCLIP backbones need open_clip: pip install 'featx[clip]'") from None
-    return open_clip
-
-
 class OpenClip(TowerFamily):
     prefix = "open_clip:"
     spelling = "open_clip:ARCH[/PRETRAINED]"
@@ -32,11 +24,12 @@ class OpenClip(TowerFamily):
 
     def rows(self, mirror):
         try:
-            open_clip = _open_clip()
+            open_clip = FAMILY.library("open_clip")
         except ValueError as missing:
             return [(self.spelling, "", str(missing))]
         rows = [(self.spelling, "", f"the image tower of any of OpenCLIP {open_clip.__version__}'s "
-                                    f"{len(open_clip.list_models())} models, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k")]
+                                    f"{len(open_clip.list_models())} models, e.g. "
+                                    "open_clip:ViT-B-32/laion2b_s34b_b79k")]
         root = mirror_dir(mirror)
         for arch, tag in open_clip.list_pretrained():
             path = root / "weights" / f"{arch}-{tag}.safetensors" if root else None
@@ -50,7 +43,7 @@ def clip_model(name: str, spec: str, mirror) -> tuple[nn.Module, WeightsInfo]:
     """A whole OpenCLIP model (image and text towers). ``DEFAULT``: the PRETRAINED tag's weights, from
     ``<mirror>/weights/ARCH-PRETRAINED.safetensors`` when the mirror has them, else OpenCLIP's download (which reads
     tensors only); a file; or ``none``."""
-    open_clip = _open_clip()
+    open_clip = FAMILY.library("open_clip")
     arch, _, tag = name.removeprefix(OpenClip.prefix).partition("/")
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown OpenCLIP model {arch!r} (open_clip.list_models() lists them)")
@@ -95,7 +88,7 @@ def text_embeddings(name: str, weights: str, mirror, texts: list[str]) -> tuple[
     if not name.startswith(OpenClip.prefix):
         raise ValueError(f"{name} has no text tower: the zeroshot head needs features of an open_clip: backbone")
     clip, _ = clip_model(name, weights, mirror)
-    tokenizer = _open_clip().get_tokenizer(name.removeprefix(OpenClip.prefix).partition("/")[0])
+    tokenizer = FAMILY.library("open_clip").get_tokenizer(name.removeprefix(OpenClip.prefix).partition("/")[0])
     with torch.inference_mode():
         text = clip.encode_text(tokenizer(texts)).float()
     return nn.functional.normalize(text, dim=-1), float(clip.logit_scale.detach().exp())

@@ -15,14 +15,6 @@ from featx.mirror import file_digest, mirror_dir, mirrored_weights
 TIMM_POOLS = {"cls": "token", "mean": "avg"}  # --pool -> timm's global_pool
 
 
-def _timm():
-    try:
-        import timm
-    except ImportError:
-        raise ValueError("timm backbones need timm: pip install 'featx[timm]'") from None
-    return timm
-
-
 class Timm(Family):
     prefix = "timm:"
     spelling = "timm:NAME[.TAG]"
@@ -31,7 +23,7 @@ class Timm(Family):
     def create(self, name, spec, mirror, pool):
         """``DEFAULT``: timm's pretrained weights for the tag, from ``<mirror>/weights/NAME.safetensors`` when the
         mirror has them, else downloaded by timm; a file; or ``none``. ``pool``: timm's ``global_pool``."""
-        timm, model_name = _timm(), name.removeprefix(self.prefix)
+        timm, model_name = self.library("timm"), name.removeprefix(self.prefix)
         if not timm.is_model(model_name.split(".")[0]):
             raise ValueError(f"unknown timm model {model_name!r} (`python -c \"import timm; "
                              "print(timm.list_models())\"`)")
@@ -96,7 +88,7 @@ class Timm(Family):
 
     def rows(self, mirror):
         try:
-            timm = _timm()
+            timm = self.library("timm")
         except ValueError as missing:
             return [(self.spelling, "", str(missing))]
         rows = [(self.spelling, "", f"any of timm {timm.__version__}'s {len(timm.list_models())} models, e.g. "
