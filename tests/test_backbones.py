@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
 from featx.backbones import WeightsError, create_backbone, create_model
 
@@ -89,3 +90,14 @@ def test_pickled_object_is_not_unpickled(tmp_path):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone 'resnet19'"):
         create_backbone("resnet19", "none")
+
+
+def test_the_listing_gives_every_torchvision_models_feature_width():
+    from test_faults import cli
+
+    status, out, _ = cli("backbones", "--mirror", "none")
+    widths = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if len(line.split()) >= 3}
+    assert status == 0 and widths["resnet18"] == "512" and widths["resnet50"] == "2048"
+    assert widths["mobilenet_v2"] == "1280" and widths["squeezenet1_1"] == "512"
+    assert widths["regnet_y_400mf"] == str(torchvision.models.regnet_y_400mf().fc.in_features)  # built for real
+    assert all(widths[name].isdigit() for name in torchvision.models.list_models(module=torchvision.models))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from featx.decode import EvalTransform
 from featx.mirror import mirrored_weights
@@ -195,10 +196,22 @@ def state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+class MetaWeights(TorchFunctionMode):
+    """Builds models whose weights (``torch.empty``) live on the meta device, taking no memory or initialisation
+    time, while other tensors stay real (RegNet's builders compute block widths with torch ops, which a whole-meta
+    build cannot turn back into numbers)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
 def meta_feature_dim(build, family: Family) -> str:
-    """Feature width of a model built on the meta device (no memory, no weights); '?' when it cannot be built so."""
+    """Feature width of a model built with ``MetaWeights``; '?' when it cannot be built so."""
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with MetaWeights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's notes on initialisation, which the meta device skips
             return str(family.feature_dim(build()))
     except Exception:  # noqa: BLE001 - a listing shows what it can
