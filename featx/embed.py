@@ -14,7 +14,7 @@ from featx.backbones import Backbone
 from featx.cache import model_key
 from featx.compiled import compiled_model
 from featx.memory import keep_freed_memory
-from featx.runtimes import RUNTIMES, OnnxModel, calibration_batch, choose, onnxruntime_available
+from featx.runtimes import RUNTIMES, OnnxModel, calibration_batch, fastest_exact, onnxruntime_available, remembered
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; "auto" picks
 
@@ -205,12 +205,17 @@ def choose_runtime(backbone: Backbone, device: torch.device, amp: torch.dtype | 
     if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
         return "torch"
     batch = calibration_batch(backbone.transform.crop)
+
+    def measure() -> dict | None:  # only when no choice is remembered: the export and three models cost seconds
+        candidates = {"torch": Embedder(backbone, "cpu", "fp32", channels_last, fold_batch_norm=fold_batch_norm)}
+        try:
+            candidates["onnxruntime"] = Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
+        except Exception as error:  # noqa: BLE001 - an exporter that cannot take the model: torch runs it
+            print(f"onnxruntime cannot run {backbone.name} ({type(error).__name__}); using torch", flush=True)
+            return None  # not remembered: tried again next time
+        reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
+        return fastest_exact(candidates, reference, batch)
+
     key = model_key(backbone.model, batch, "runtime", torch.get_num_threads(), channels_last, fold_batch_norm)
-    reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
-    candidates = {"torch": Embedder(backbone, "cpu", "fp32", channels_last, fold_batch_norm=fold_batch_norm)}
-    try:
-        candidates["onnxruntime"] = Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
-    except Exception as error:  # noqa: BLE001 - an exporter that cannot take the model: torch runs it
-        print(f"onnxruntime cannot run {backbone.name} ({type(error).__name__}); using torch", flush=True)
-        return "torch"
-    return choose(candidates, reference, batch, key)["runtime"]
+    choice = remembered(key, measure)
+    return choice["runtime"] if choice else "torch"

@@ -84,9 +84,8 @@ def images_per_second(run, batch: torch.Tensor, repeats: int = 2) -> float:
     return repeats * len(batch) / (time.perf_counter() - start)
 
 
-def choose(candidates: dict, reference, batch: torch.Tensor, key: str) -> dict:
-    """The fastest exact runtime of ``candidates`` (name -> callable on ``batch``) against ``reference`` (PyTorch
-    float32, unfolded) on this host, with what was measured; remembered under ``key`` in the private cache."""
+def remembered(key: str, measure) -> dict | None:
+    """The choice remembered under ``key`` in the private cache; else ``measure()``'s, remembered unless None."""
     folder = cache_dir("runtimes")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     require_private(folder)
@@ -94,14 +93,21 @@ def choose(candidates: dict, reference, batch: torch.Tensor, key: str) -> dict:
     if path.is_file():
         require_private(path)
         return json.loads(path.read_text())
+    choice = measure()
+    if choice is not None:
+        path.write_text(json.dumps(choice))
+        path.chmod(0o600)
+    return choice
+
+
+def fastest_exact(candidates: dict, reference, batch: torch.Tensor) -> dict:
+    """The fastest exact runtime of ``candidates`` (name -> callable on ``batch``) against ``reference`` (PyTorch
+    float32, unfolded) on this host, with what was measured."""
     expected = reference(batch)
     measured = {name: {**agreement(expected, run(batch)), "images_per_second": images_per_second(run, batch)}
                 for name, run in candidates.items()}
     exact = [name for name in measured if measured[name]["exact"]] or ["torch"]
-    choice = {"runtime": max(exact, key=lambda name: measured[name]["images_per_second"]), "measured": measured}
-    path.write_text(json.dumps(choice))
-    path.chmod(0o600)
-    return choice
+    return {"runtime": max(exact, key=lambda name: measured[name]["images_per_second"]), "measured": measured}
 
 
 def calibration_batch(crop: int, size: int = 16) -> torch.Tensor:
