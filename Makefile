@@ -7,15 +7,20 @@ export FEATX_MIRROR ?= $(if $(wildcard ../shared/README.md),$(abspath ../shared)
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The demo installs only what it runs (featx and ONNX Runtime, its default CPU runtime); the tests, every extra.
+$(VENV)/.demo-installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[onnx]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.demo-installed
 	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf,onnx]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-demo: setup
+demo: $(VENV)/.demo-installed
 	$(BIN)/python jobs/hymenoptera.py
 
 test: setup  # in a loopback-only network namespace, where the tests' Ray clusters may run

@@ -43,7 +43,8 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, class_names: 
 
 
 def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> Path:
-    """Write the confusion matrix of ``metrics`` as a PNG."""
+    """Write the confusion matrix of ``metrics`` as a PNG, ``title`` (default: the accuracy) above it and in its
+    ``Title`` text chunk."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and open figures are left alone
 
     matrix, names = np.asarray(metrics["confusion_matrix"]), metrics["class_names"]
@@ -58,9 +59,10 @@ def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> P
     for (row, col), count in np.ndenumerate(matrix):
         axes.text(col, row, str(count), ha="center", va="center",
                   color="white" if count > matrix.max() / 2 else "black")
-    axes.set_title(textwrap.fill(title or f"accuracy {metrics['accuracy']:.3f}", 36), fontsize=10)
+    title = title or f"accuracy {metrics['accuracy']:.3f}"
+    axes.set_title(textwrap.fill(title, 36), fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, metadata={"Title": title})  # the PNG says what it shows, for tools and tests
     return Path(path)
 
 

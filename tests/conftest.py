@@ -1,9 +1,12 @@
-"""Shared fixtures: the real mirror (../shared) and tiny synthetic ImageFolder trees."""
+"""Shared fixtures: the real mirror (../shared), tiny synthetic ImageFolder trees, a private featx cache for the
+session, and local Ray clusters. What CI must have (the mirror, Ray, root and setpriv) fails there instead of
+skipping: ``FEATX_REQUIRE_MIRROR``, ``FEATX_REQUIRE_RAY``, ``FEATX_REQUIRE_PRIVILEGES`` (``.ci/run`` sets them)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,15 +20,45 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def missing(problem: str, required_by: str) -> None:
+    """Skip the test for ``problem``, or fail it where ``$required_by`` is 1 (CI must run it)."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{problem} ({required_by}=1)")
+    pytest.skip(problem)
+
+
+def require_root(why: str) -> None:
+    """Tests that mount file systems need root; skipped elsewhere, failed under ``FEATX_REQUIRE_PRIVILEGES=1``."""
+    if os.geteuid() != 0:
+        missing(f"{why} needs root", "FEATX_REQUIRE_PRIVILEGES")
+
+
+def require_setpriv() -> None:
+    """Tests that read as an unprivileged user would need util-linux's setpriv."""
+    if shutil.which("setpriv") is None:
+        missing("needs setpriv (util-linux) to read as a user would", "FEATX_REQUIRE_PRIVILEGES")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_featx_cache(tmp_path_factory) -> Path:
+    """Every test (and every process it starts) uses a featx cache of this session's own: no choice or graph
+    remembered by earlier runs in the user's cache decides a result here."""
+    path = tmp_path_factory.mktemp("featx-cache")
+    previous = os.environ.get("FEATX_CACHE")
+    os.environ["FEATX_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("FEATX_CACHE", None)
+    else:
+        os.environ["FEATX_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     """The real weights/data mirror; under CI (FEATX_REQUIRE_MIRROR=1) its absence fails instead of skipping."""
     path = Path(os.environ.get("FEATX_MIRROR") or REPO.parent / "shared")
     if not (path / "weights").is_dir() or not (path / "datasets" / "hymenoptera_data").is_dir():
-        message = f"real mirror not found at {path} (set FEATX_MIRROR)"
-        if os.environ.get("FEATX_REQUIRE_MIRROR") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"real mirror not found at {path} (set FEATX_MIRROR)", "FEATX_REQUIRE_MIRROR")
     return path
 
 

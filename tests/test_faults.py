@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, require_root
 
 from featx import checkpoints, store
 from featx.cli import guarded, run
@@ -233,8 +233,7 @@ def test_predict_with_a_batch_of_only_bad_images_writes_every_good_prediction(fe
 # --- 5. disk full ----------------------------------------------------------------------------------------
 @pytest.fixture
 def small_device(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+    require_root("mounting a small tmpfs")
     mount = tmp_path / "tiny"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
@@ -281,7 +280,10 @@ def test_logreg_head_is_saved_without_pickle_and_old_pickles_need_trust(features
     assert np.array_equal(loaded.predict_proba(X), fitted.predict_proba(X))
     clone(LogRegHead(Cs=[0.1, 1.0]))
     labels = store.load(features / "val.h5").labels
-    Pipeline([("scale", StandardScaler()), ("head", LogRegHead(Cs=[1.0]))]).fit(X, labels)
+    pipeline = Pipeline([("scale", StandardScaler()), ("head", LogRegHead(Cs=[1.0], refit=False))]).fit(X, labels)
+    scaled = StandardScaler().fit_transform(X)  # the same steps by hand
+    by_hand = LogRegHead(Cs=[1.0], refit=False).fit(scaled, labels)
+    assert np.allclose(pipeline.decision_function(X), by_hand.decision_function(scaled), atol=1e-6)
     # an old head folder whose model.joblib is a malicious pickle
     (tmp_path / "logreg" / "model.npz").unlink()
     marker = tmp_path / "PWNED"

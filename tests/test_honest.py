@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
+from PIL import Image
 from test_faults import SMALL, cli, one_line_error
 
 import featx
-from featx import metrics as metrics_module
 from featx.extract import custom_transform
 from featx.fit import evaluate, fit_head
 
@@ -30,18 +30,15 @@ def extracted(tmp_path_factory):
     return data, root
 
 
-def test_a_copy_of_images_the_head_was_fitted_on_is_not_held_out(extracted, tmp_path, monkeypatch, capsys):
+def test_a_copy_of_images_the_head_was_fitted_on_is_not_held_out(extracted, tmp_path, capsys):
     data, root = extracted
     fit_head(root / "features" / "resnet18" / "train.h5", "auto", "logreg", tmp_path / "head")  # refits on val too
-    titles = []
-    plot = metrics_module.plot_confusion
-    monkeypatch.setattr(metrics_module, "plot_confusion", lambda m, p, title="": titles.append(title) or plot(m, p))
     copied = root / "copied" / "resnet18" / "all.h5"  # the same 16 val images, another folder, another name
     status, out, _ = cli("evaluate", tmp_path / "head", copied, "--out", tmp_path / "eval")
     assert status == 0 and "NOT held out: 16 of 16 images were used to fit or select this head" in out
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["held_out"] is False and saved["seen_in_fitting"] == 16
-    assert titles and titles[-1].endswith("(NOT held out)")
+    assert Image.open(tmp_path / "eval" / "confusion.png").text["Title"].endswith("(NOT held out)")
     api = featx.extract(data / "val", "resnet18", "none", tmp_path / "api", device="cpu",
                         transform=custom_transform("resnet18", "none", None, resize=40, crop=32))
     assert evaluate(tmp_path / "head", api["val"]["path"], tmp_path / "eval-api")["held_out"] is False
@@ -56,6 +53,7 @@ def test_images_never_seen_are_held_out(extracted, tmp_path):
     fit_head(root / "features" / "resnet18" / "train.h5", "none", "logreg", tmp_path / "head")  # val untouched
     scored = evaluate(tmp_path / "head", root / "copied" / "resnet18" / "all.h5", tmp_path / "eval")
     assert scored["held_out"] is True and scored["seen_in_fitting"] == 0
+    assert "held out" not in Image.open(tmp_path / "eval" / "confusion.png").text["Title"]
     status, _, err = cli("predict", tmp_path / "head", root / "copy", "--device", "cpu", "--out", tmp_path / "p.csv")
     assert status == 0 and "accuracy" in err and "NOT held out" not in err
 

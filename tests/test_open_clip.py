@@ -3,6 +3,7 @@ code on real photos: its preprocessing, ``encode_image``, and its text-image sim
 
 from __future__ import annotations
 
+import csv
 import shutil
 
 import numpy as np
@@ -69,7 +70,14 @@ def test_the_zeroshot_head_is_openclips_similarity(extracted, reference, tmp_pat
         expected = (model.logit_scale.exp() * image @ text.T).numpy()
     assert np.abs(head.decision_function(features.features) - expected).max() <= 1e-3
     assert cli("evaluate", tmp_path / "zs", extracted, "--out", tmp_path / "eval")[0] == 0
+    rows = {r["path"]: r["predicted"] for r in csv.DictReader(open(tmp_path / "eval" / "predictions.csv"))}
+    assert [rows[path] for path in features.paths] == [("ants", "bees")[i] for i in expected.argmax(1)]
     assert cli("export", tmp_path / "zs", tmp_path / "exported", "--noonnx")[0] == 0
+    root, preprocess = features.meta["data_root"], reference[1]
+    images = torch.stack([preprocess(Image.open(f"{root}/{path}")) for path in features.paths])
+    with torch.inference_mode():
+        exported = torch.export.load(tmp_path / "exported" / "model.pt2").module()(images).numpy()
+    assert np.abs(exported - expected).max() <= 1e-3
 
 
 def test_predict_and_finetune_run_on_an_openclip_backbone(folder, extracted, tmp_path):

@@ -5,10 +5,12 @@ runtime the driver chose; bf16 is refused where the CPU would emulate it, and it
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from test_faults import cli, one_line_error
 
 from featx import store
@@ -17,7 +19,7 @@ from featx.cache import UntrustedCacheError
 from featx.decode import ImageFiles, collate
 from featx.embed import Embedder, cpu_flags
 from featx.heads import make_head
-from featx.runtimes import agreement
+from featx.runtimes import agreement, calibration_batch, fastest_exact
 from featx.sources import discover
 
 
@@ -52,14 +54,41 @@ def test_auto_measures_once_picks_an_exact_runtime_and_says_which(mobilenet_weig
     chosen = Embedder(backbone, "cpu", "fp32", runtime="auto").runtime
     [record] = list((private_cache / "runtimes").glob("*.json"))
     choice = json.loads(record.read_text())
-    assert choice["runtime"] == chosen and choice["measured"][chosen]["exact"]
-    assert set(choice["measured"]) == {"torch", "onnxruntime"}
-    faster = max((n for n, m in choice["measured"].items() if m["exact"]),
-                 key=lambda n: choice["measured"][n]["images_per_second"])
-    assert chosen == faster and record.stat().st_mode & 0o077 == 0
+    assert choice["runtime"] == chosen and set(choice["measured"]) == {"torch", "onnxruntime"}
+    assert record.stat().st_mode & 0o077 == 0
+    batch = calibration_batch(backbone.transform.crop)  # the chosen runtime's features, checked independently
+    plain = torchvision.models.mobilenet_v2()
+    plain.load_state_dict(torch.load(mobilenet_weights, weights_only=True), strict=False)
+    plain.classifier = torch.nn.Identity()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = plain.eval()((batch.float() / 255 - mean) / std).numpy()
+    got = Embedder(backbone, "cpu", "fp32", runtime=chosen)(batch).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
     record.write_text(json.dumps({**choice, "runtime": "torch"}))  # remembered: not measured again
     assert Embedder(backbone, "cpu", "fp32", runtime="auto").runtime == "torch"
     assert Embedder(backbone, "cpu", "bf16", runtime="auto", emulate=True).runtime == "torch"  # onnx: fp32 only
+
+
+def test_auto_keeps_the_fastest_exact_runtime():
+    """``fastest_exact`` on runtimes whose speed and exactness are known: a slow exact one, a fast exact one, and
+    a faster one that is off by 1e-2."""
+    batch = calibration_batch(16, size=4)
+
+    def exact(images):
+        return images.float().mean((2, 3))
+
+    def slow(images):
+        time.sleep(0.05)
+        return exact(images)
+
+    def wrong(images):
+        return exact(images) + 1e-2
+
+    choice = fastest_exact({"slow": slow, "fast": exact, "wrong": wrong}, exact, batch)
+    assert choice["runtime"] == "fast" and not choice["measured"]["wrong"]["exact"]
+    assert choice["measured"]["fast"]["images_per_second"] > choice["measured"]["slow"]["images_per_second"]
+    assert fastest_exact({"slow": slow, "wrong": wrong}, exact, batch)["runtime"] == "slow"
 
 
 def test_a_planted_or_shared_onnx_graph_or_choice_is_refused(mobilenet_weights, private_cache):
