@@ -21,6 +21,8 @@ from featx import store  # noqa: E402
 from featx.cli import guarded  # noqa: E402
 from featx.extract import extract  # noqa: E402
 
+FAMILIES = ("resnet18", "timm:resnet18", "open_clip:ViT-S-32", "open_clip:ViT-B-32", "hf:dinov2-small")
+
 
 def dinov2_small(folder: Path) -> str:
     """A random DINOv2-small with DINOv2's image processor, as ``save_pretrained`` writes it; its backbone name."""
@@ -46,12 +48,15 @@ def extract_val(data: Path, backbone: str, out: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per backbone (interleaved); the best is kept")
+    parser.add_argument("--data", type=Path, default=None, help="image folder with val/ (default: the mirror's ants/bees)")
+    parser.add_argument("--backbones", default=",".join(FAMILIES), help="comma-separated; hf:dinov2-small is a random "
+                        "DINOv2-small saved here")
     args = parse_args(parser)
-    data = mirror() / "datasets" / "hymenoptera_data"
+    data = args.data or mirror() / "datasets" / "hymenoptera_data"
     os.environ["FEATX_CACHE"] = tempfile.mkdtemp(prefix="featx-bench-cache-")
     with tempfile.TemporaryDirectory() as folder:
-        backbones = ["resnet18", "timm:resnet18", "open_clip:ViT-S-32", "open_clip:ViT-B-32",
-                     dinov2_small(Path(folder) / "dinov2-small")]
+        backbones = [dinov2_small(Path(folder) / "dinov2-small") if name == "hf:dinov2-small" else name
+                     for name in args.backbones.split(",")]
         best: dict = {}
         for repeat in range(args.repeats):
             for backbone in backbones:

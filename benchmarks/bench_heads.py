@@ -49,7 +49,7 @@ def synthetic(path: Path, rows: int, dim: int, dtype: str = "float32", classes: 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (classes, dim)).astype(np.float32)
     with h5py.File(path, "w") as f:
-        chunk_rows = max(1, store.CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
+        chunk_rows = min(rows, max(1, store.CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
         features = f.create_dataset("features", (rows, dim), dtype, chunks=(chunk_rows, dim))
         labels = rng.integers(0, classes, rows)
         for start in range(0, rows, 65536):

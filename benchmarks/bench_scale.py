@@ -42,7 +42,7 @@ if engine == "local":
     local_engine.run(dataset, parts, shards)
 else:
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray_engine = RayEngine(backbone_spec(backbone, weights, None, extractor.transform), options,
                            RayOptions(workers=workers, cpus_per_worker=2 // workers))
     ray_engine.start()

@@ -92,7 +92,8 @@ def _connect(ray_options: RayOptions):
         reachable(ray_options.address)
     if not ray.is_initialized():
         local = (ray_options.address or "").removeprefix("ray://").startswith(("127.", "localhost:"))
-        ray.init(address=ray_options.address, log_to_driver=False, logging_level="ERROR",
+        # no address: a private local instance (ray.init() with none joins the newest cluster on the machine)
+        ray.init(address=ray_options.address or "local", log_to_driver=False, logging_level="ERROR",
                  **({} if ray_options.address else {"include_dashboard": False}),
                  **({"_node_ip_address": "127.0.0.1"} if local else {}))  # no probe of an outside address
     return ray

@@ -36,9 +36,9 @@ RECIPES = {
 SCRATCH_LR = {"hymenoptera": 0.01, "hotdog": 6.4e-2}  # d2l's scratch baseline: 5e-4 summed, one group
 
 
-def backbone_choice(override: str | None) -> tuple[str, str]:
+def backbone_choice(override: str | None, weights: str) -> tuple[str, str]:
     if override:
-        return override, "DEFAULT"
+        return override, weights
     mirrored = mirrored_weights(MIRROR_BACKBONE[1])
     return (MIRROR_BACKBONE[0], str(mirrored)) if mirrored else ("resnet18", "DEFAULT")
 
@@ -46,14 +46,17 @@ def backbone_choice(override: str | None) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(RECIPES), default="hymenoptera")
-    parser.add_argument("--backbone", help="torchvision backbone with DEFAULT weights (default: mirror's MobileNetV2)")
+    parser.add_argument("--data", help="an ImageFolder with train/ and val/ to use instead of --dataset's images "
+                        "(--dataset still picks the recipe)")
+    parser.add_argument("--backbone", help="torchvision backbone (default: mirror's MobileNetV2)")
+    parser.add_argument("--weights", default="DEFAULT", help="--backbone's weights: DEFAULT, a file, or none")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--out", default=None, help="output folder (default runs/compare-DATASET)")
     parser.add_argument("--data_root", default="data")
     args = flags.parse_script_args(parser)
 
-    data = fetch_dataset(args.dataset, args.data_root)
-    backbone, weights = backbone_choice(args.backbone)
+    data = args.data or fetch_dataset(args.dataset, args.data_root)
+    backbone, weights = backbone_choice(args.backbone, args.weights)
     out = Path(args.out or f"runs/compare-{args.dataset}")
     recipe = replace(RECIPES[args.dataset], backbone=backbone, weights=weights,
                      epochs=args.epochs or RECIPES[args.dataset].epochs)

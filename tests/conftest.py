@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,25 +160,45 @@ def stop_ray_nodes(*nodes: subprocess.Popen) -> None:
         node.wait()
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    """A local test cluster: its address and its nodes' ``ray start`` processes."""
+
+    address: str
+    nodes: tuple
+
+    def processes(self) -> list:
+        """Every process of this cluster's nodes (psutil), and no other cluster's."""
+        import psutil
+
+        found = []
+        for node in self.nodes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        return found
+
+
 @pytest.fixture(scope="module")  # stopped before other modules run (README's own cluster)
 def ray_cluster(tmp_path_factory):
     """A two-node Ray cluster on this machine (a head and a second node, 1 CPU each, separate processes), on
-    loopback only; its address. Without Ray or outside a loopback-only namespace the Ray tests are skipped with
-    why, except under CI (FEATX_REQUIRE_RAY=1), where they fail."""
+    loopback only, token authentication off while it runs. Without Ray or outside a loopback-only namespace the Ray
+    tests are skipped with why, except under CI (FEATX_REQUIRE_RAY=1), where they fail."""
     problem = ray_problem()
     if problem:
-        if os.environ.get("FEATX_REQUIRE_RAY") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver (this process) too
+        missing(problem, "FEATX_REQUIRE_RAY")
     logs = tmp_path_factory.mktemp("ray")
-    head = start_ray_node(logs / "head.log", "--head", "--port", "6390", "--num-cpus", "1", "--include-dashboard=false")
-    node = start_ray_node(logs / "node.log", "--address=127.0.0.1:6390", "--num-cpus", "1")
-    yield "127.0.0.1:6390"
-    import ray
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")  # the driver (this process) too, while the cluster runs
+        nodes = [start_ray_node(logs / "head.log", "--head", "--port", "6390", "--num-cpus", "1",
+                                "--include-dashboard=false")]
+        try:
+            nodes.append(start_ray_node(logs / "node.log", "--address=127.0.0.1:6390", "--num-cpus", "1"))
+            yield RayCluster("127.0.0.1:6390", tuple(nodes))
+        finally:
+            import ray
 
-    ray.shutdown()
-    stop_ray_nodes(node, head)
+            ray.shutdown()
+            stop_ray_nodes(*reversed(nodes))
 
 
 def sigkill_when(process, ready, timeout: float = 180) -> None:

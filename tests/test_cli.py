@@ -76,6 +76,20 @@ def test_jobs_take_both_spellings_and_the_mirror(mirror, tmp_path):
     assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
 
 
+@pytest.mark.slow
+def test_the_compare_job_runs_end_to_end(image_folder, tmp_path):
+    """jobs/compare.py on a tiny folder, one epoch: every method has a row, the cached head's is its own evaluate."""
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "compare.py"), "--data", str(image_folder),
+                             "--backbone", "resnet18", "--weights", "none", "--epochs", "1", "--out",
+                             str(tmp_path / "compare")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "compare" / "comparison.json").read_text())
+    assert len(results) == 5 and all(0 <= r["accuracy"] <= 1 for r in results.values())
+    probe = json.loads((tmp_path / "compare" / "probe" / "eval" / "metrics.json").read_text())
+    assert results["cached features + logreg head"]["accuracy"] == probe["accuracy"]
+    assert (tmp_path / "compare" / "comparison.png").stat().st_size > 1000
+
+
 def test_evaluate_writes_per_image_predictions_and_refit_drops_stale_reports(image_folder, tmp_path):
     cli("extract", image_folder, "--out", tmp_path / "f", *SMALL)
     features = tmp_path / "f" / "resnet18"

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
+from test_faults import cli
 
-from featx import checkpoints
+from featx import checkpoints, store
 from featx.finetune import FinetuneConfig, evaluate, finetune, imagenet_rows, lr_factor, prepare, train_one_epoch
+from featx.heads import load_head
 from featx.predict import accuracy, predict
 
 SMALL = dict(backbone="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0)
@@ -96,6 +96,26 @@ def test_real_finetune_reaches_095(hymenoptera, mobilenet_weights, tmp_path):
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "confusion.png").is_file()
 
 
+KILL_AT_STEP = """
+import os, signal, sys
+import torch
+from featx.cli import main
+
+target, steps, step = int(sys.argv[1]), [0], torch.optim.SGD.step
+
+def counted(self, *args, **kwargs):  # SIGKILL right after optimiser step TARGET
+    result = step(self, *args, **kwargs)
+    steps[0] += 1
+    if steps[0] == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+torch.optim.SGD.step = counted
+sys.argv = ["featx", *sys.argv[2:]]
+main()
+"""
+
+
 def _finetune_command(data, out, *extra):
     return [sys.executable, "-m", "featx", "finetune", str(data), "--out", str(out), "--backbone", "resnet18",
             "--weights", "none", "--resize", "72", "--crop", "64", "--batch_size", "4", "--epochs", "3",
@@ -106,16 +126,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=24, size=(72, 72))
     subprocess.run(_finetune_command(data, tmp_path / "reference"), check=True, capture_output=True)
     out = tmp_path / "resumed"
-    process = subprocess.Popen(_finetune_command(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        history = out / "history.json"
-        if history.is_file() and len(json.loads(history.read_text() or "[]")) >= 2:  # epoch 1 finished
-            break
-        time.sleep(0.01)
-    time.sleep(0.5)  # into epoch 2
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "18", *_finetune_command(data, out)[3:]],
+                            capture_output=True, text=True)  # 12 steps an epoch: the 6th step of epoch 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(json.loads((out / "history.json").read_text())) == 2, "not killed during epoch 2"
     subprocess.run(_finetune_command(data, out, "--resume"), check=True, capture_output=True)
     reference = json.loads((tmp_path / "reference" / "history.json").read_text())
@@ -150,3 +163,41 @@ def test_a_head_that_starts_good_gets_gentler_defaults():
     assert (reuse.lr, reuse.head_lr_mult) == (1e-4, 1.0)
     assert FinetuneConfig(head_init="probe", probe="h", lr=0.003).head_lr_mult == 1.0
     assert FinetuneConfig(head_init="reuse", head_lr_mult=10).lr == 1e-4
+
+
+FLAGS = ["--weights", "none", "--resize", "72", "--crop", "64", "--device", "cpu", "--workers", "0"]
+
+
+def test_lp_ft_starts_from_the_probe_head_and_adamw_keeps_a_constant_lr(image_folder, tmp_path):
+    """``--head_init probe``: before any step (epoch 0) the run's val loss is the probe head's own cross-entropy on
+    the extracted val features, computed here with numpy; AdamW and the constant schedule run as asked."""
+    assert cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", *FLAGS)[0] == 0
+    assert cli("fit-head", tmp_path / "f" / "resnet18" / "train.h5", "--val", "none", "--out", tmp_path / "probe")[0] == 0
+    val = store.load(tmp_path / "f" / "resnet18" / "val.h5")
+    logits = load_head(tmp_path / "probe").decision_function(val.features).astype(np.float64)
+    log_probabilities = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    expected_loss = -log_probabilities[np.arange(len(val.labels)), val.labels].mean()
+    status, _, err = cli("finetune", image_folder, "--out", tmp_path / "run", "--backbone", "resnet18", *FLAGS,
+                         "--head_init", "probe", "--probe", tmp_path / "probe", "--optimizer", "adamw",
+                         "--schedule", "constant", "--epochs", "2", "--batch_size", "4")
+    assert status == 0, err
+    state, history = checkpoints.load(tmp_path / "run")
+    assert history[0]["steps"] == 0 and history[0]["val_loss"] == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
+    assert [h["lr"] for h in history[1:]] == [{"backbone": 1e-4, "head": 1e-4}] * 2  # probe defaults, constant
+    assert all("exp_avg_sq" in moments for moments in state["optimizer"]["state"].values())  # AdamW's
+
+
+def test_scratch_starts_from_random_weights_not_the_pretrained_ones(image_folder, squeezenet_weights, tmp_path):
+    """``--init scratch`` with real weights named: after one step at a tiny lr the backbone is still far from
+    them, where ``--init pretrained`` is still next to them."""
+    real = torch.load(squeezenet_weights, weights_only=True)["features.0.weight"]
+    distance = {}
+    for init in ("scratch", "pretrained"):
+        status, _, err = cli("finetune", image_folder, "--out", tmp_path / init, "--backbone", "squeezenet1_1",
+                             *FLAGS[2:], "--weights", squeezenet_weights, "--init", init, "--lr", "1e-7",
+                             "--epochs", "1", "--batch_size", "24", "--schedule", "constant")
+        assert status == 0, err
+        trained = checkpoints.load(tmp_path / init)[0]["model"]
+        weight = next(v for k, v in trained.items() if k.endswith("features.0.weight"))
+        distance[init] = float((weight - real).abs().max())
+    assert distance["pretrained"] < 1e-3 < 0.05 < distance["scratch"], distance

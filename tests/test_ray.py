@@ -3,6 +3,7 @@ kills, bad images, failing workers, the missing-GPU error, and the no-copy layou
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from conftest import make_image_folder, sigkill_when
+from conftest import REPO, make_image_folder, sigkill_when
 from test_faults import cli, one_line_error
 
 import featx
@@ -35,7 +36,7 @@ def test_ray_writes_the_local_engines_files(ray_cluster, hymenoptera, hymenopter
                                             tmp_path):
     summaries = featx.api.run_extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path,
                                       options=ExtractOptions(batch_size=32, shard_size=64, device="cpu"),
-                                      **_on_ray(ray_cluster))
+                                      **_on_ray(ray_cluster.address))
     for split in ("train", "val"):
         local, distributed = store.load(hymenoptera_features / f"{split}.h5"), store.load(summaries[split]["path"])
         assert distributed.paths == local.paths and np.array_equal(distributed.labels, local.labels)
@@ -47,27 +48,29 @@ def test_ray_writes_the_local_engines_files(ray_cluster, hymenoptera, hymenopter
     assert head.selection_["val_accuracy"] == reference.selection_["val_accuracy"] == pytest.approx(0.9608, abs=1e-4)
 
 
-def _kill_a_worker_mid_shard(killed: list) -> None:
+def _kill_a_worker_mid_job(cluster, parts, killed: list) -> None:
+    """SIGKILL one of ``cluster``'s shard workers once a shard is committed and the job is still running."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not killed:
-        for process in psutil.process_iter(["cmdline"]):
-            if any("ShardWorker.run_shard" in part for part in process.info["cmdline"] or []):
-                time.sleep(0.3)  # into the shard
+    while time.monotonic() < deadline and not any(parts.glob("part-*.h5")):
+        time.sleep(0.02)
+    for process in cluster.processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("ShardWorker" in part for part in process.cmdline()):
                 process.send_signal(signal.SIGKILL)
                 killed.append(process.pid)
                 return
-        time.sleep(0.05)
 
 
-def test_a_worker_killed_mid_shard_is_rerun_without_duplicates(ray_cluster, tmp_path):
+def test_a_worker_killed_mid_job_is_rerun_without_duplicates(ray_cluster, tmp_path):
     data = make_image_folder(tmp_path / "data", splits=("train",), per_class=12, size=(200, 200))
     options = ExtractOptions(batch_size=2, shard_size=4, device="cpu", workers=1, layout="virtual")
     local = featx.api.run_extract(data, "resnet18", "none", tmp_path / "local", options=options)
     killed: list = []
-    killer = threading.Thread(target=_kill_a_worker_mid_shard, args=(killed,))
+    parts = tmp_path / "ray" / "resnet18" / "train.h5.parts"
+    killer = threading.Thread(target=_kill_a_worker_mid_job, args=(ray_cluster, parts, killed))
     killer.start()
     summary = featx.api.run_extract(data, "resnet18", "none", tmp_path / "ray", options=options,
-                                    **_on_ray(ray_cluster))
+                                    **_on_ray(ray_cluster.address))
     killer.join()
     assert killed, "no worker was killed"
     reference, distributed = store.load(local["train"]["path"]), store.load(summary["train"]["path"])
@@ -82,7 +85,7 @@ def test_a_killed_driver_resumes_on_rerun(ray_cluster, tmp_path):
     data = make_image_folder(tmp_path / "data", splits=("train",), per_class=12, size=(200, 200))
     command = [sys.executable, "-m", "featx", "extract", str(data), "--out", str(tmp_path / "f"), "--backbone",
                "resnet18", "--weights", "none", "--device", "cpu", "--batch_size", "2", "--shard_size", "4",
-               "--engine", "ray", "--ray_address", ray_cluster]
+               "--engine", "ray", "--ray_address", ray_cluster.address]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
     sigkill_when(driver, lambda: any(parts.glob("part-*.h5")))
@@ -98,21 +101,21 @@ def test_bad_images_are_recorded_as_locally(ray_cluster, image_folder, tmp_path)
     options = ExtractOptions(batch_size=4, shard_size=4, device="cpu", workers=1)
     local = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "local", options=options)
     distributed = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "ray", options=options,
-                                        **_on_ray(ray_cluster))
+                                        **_on_ray(ray_cluster.address))
     assert distributed["train"]["failed"] == local["train"]["failed"] and len(local["train"]["failed"]) == 1
     assert "broken.jpg" in local["train"]["failed"][0][0]
 
 
 def test_missing_gpus_are_one_line_and_failing_workers_stop_the_job(ray_cluster, image_folder, tmp_path):
     status, _, err = cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", "--weights",
-                         "none", "--engine", "ray", "--ray_address", ray_cluster, "--device", "cuda")
+                         "none", "--engine", "ray", "--ray_address", ray_cluster.address, "--device", "cuda")
     one_line_error(status, err, "has no GPU")
     (split, _) = discover(image_folder)
     options = ExtractOptions(device="cpu", workers=1)
     backbone = featx.backbones.create_backbone("resnet18", "none")
     spec = backbone_spec("resnet18", str(tmp_path / "gone.pth"), None, backbone.transform)  # workers cannot load
     start = time.monotonic()
-    engine = RayEngine(spec, options, RayOptions(ray_cluster))
+    engine = RayEngine(spec, options, RayOptions(ray_cluster.address))
     with pytest.raises(EngineError, match=r"shard 0 failed 3 times.*gone.pth"):
         engine.run(split_dataset(split, backbone, options), tmp_path, {0: [[0, 1]]})
     assert time.monotonic() - start < 120
@@ -141,7 +144,7 @@ def test_impossible_worker_shapes_are_refused_before_any_work(image_folder, tmp_
 
 def test_workers_wider_than_any_node_are_refused(ray_cluster, image_folder, tmp_path):
     one_line_error(*cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", "--weights", "none",
-                        "--engine", "ray", "--ray_address", ray_cluster, "--ray_cpus_per_worker", "4")[::2],
+                        "--engine", "ray", "--ray_address", ray_cluster.address, "--ray_cpus_per_worker", "4")[::2],
                    "more than any node", "at most 1 CPUs")
 
 
@@ -178,7 +181,32 @@ def test_ray_runs_a_timm_backbone_as_the_local_engine_does(ray_cluster, image_fo
     options = ExtractOptions(batch_size=4, shard_size=4, device="cpu", workers=1)
     local = featx.api.run_extract(image_folder, "timm:resnet18", "none", tmp_path / "local", options=options)
     distributed = featx.api.run_extract(image_folder, "timm:resnet18", "none", tmp_path / "ray", options=options,
-                                        **_on_ray(ray_cluster))
+                                        **_on_ray(ray_cluster.address))
     for split in ("train", "val"):
         a, b = store.load(local[split]["path"]), store.load(distributed[split]["path"])
         assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5
+
+
+def test_no_address_starts_a_private_instance_never_the_newest_cluster(ray_cluster, image_folder, tmp_path):
+    """``ray.init()`` with no address joins the newest cluster on the machine, whoever started it: without
+    --ray_address featx starts its own (2 CPUs here), so a worker of 2 CPUs fits where ``ray_cluster``'s 1-CPU
+    nodes would refuse it."""
+    result = subprocess.run([sys.executable, "-m", "featx", "extract", str(image_folder), "--out", str(tmp_path / "f"),
+                             "--backbone", "resnet18", "--weights", "none", "--device", "cpu", "--resize", "40",
+                             "--crop", "32", "--engine", "ray", "--ray_workers", "1", "--ray_cpus_per_worker", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(store.load(tmp_path / "f" / "resnet18" / "val.h5").paths) == 12
+
+
+def test_the_ray_extract_job_writes_the_local_engines_features(ray_cluster, image_folder, tmp_path):
+    local = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "local",
+                                  options=ExtractOptions(device="cpu", workers=1))
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "ray_extract.py"), str(image_folder), "--out",
+                             str(tmp_path / "job"), "--backbone", "resnet18", "--weights", "none", "--device", "cpu",
+                             "--ray_address", ray_cluster.address, "--shard_size", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for split in ("train", "val"):
+        job, reference = store.load(tmp_path / "job" / "resnet18" / f"{split}.h5"), store.load(local[split]["path"])
+        assert job.paths == reference.paths and np.abs(job.features - reference.features).max() <= 1e-5
