@@ -47,7 +47,8 @@ def features_file(path: Path, rows: int, dim: int) -> None:
 
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
-        features = f.create_dataset("features", (rows, dim), "float32", chunks=(min(rows, max(1, (1 << 20) // (4 * dim))), dim))
+        chunk_rows = min(rows, max(1, (1 << 20) // (4 * dim)))
+        features = f.create_dataset("features", (rows, dim), "float32", chunks=(chunk_rows, dim))
         for start in range(0, rows, 65536):
             features[start:start + 65536] = rng.normal(size=(min(65536, rows - start), dim)).astype(np.float32)
         f["labels"] = rng.integers(0, 10, rows)

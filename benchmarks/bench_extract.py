@@ -36,15 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (in_fresh_process, mirror, parse_args, rate_of, replicated, synchronize, timed,  # noqa: E402
                     write_results)
 
-from featx.backbones import create_backbone  # noqa: E402
+from featx.backbones import BackboneSpec, create_backbone  # noqa: E402
 from featx.decode import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFiles, collate,  # noqa: E402
                           decode_on_device)
-from featx.embed import Embedder, cpu_flags, resolve_device  # noqa: E402
-from featx.extract import ExtractOptions, extract  # noqa: E402
+from featx.devices import cpu_flags, resolve_device  # noqa: E402
+from featx.embed import Embedder, choose_runtime  # noqa: E402
+from featx.extract import extract  # noqa: E402
+from featx.options import ExtractOptions  # noqa: E402
 from featx.runtimes import agreement  # noqa: E402
 from featx.sources import discover  # noqa: E402
 from featx.store import ShardWriter  # noqa: E402
-
 
 REAL_WEIGHTS = {"mobilenet_v2": "mobilenet_v2-imagenet-features.pth", "squeezenet1_1": "squeezenet1_1-imagenet.pth"}
 
@@ -64,9 +65,9 @@ def plain_loop(data: Path, backbone: str, weights: str, batch_size: int, workers
     return count
 
 
-def featx_extract(data: Path, backbone: str, weights: str, options: ExtractOptions, transform: EvalTransform) -> int:
+def featx_extract(data: Path, backbone: str, weights: str, options: ExtractOptions, changes: dict) -> int:
     with tempfile.TemporaryDirectory() as out:
-        summaries = extract(data, backbone, weights, out, transform=transform, options=options)
+        summaries = extract(data, BackboneSpec(backbone, weights, **changes), out, options=options)
     return sum(s["num_rows"] + s["num_failed"] for s in summaries.values())
 
 
@@ -153,11 +154,11 @@ def main() -> None:
     workers = args.workers if args.workers is not None else os.cpu_count()
     featx_options = ExtractOptions(batch_size=args.batch_size, workers=workers, device=str(device))
     native_bf16 = device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-    featx_transforms = {"": EvalTransform()}  # featx's row suffix -> transform
+    featx_transforms = {"": {}}  # featx's row suffix -> the changes to the weights' preprocessing
     if args.draft:
-        featx_transforms[" --draft"] = EvalTransform(draft=True)
+        featx_transforms[" --draft"] = {"draft": True}
     if args.resize_crop_only:
-        featx_transforms[" --resize_crop_only"] = EvalTransform(resize_crop_only=True)
+        featx_transforms[" --resize_crop_only"] = {"resize_crop_only": True}
     with tempfile.TemporaryDirectory() as folder:
         data = replicated(args.data, args.copies, Path(folder)) if args.copies > 1 else args.data
         rows = []
@@ -245,7 +246,7 @@ def main() -> None:
 
 def chosen_runtime(backbone: str, weights: str, options: ExtractOptions) -> str:
     """What ``--runtime auto`` picks for ``backbone`` here (measuring it once, into the cache the runs share)."""
-    return Embedder(create_backbone(backbone, weights), options.device, "fp32", runtime="auto").runtime
+    return choose_runtime(create_backbone(backbone, weights), "auto", torch.device(options.device), None)
 
 
 if __name__ == "__main__":

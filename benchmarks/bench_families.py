@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import in_fresh_process, mirror, parse_args, write_results  # noqa: E402
 
 from featx import store  # noqa: E402
+from featx.backbones import BackboneSpec  # noqa: E402
 from featx.cli import guarded  # noqa: E402
 from featx.extract import extract  # noqa: E402
 
@@ -39,7 +40,7 @@ def dinov2_small(folder: Path) -> str:
 
 
 def extract_val(data: Path, backbone: str, out: str) -> dict:
-    summary = extract(data, backbone, "none", out, splits=["val"])["val"]
+    summary = extract(data, BackboneSpec(backbone, "none"), out, splits=["val"])["val"]
     meta = store.read_meta(summary["path"])
     return {"images_per_second": summary["images_per_second"], "runtime": meta["runtime"],
             "feature_dim": meta["feature_dim"], "pool": meta.get("pool")}
@@ -48,9 +49,9 @@ def extract_val(data: Path, backbone: str, out: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per backbone (interleaved); the best is kept")
-    parser.add_argument("--data", type=Path, default=None, help="image folder with val/ (default: the mirror's ants/bees)")
-    parser.add_argument("--backbones", default=",".join(FAMILIES), help="comma-separated; hf:dinov2-small is a random "
-                        "DINOv2-small saved here")
+    parser.add_argument("--data", type=Path, default=None, help="image folder with val/ (default: mirror's ants/bees)")
+    parser.add_argument("--backbones", default=",".join(FAMILIES),
+                        help="comma-separated; hf:dinov2-small is a random DINOv2-small saved here")
     args = parse_args(parser)
     data = args.data or mirror() / "datasets" / "hymenoptera_data"
     os.environ["FEATX_CACHE"] = tempfile.mkdtemp(prefix="featx-bench-cache-")

@@ -28,7 +28,7 @@ from common import in_fresh_process, mirror, parse_args, replicated, synchronize
 
 from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
 from featx.decode import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from featx.embed import resolve_device  # noqa: E402
+from featx.devices import resolve_device  # noqa: E402
 from featx.finetune import FinetuneConfig, prepare, train_one_epoch  # noqa: E402
 
 

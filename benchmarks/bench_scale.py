@@ -25,7 +25,8 @@ from pathlib import Path
 start = time.perf_counter()
 from featx.backbones import create_backbone
 from featx.engines import LocalEngine, RayEngine, RayOptions, backbone_spec
-from featx.extract import ExtractOptions, split_dataset
+from featx.extract import split_dataset
+from featx.options import ExtractOptions
 from featx.shards import plan_shards
 from featx.sources import discover
 engine, workers, data, backbone, weights, out = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7]

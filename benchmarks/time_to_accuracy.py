@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import in_fresh_process, mirror, parse_args, write_results  # noqa: E402
 
 from featx import store  # noqa: E402
-from featx.backbones import create_model  # noqa: E402
+from featx.backbones import BackboneSpec, create_model  # noqa: E402
 from featx.decode import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from featx.extract import ExtractOptions, extract  # noqa: E402
+from featx.extract import extract  # noqa: E402
 from featx.fit import fit_head  # noqa: E402
+from featx.options import ExtractOptions  # noqa: E402
 
 
 def tutorial_fixed_feature_loop(data: Path, weights: str, epochs: int) -> tuple[float, list[float]]:
@@ -80,7 +81,7 @@ def tutorial_fixed_feature_loop(data: Path, weights: str, epochs: int) -> tuple[
 
 def featx_pipeline(data: Path, weights: str) -> float:
     with tempfile.TemporaryDirectory() as out:
-        extract(data, "mobilenet_v2", weights, out, options=ExtractOptions(batch_size=64))
+        extract(data, BackboneSpec("mobilenet_v2", weights), out, options=ExtractOptions(batch_size=64))
         features = Path(out) / "mobilenet_v2"
         head = fit_head(features / "train.h5", "none", "logreg", Path(out) / "head")
         val = store.load(features / "val.h5")

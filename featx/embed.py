@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -13,61 +12,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from featx.backbones import Backbone
 from featx.cache import model_key
 from featx.compiled import compiled_model
+from featx.devices import autocast, resolve_device, resolve_precision
 from featx.memory import keep_freed_memory
-from featx.runtimes import RUNTIMES, OnnxModel, calibration_batch, fastest_exact, onnxruntime_available, remembered
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; "auto" picks
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as they are."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
-    return resolved
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def resolve_precision(precision: str, device: torch.device, emulate: bool = False) -> torch.dtype | None:
-    """Autocast dtype (None: exact float32). ``auto``: bf16 on CUDA, float32 on CPU. On a CPU, bf16 needs native
-    bf16 (AVX512_BF16 or AMX) and fp16 AMX-FP16: emulated, they are slower than float32, so they are refused
-    unless ``emulate`` (to measure agreement on any host)."""
-    precision = precision_name(precision, device.type)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"amx_fp16", "avx512_fp16"}}.get(precision)
-    if device.type == "cpu" and native and not native & cpu_flags() and not emulate:
-        raise ValueError(f"--precision {precision} needs a CPU with native {precision} ({' or '.join(sorted(native))})"
-                         f"; this one ({torch.backends.cpu.get_cpu_capability()}) would emulate it, slower than fp32: "
-                         "leave --precision fp32 here, or run on CUDA")
-    return PRECISIONS[precision]
-
-
-def precision_name(precision: str, device_type: str) -> str:
-    """What ``precision`` means on a ``device_type`` (cpu, cuda) device: ``auto`` is bf16 on CUDA, fp32 on CPU."""
-    return ("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else precision
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype``, or a no-op context when it is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+from featx.runtimes import OnnxModel, calibration_batch, check_runtime, fastest_exact, resolve_runtime
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -116,8 +63,7 @@ class Embedder:
     """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU.
 
     ``precision``: ``resolve_precision`` (``emulate`` lets a CPU without native bf16 run it anyway, to measure it).
-    ``runtime``: ``torch``, ``onnxruntime`` (CPU, float32) or ``auto`` (``choose_runtime``: the faster exact one
-    here); ``self.runtime`` is the one that runs.
+    ``runtime``: ``torch`` or ``onnxruntime`` (CPU, float32); ``auto`` is decided before (``choose_runtime``).
     ``forward_batch``: images per model call (batches are cut into such chunks); None is the whole batch.
     Each image's features do not depend on it.
     ``fold_batch_norm``: fold BatchNorms into the convolutions before them (``fold_batch_norms``), in float32
@@ -131,8 +77,6 @@ class Embedder:
         self.device = resolve_device(device)
         self.amp = resolve_precision(precision, self.device, emulate)
         keep_freed_memory()
-        if runtime == "auto":
-            runtime = choose_runtime(backbone, self.device, self.amp, compile, channels_last, fold_batch_norm)
         self.runtime = check_runtime(runtime, self.device, self.amp, compile)
         self.feature_dim = backbone.feature_dim
         self.name = backbone.name
@@ -186,24 +130,11 @@ class Embedder:
         return torch.compile(self.model, dynamic=False)
 
 
-def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool) -> str:
-    """``runtime`` if it can run as asked, else a one-line ValueError."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-    if runtime == "onnxruntime" and (device.type != "cpu" or amp is not None or compile):
-        raise ValueError("--runtime onnxruntime runs float32 on the CPU: not with --device cuda, --precision bf16/fp16 "
-                         "or --compile (use --runtime torch for those)")
-    return runtime
-
-
-def choose_runtime(backbone: Backbone, device: torch.device, amp: torch.dtype | None, compile: bool,
-                   channels_last: bool = True, fold_batch_norm: bool = True) -> str:
-    """``--runtime auto``: on a CPU in float32 without --compile, the faster of torch and onnxruntime whose features
-    stay exact (``featx.runtimes.EXACT``) against unfolded PyTorch float32, measured once per model, thread count
-    and host (then remembered in the private cache); torch everywhere else, and when ONNX Runtime is not
-    installed or cannot take the model."""
-    if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
-        return "torch"
+def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: torch.dtype | None,
+                   compile: bool = False, channels_last: bool = True, fold_batch_norm: bool = True) -> str:
+    """The concrete runtime for ``backbone`` (``featx.runtimes.resolve_runtime``); for ``auto``, the candidates it
+    measures when nothing is remembered: PyTorch as extract runs it, ONNX Runtime, and unfolded PyTorch float32 as
+    the reference."""
     batch = calibration_batch(backbone.transform.crop)
 
     def measure() -> dict | None:  # only when no choice is remembered: the export and three models cost seconds
@@ -212,10 +143,9 @@ def choose_runtime(backbone: Backbone, device: torch.device, amp: torch.dtype | 
             candidates["onnxruntime"] = Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
         except Exception as error:  # noqa: BLE001 - an exporter that cannot take the model: torch runs it
             print(f"onnxruntime cannot run {backbone.name} ({type(error).__name__}); using torch", flush=True)
-            return None  # not remembered: tried again next time
+            return None
         reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
         return fastest_exact(candidates, reference, batch)
 
     key = model_key(backbone.model, batch, "runtime", torch.get_num_threads(), channels_last, fold_batch_norm)
-    choice = remembered(key, measure)
-    return choice["runtime"] if choice else "torch"
+    return resolve_runtime(runtime, device, amp, compile, key, measure)

@@ -3,8 +3,9 @@ hands them to Ray actors, one per GPU or per N CPU cores, each loading the model
 into the shared output folder. Both run ``featx.shards.write_shards``. A shard is the unit of work and of retry:
 it becomes visible only by its atomic rename, so a retried shard never duplicates rows. The runner merges.
 
-An engine has ``run(dataset, parts, shards, progress)``, ``close()`` and ``device_type`` (where its models run: cpu,
-cuda); ``open_engine`` makes one by name.
+An engine has ``run(dataset, parts, shards, progress)``, ``close()``, ``device_type`` (where its models run: cpu,
+cuda) and ``options``: the ``ExtractOptions`` as they run there (``resolved``: the precision named, ``--runtime
+auto`` decided once, in this process, for every worker); ``open_engine`` makes one by name.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from featx.backbones import Backbone, create_backbone
+import torch
+
+from featx.backbones import Backbone, BackboneSpec
 from featx.decode import ImageFiles
-from featx.embed import Embedder
-from featx.mirror import mirror_dir
+from featx.devices import precision_name, resolve_device, resolve_precision
+from featx.embed import Embedder, choose_runtime
+from featx.options import ExtractOptions
 from featx.shards import write_shards
 
 ENGINES = ("local", "ray")
@@ -49,14 +53,24 @@ class RayOptions:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
 
 
+def resolved(options: ExtractOptions, backbone: Backbone, device: torch.device) -> ExtractOptions:
+    """``options`` as they run on ``device``: the precision checked there (one line where it cannot run) and named,
+    and the runtime decided (``featx.embed.choose_runtime``)."""
+    amp = resolve_precision(options.precision, device)
+    runtime = choose_runtime(backbone, options.runtime, device, amp, options.compile, options.channels_last,
+                             options.fold_batch_norm)
+    return replace(options, precision=precision_name(options.precision, device.type), runtime=runtime)
+
+
 class LocalEngine:
     """Runs shards in this process, one after another, with one model for the whole job."""
 
-    def __init__(self, backbone: Backbone, options):
+    def __init__(self, backbone: Backbone, options: ExtractOptions):
+        device = resolve_device(options.device)
+        self.options = options = resolved(options, backbone, device)
         self.embedder = Embedder(backbone, options.device, options.precision, options.channels_last,
                                  options.compile, options.forward_batch, options.fold_batch_norm, options.runtime)
-        self.options = options
-        self.device_type = self.embedder.device.type
+        self.device_type = device.type
 
     def run(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress=None) -> None:
         """Write ``shards`` (shard number -> batches of dataset items) into ``parts``."""
@@ -70,11 +84,9 @@ class ShardWorker:
     """A Ray actor: builds the backbone once, then decodes, embeds and writes whole shards (a ``LocalEngine`` in the
     actor's process)."""
 
-    def __init__(self, backbone_spec: dict, options, threads: int):
-        import torch
-
+    def __init__(self, spec: BackboneSpec, options: ExtractOptions, threads: int):
         torch.set_num_threads(max(1, threads))
-        self.engine = LocalEngine(create_backbone(**backbone_spec), options)
+        self.engine = LocalEngine(spec.build(), options)
 
     def ready(self) -> bool:
         return True
@@ -138,14 +150,15 @@ class RayEngine:
     actor dies or fails is retried on a fresh actor, at most ``MAX_ATTEMPTS`` times; then the job stops with the
     shard's error. ``close`` ends the actors."""
 
-    def __init__(self, backbone_spec: dict, options, ray_options: RayOptions):
+    def __init__(self, spec: BackboneSpec, backbone: Backbone, options: ExtractOptions, ray_options: RayOptions):
         self.ray = _connect(ray_options)
         count, resources = _placement(self.ray, ray_options, options.device)
         self.worker = self.ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)
         device = self.device_type = "cuda" if "num_gpus" in resources else "cpu"
         worker_options = replace(options, device=device, workers=options.workers or ray_options.cpus_per_worker,
                                  reader="threads" if device == "cpu" else options.reader)
-        self.arguments = (backbone_spec, worker_options, ray_options.cpus_per_worker)
+        self.options = resolved(worker_options, backbone, torch.device(device))  # here, once: every worker the same
+        self.arguments = (spec.portable(), self.options, ray_options.cpus_per_worker)
         self.count, self.idle = count, []
 
     def start(self) -> None:
@@ -244,21 +257,9 @@ def ray_available() -> bool:
     return True
 
 
-def backbone_spec(name: str, weights: str, mirror, transform, pool: str = "default") -> dict:
-    """How a worker rebuilds the extractor: the arguments of ``create_backbone``, with a weights file made absolute
-    (workers may start in another folder)."""
-    weights = str(weights)
-    if os.path.isfile(weights):
-        weights = os.path.abspath(weights)
-    root = mirror_dir(mirror)
-    return {"name": name, "weights": weights, "mirror": str(root.resolve()) if root else None, "transform": transform,
-            "pool": pool}
-
-
-def open_engine(name: str, backbone: Backbone, weights: str, mirror, options, ray_options: RayOptions = RayOptions(),
-                pool: str = "default"):
-    """The engine ``name`` (``ENGINES``) for ``backbone`` (built from ``weights``, ``mirror`` and ``pool``); close it
-    after."""
+def open_engine(name: str, spec: BackboneSpec, backbone: Backbone, options: ExtractOptions,
+                ray_options: RayOptions = RayOptions()):
+    """The engine ``name`` (``ENGINES``) for ``backbone`` (built from ``spec``); close it after."""
     if name == "ray":
-        return RayEngine(backbone_spec(backbone.name, weights, mirror, backbone.transform, pool), options, ray_options)
+        return RayEngine(spec, backbone, options, ray_options)
     return LocalEngine(backbone, options)

@@ -13,17 +13,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from featx import store
-from featx.backbones import Backbone, create_backbone, create_model, folder_name
-from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles
-from featx.embed import PRECISIONS, choose_runtime, precision_name, resolve_device, resolve_precision
-from featx.runtimes import RUNTIMES, describe
+from featx.backbones import Backbone, BackboneSpec, folder_name
+from featx.decode import AugmentTransform, ImageFiles
+from featx.devices import resolve_device
 from featx.engines import ENGINES, RayOptions, open_engine, ray_available
+from featx.options import ExtractOptions
+from featx.runtimes import describe
 from featx.shards import plan_shards
 from featx.sources import Split, discover
 
@@ -31,82 +32,19 @@ from featx.sources import Split, discover
 IDENTITY_KEYS = ("backbone", "pool", "precision", "weights_sha256", "feature_dim", "transform", "decoder", "dtype",
                  "views", "augmentation", "class_names", "file_list_sha256")
 AUGMENTED_SPLITS = ("train", "all")  # the splits --views applies to
-DTYPES = ("float32", "float16")
-COMPRESSIONS = (None, "gzip", "lzf")
 
 
 class ExtractError(RuntimeError):
     """An existing output that does not match the requested extraction."""
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    """How to run extraction; validated on construction."""
-
-    batch_size: int = 64
-    workers: int | None = None  # decode threads or processes; None = one per core
-    reader: str = "auto"  # threads (decode, then forward, in turn: no contention) on CPU; processes on CUDA
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 (exact) on CPU; bf16/fp16 on CPUs that have them natively
-    runtime: str = "auto"  # torch, onnxruntime, or auto: the faster exact one here (featx.embed.choose_runtime)
-    channels_last: bool = True
-    compile: bool = False
-    fold_batch_norm: bool = True  # BatchNorms folded into the convolutions before them (float32 rounding only)
-    forward_batch: int | None = None  # images per model call; None: the whole batch
-    decode_on_device: bool | None = None  # JPEGs decoded on the model's device (nvjpeg); None: on with CUDA
-    dtype: str = "float32"
-    compression: str | None = None
-    shard_size: int = 1024  # an unfinished run keeps the shard size it started with
-    overwrite: bool = False
-    layout: str = "copy"  # copy: one merged file; virtual: the file reads the shards in place (no copy)
-    views: int = 1  # augmented views per training image (1 = the eval transform only)
-    augment_seed: int = 0
-
-    def __post_init__(self):
-        for name in ("batch_size", "shard_size", "views", "forward_batch"):
-            value = getattr(self, name)
-            if not (name == "forward_batch" and value is None) and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
-            raise ValueError(f"workers must be a non-negative integer, got {self.workers!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.reader not in READERS:
-            raise ValueError(f"reader must be one of {READERS}, got {self.reader!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
-        if self.layout not in store.LAYOUTS:
-            raise ValueError(f"layout must be one of {store.LAYOUTS}, got {self.layout!r}")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.layout == "virtual" and self.compression:
-            raise ValueError("compression applies to the copy layout; the virtual layout reads the shards as written")
-
-
-def custom_transform(backbone: str, weights: str, mirror: str | None, resize: int | None = None,
-                     crop: int | None = None, draft: bool = False, resize_crop_only: bool = False,
-                     pool: str = "default") -> EvalTransform | None:
-    """The weights' eval preset with the sizes and decode shortcuts asked for; None when nothing is asked."""
-    if resize is None and crop is None and not draft and not resize_crop_only:
-        return None
-    for name, value in (("resize", resize), ("crop", crop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer (pixels), got {value!r}")
-    preset = create_model(backbone, weights, mirror, pool)[2]
-    return replace(preset, resize=resize or preset.resize, crop=crop or preset.crop, draft=draft,
-                   resize_crop_only=resize_crop_only)
-
-
-def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: str = "DEFAULT",
-            out: str | os.PathLike = "features", mirror: str | None = None, transform: EvalTransform | None = None,
-            splits: list[str] | None = None, options: ExtractOptions = ExtractOptions(), source: str = "auto",
+def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.PathLike = "features", *,
+            options: ExtractOptions = ExtractOptions(), splits: list[str] | None = None, source: str = "auto",
             root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions(),
-            label_key: str = "label", pool: str = "default") -> dict[str, dict]:
-    """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) to ``out/<backbone>/<split>.h5``
-    (``featx.backbones.folder_name``), its shards run by ``engine`` (``featx.engines``: local, or ray); returns a
-    summary per split. ``pool``: how ViT-like backbones pool (``featx.backbones.POOLS``)."""
+            label_key: str = "label") -> dict[str, dict]:
+    """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) with the backbone ``spec``
+    builds to ``out/<backbone>/<split>.h5`` (``featx.backbones.folder_name``), its shards run by ``engine``
+    (``featx.engines``: local, or ray); returns a summary per split."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if engine == "ray" and not ray_available():
@@ -119,22 +57,36 @@ def extract(data_root: str | os.PathLike, backbone: str = "resnet18", weights: s
         if unknown:
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
-    folder = Path(out) / folder_name(backbone)
-    extractor = create_backbone(backbone, weights, mirror, transform, pool)
-    if engine == "local" or options.device == "cpu":  # the model runs here, or on CPUs like these
-        device = resolve_device(options.device)
-        amp = resolve_precision(options.precision, device)  # refused here, before any work, where it cannot run
-        if options.runtime == "auto":  # chosen once here, so every worker runs the same one
-            options = replace(options, runtime=choose_runtime(extractor, device, amp, options.compile,
-                                                              options.channels_last, options.fold_batch_norm))
-    elif options.runtime == "auto":  # Ray workers on the cluster's GPUs (or where Ray places them): PyTorch
-        options = replace(options, runtime="torch")
-    with store.exclusive(folder), contextlib.closing(open_engine(engine, extractor, weights, mirror, options,
-                                                           ray_options, pool)) as runner, \
-            tqdm(total=0, unit="img", desc=backbone, mininterval=1.0, file=sys.stderr) as progress:  # the whole job
-        options = replace(options, precision=precision_name(options.precision, runner.device_type))
-        return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", options, progress)
-                for split in all_splits}
+    folder = Path(out) / folder_name(spec.name)
+    options = replace(options, runtime=started_runtime(folder, all_splits, options))
+    extractor = spec.build()
+    with store.exclusive(folder), contextlib.closing(open_engine(engine, spec, extractor, options, ray_options)) \
+            as runner, tqdm(total=0, unit="img", desc=spec.name, mininterval=1.0, file=sys.stderr) as progress:
+        return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", runner.options,
+                                          progress) for split in all_splits}
+
+
+def started_runtime(folder: Path, splits: list[Split], options: ExtractOptions) -> str:
+    """The runtime to ask for: with ``auto``, the one an existing output of these splits was made with (a resume
+    never mixes runtimes, whatever auto would choose today); else the one asked for (a different one is refused
+    by the identity check)."""
+    if options.runtime != "auto" or options.overwrite:
+        return options.runtime
+    for split in splits:
+        path = folder / f"{split.name}.h5"
+        try:
+            made = store.read_meta(path) if path.exists() else store.read_manifest(store.parts_dir(path))
+        except (ValueError, OSError):
+            continue
+        if made and made.get("runtime"):
+            return made["runtime"].split()[0]
+    return options.runtime
+
+
+def identity(attrs: dict) -> dict:
+    """What must match for an existing output to be resumed or kept (``IDENTITY_KEYS``), and the runtime by name
+    (a new version keeps a file; a file from before runtimes were recorded ran torch)."""
+    return {**{k: attrs.get(k) for k in IDENTITY_KEYS}, "runtime": (attrs.get("runtime") or "torch").split()[0]}
 
 
 def augmentation_for(split: Split, backbone: Backbone, options: ExtractOptions) -> AugmentTransform | None:
@@ -165,22 +117,23 @@ def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: 
 
 
 def _differences(expected: dict, found: dict) -> str:
-    keys = [k for k in IDENTITY_KEYS if expected.get(k) != found.get(k)]
+    keys = [k for k in expected if expected.get(k) != found.get(k)]
     return ", ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys)
 
 
-def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
-    """Check existing output against ``identity``. Returns None when a complete, matching file is there, else
-    the shard size to use: an unfinished run's own (shard boundaries must not move), or ``options.shard_size``."""
+def _prepare(path: Path, expected: dict, options: ExtractOptions) -> int | None:
+    """Check existing output against the ``expected`` identity. Returns None when a complete, matching file is
+    there, else the shard size to use: an unfinished run's own (shard boundaries must not move), or
+    ``options.shard_size``."""
     parts = store.parts_dir(path)
     if path.exists() and not options.overwrite:
         meta = store.read_meta(path)
-        found = {k: meta.get(k) for k in IDENTITY_KEYS}
-        if found == identity:
+        found = identity(meta)
+        if found == expected:
             if parts.exists() and meta.get("layout", "copy") == "copy":  # a kill between the commit and the cleanup
                 shutil.rmtree(parts)
             return None
-        raise ExtractError(f"{path} was extracted differently ({_differences(identity, found)}); "
+        raise ExtractError(f"{path} was extracted differently ({_differences(expected, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
     if path.exists() and _rows_in_shards(path):  # --overwrite keeps an old copy-layout file until the new replaces it
         path.unlink()
@@ -188,12 +141,12 @@ def _prepare(path: Path, identity: dict, options: ExtractOptions) -> int | None:
     if options.overwrite and parts.exists():
         shutil.rmtree(parts)
     elif manifest is not None:
-        if {k: manifest.get(k) for k in IDENTITY_KEYS} != identity:
+        if identity(manifest) != expected:
             raise ExtractError(f"{parts} holds an unfinished extraction made differently "
-                               f"({_differences(identity, manifest)}); pass --overwrite to start again")
+                               f"({_differences(expected, identity(manifest))}); pass --overwrite to start again")
         return manifest["shard_size"]
     with store.writing(parts / "manifest.json"):
-        store.write_manifest(parts, {**identity, "shard_size": options.shard_size})
+        store.write_manifest(parts, {**expected, "shard_size": options.shard_size})
     return options.shard_size
 
 
@@ -213,8 +166,7 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
     attrs = split_attrs(split, backbone, dataset, options)
-    identity = {k: attrs.get(k) for k in IDENTITY_KEYS}
-    shard_size = _prepare(path, identity, options)
+    shard_size = _prepare(path, identity(attrs), options)
     if shard_size is None:
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
         return {"path": str(path), "skipped": True}

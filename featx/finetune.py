@@ -26,7 +26,8 @@ from tqdm import tqdm
 from featx import checkpoints, store
 from featx.backbones import POOLS, classifier_layer, classifier_layer_name, create_model, replace_classifier
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles, read_batches, sequential_batches
-from featx.embed import autocast, channel_stats, normalise, resolve_device, resolve_precision
+from featx.devices import autocast, resolve_device, resolve_precision
+from featx.embed import channel_stats, normalise
 from featx.heads import holdout_split, load_head
 from featx.memory import keep_freed_memory
 from featx.metrics import SEEN_FILE, classification_metrics, not_held_out, save_seen, summary_line, write_metrics

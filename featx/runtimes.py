@@ -1,6 +1,8 @@
 """Runtimes for the mapper: what runs a backbone's forward pass on normalised float32 batches. ``torch`` is PyTorch
 eager (``featx.embed``); ``onnxruntime`` runs the same model exported to ONNX once (CPU). Both are exact: features
-within ``EXACT`` of PyTorch float32. ``choose`` measures them on this host and model and keeps the faster.
+within ``EXACT`` of PyTorch float32. ``resolve_runtime`` is the one place ``--runtime`` is checked and ``auto``
+decided: on a CPU in float32, the choice remembered for this model and host, else ``fastest_exact`` of the
+candidates the mapper builds.
 
 An ONNX graph is data, not code (featx registers no custom operators); it is still kept in featx's private cache
 (``featx.cache``) and loaded only when its digest is the one recorded when it was exported.
@@ -12,13 +14,14 @@ import importlib.util
 import json
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from featx.cache import cache_dir, cached_file, model_key, require_private
 
-RUNTIMES = ("auto", "torch", "onnxruntime")
+RUNTIMES = ("auto", "torch", "onnxruntime")  # what --runtime takes; an Embedder runs one of the last two
 EXACT = {"max_abs": 1e-4, "min_cosine": 0.99999}  # what "the same features" means for a runtime
 
 
@@ -47,6 +50,37 @@ class OnnxModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
+
+
+def check_runtime_name(runtime: str) -> str:
+    """``runtime`` if ``--runtime`` takes it, else a one-line ValueError."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    return runtime
+
+
+def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool) -> str:
+    """A concrete runtime (not ``auto``) that can run as asked, else a one-line ValueError."""
+    if check_runtime_name(runtime) == "auto":
+        raise ValueError("runtime auto is decided by featx.runtimes.resolve_runtime before a model runs")
+    if runtime == "onnxruntime" and (device.type != "cpu" or amp is not None or compile):
+        raise ValueError("--runtime onnxruntime runs float32 on the CPU: not with --device cuda, --precision bf16/fp16 "
+                         "or --compile (use --runtime torch for those)")
+    return runtime
+
+
+def resolve_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool, key: str,
+                    measure: Callable[[], dict | None]) -> str:
+    """The runtime that runs: ``runtime`` checked, or for ``auto`` torch everywhere but a CPU in float32 without
+    --compile where ONNX Runtime is installed; there, the choice remembered under ``key`` in the private cache, else
+    ``measure()``'s (``fastest_exact`` of the candidates, or None when ONNX Runtime cannot take the model: torch,
+    not remembered)."""
+    if runtime != "auto":
+        return check_runtime(runtime, device, amp, compile)
+    if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
+        return "torch"
+    choice = remembered(key, measure)
+    return choice["runtime"] if choice else "torch"
 
 
 def describe(runtime: str) -> str:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from featx import store
 from featx.decode import ImageFiles, decode_on_device, read_batches
 from featx.embed import Embedder
+from featx.options import ExtractOptions
 
 
 def plan_shards(num_items: int, shard_size: int, batch_size: int, sizes: list[int] | None = None
@@ -24,9 +25,9 @@ def plan_shards(num_items: int, shard_size: int, batch_size: int, sizes: list[in
 
 
 def write_shards(dataset: ImageFiles, embedder: Embedder, parts: Path, shards: dict[int, list[list[int]]],
-                 options, progress: tqdm | None = None) -> None:
+                 options: ExtractOptions, progress: tqdm | None = None) -> None:
     """Decode, embed and write the given shards (shard number -> batches of dataset items) into ``parts``, as
-    ``options`` (``featx.extract.ExtractOptions``: workers, reader, dtype) say."""
+    ``options`` (workers, reader, dtype) say."""
     order = [(number, i == len(batches) - 1) for number, batches in shards.items() for i in range(len(batches))]
     batches = [batch for batches in shards.values() for batch in batches]
     writer = None

@@ -101,11 +101,13 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def hymenoptera_features(hymenoptera, mobilenet_weights, tmp_path_factory) -> Path:
     """Real MobileNetV2 features of the ants/bees set, extracted once per test session."""
-    from featx.extract import ExtractOptions, extract
+    from featx.backbones import BackboneSpec
+    from featx.extract import extract
+    from featx.options import ExtractOptions
 
     out = tmp_path_factory.mktemp("features")
     options = ExtractOptions(batch_size=32, device="cpu")  # the exact reference path, also on a GPU machine
-    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), out, options=options)
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", str(mobilenet_weights)), out, options=options)
     return out / "mobilenet_v2"
 
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from featx import store
-from featx.extract import ExtractOptions, extract
+from featx.backbones import BackboneSpec
+from featx.extract import extract
 from featx.finetune import FinetuneConfig, finetune
 from featx.heads import make_head
+from featx.options import ExtractOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -24,7 +26,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_cuda_features_match_cpu(hymenoptera_features, hymenoptera, mobilenet_weights, tmp_path, precision,
                                  decode_on_device, bound):
     options = ExtractOptions(device="cuda", precision=precision, decode_on_device=decode_on_device)
-    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"], options=options)
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", str(mobilenet_weights)), tmp_path, splits=["val"],
+            options=options)
     cpu, cuda = store.load(hymenoptera_features / "val.h5"), store.load(tmp_path / "mobilenet_v2" / "val.h5")
     cosine = _cosine(cpu.features, cuda.features)
     print(f"cosine to the CPU float32 features: min {cosine.min():.5f}, median {np.median(cosine):.5f}")
@@ -57,6 +60,6 @@ def test_device_pipeline_on_cuda_drops_nothing_and_matches_pil(tmp_path):
 
 
 def test_bare_cuda_extract_picks_the_device_pipeline(hymenoptera, mobilenet_weights, tmp_path):
-    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"],
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", str(mobilenet_weights)), tmp_path, splits=["val"],
             options=ExtractOptions(device="cuda"))
     assert store.read_meta(tmp_path / "mobilenet_v2" / "val.h5")["decoder"] == "torchvision.io.decode_jpeg"

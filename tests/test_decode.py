@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from featx import store
+from featx.backbones import BackboneSpec
 from featx.decode import EvalTransform, ImageFiles, collate, load_rgb
-from featx.extract import ExtractOptions, extract
+from featx.extract import extract
+from featx.options import ExtractOptions
 from featx.sources import discover
 
 
@@ -86,7 +88,7 @@ def test_odd_files_extract_without_crashing(tmp_path):
     Image.new("RGB", (50, 40), (10, 10, 10)).save(data / "plain" / "a.jpg")
     out = tmp_path / "features"
     options = ExtractOptions(batch_size=4, workers=1, shard_size=4)
-    summary = extract(data, "resnet18", "none", out, options=options)["all"]
+    summary = extract(data, BackboneSpec("resnet18", "none"), out, options=options)["all"]
     assert summary["num_rows"] == len(good) + 1 and summary["num_failed"] == len(bad)
     with h5py.File(out / "resnet18" / "all.h5") as f:
         paths = list(f["paths"].asstr()[:])
@@ -110,7 +112,7 @@ def test_decode_on_device_agrees_with_pil_and_reports_the_same_failures(tmp_path
     runs = {}
     for on_device in (False, True):
         options = ExtractOptions(batch_size=4, workers=1, device=device, precision="fp32", decode_on_device=on_device)
-        extract(data, "resnet18", "none", tmp_path / str(on_device), options=options)
+        extract(data, BackboneSpec("resnet18", "none"), tmp_path / str(on_device), options=options)
         runs[on_device] = store.load(tmp_path / str(on_device) / "resnet18" / "all.h5")
     pil, nvjpeg = runs[False], runs[True]
     assert nvjpeg.meta["decoder"] == "torchvision.io.decode_jpeg" and pil.meta["decoder"] == "PIL"

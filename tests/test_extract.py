@@ -22,8 +22,10 @@ from sklearn.preprocessing import StandardScaler
 from torchvision import transforms
 
 from featx import store
+from featx.backbones import BackboneSpec
 from featx.embed import Embedder
-from featx.extract import ExtractError, ExtractOptions, extract
+from featx.extract import ExtractError, extract
+from featx.options import ExtractOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -57,7 +59,7 @@ def test_real_features_are_linearly_separable(hymenoptera_features):
 
 def test_resnet_dims_and_provenance(image_folder, tmp_path):
     for name, dim in (("resnet18", 512), ("resnet50", 2048)):
-        extract(image_folder, name, "none", tmp_path, splits=["val"], options=ExtractOptions(workers=0))
+        extract(image_folder, BackboneSpec(name, "none"), tmp_path, splits=["val"], options=ExtractOptions(workers=0))
         meta = store.read_meta(tmp_path / name / "val.h5")
         assert meta["feature_dim"] == dim and meta["backbone"] == name and meta["num_rows"] == 12
         assert meta["weights"] == "none" and meta["transform"]["crop"] == 224 and meta["complete"]
@@ -67,7 +69,7 @@ def test_resnet_dims_and_provenance(image_folder, tmp_path):
 
 def test_float16_and_compression_and_chunk_iterator(image_folder, tmp_path):
     options = ExtractOptions(workers=0, dtype="float16", compression="gzip")
-    extract(image_folder, "resnet18", "none", tmp_path, splits=["train"], options=options)
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, splits=["train"], options=options)
     path = tmp_path / "resnet18" / "train.h5"
     whole = store.load(path)
     assert whole.features.dtype == np.float16
@@ -79,20 +81,20 @@ def test_float16_and_compression_and_chunk_iterator(image_folder, tmp_path):
 
 def test_complete_output_is_kept_and_other_backbone_refused(image_folder, tmp_path, capsys):
     options = ExtractOptions(workers=0)
-    extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, splits=["val"], options=options)
     path = tmp_path / "resnet18" / "val.h5"
     stamp = path.stat().st_mtime_ns
-    assert extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)["val"]["skipped"]
+    summary = extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, splits=["val"], options=options)
+    assert summary["val"]["skipped"]
     assert path.stat().st_mtime_ns == stamp and "up to date" in capsys.readouterr().out
     with pytest.raises(ExtractError, match="transform.*--overwrite"):
-        from featx.decode import EvalTransform
-        extract(image_folder, "resnet18", "none", tmp_path, transform=EvalTransform(128, 112), splits=["val"],
+        extract(image_folder, BackboneSpec("resnet18", "none", resize=128, crop=112), tmp_path, splits=["val"],
                 options=options)
     (image_folder / "val" / "cats" / "cats_000.jpg").unlink()
     with pytest.raises(ExtractError, match="file_list_sha256"):
-        extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=options)
+        extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, splits=["val"], options=options)
     overwrite = ExtractOptions(workers=0, overwrite=True)
-    summary = extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=overwrite)
+    summary = extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, splits=["val"], options=overwrite)
     assert summary["val"]["num_rows"] == 11
 
 
@@ -149,13 +151,13 @@ def test_resume_with_other_batch_and_shard_size_keeps_the_first_plan(image_folde
 
     monkeypatch.setattr(Embedder, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        extract(image_folder, "resnet18", "none", tmp_path / "resumed", splits=["train"], options=first)
+        extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "resumed", splits=["train"], options=first)
     monkeypatch.undo()
     parts = tmp_path / "resumed" / "resnet18" / "train.h5.parts"
     assert store.finished_shards(parts) == {0, 1} and not list(parts.glob("*.tmp"))
-    extract(image_folder, "resnet18", "none", tmp_path / "resumed", splits=["train"],
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "resumed", splits=["train"],
             options=ExtractOptions(workers=0, batch_size=3, shard_size=5))
-    extract(image_folder, "resnet18", "none", tmp_path / "reference", splits=["train"], options=first)
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "reference", splits=["train"], options=first)
     got, expected = (store.load(tmp_path / r / "resnet18" / "train.h5") for r in ("resumed", "reference"))
     assert got.paths == expected.paths and len(set(got.paths)) == 12
     assert np.allclose(got.features, expected.features, atol=1e-5)

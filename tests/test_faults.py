@@ -18,11 +18,13 @@ import torch
 from conftest import REPO, make_image_folder, require_root
 
 from featx import checkpoints, store
+from featx.backbones import BackboneSpec
 from featx.cli import guarded, run
-from featx.extract import ExtractOptions, extract
+from featx.extract import extract
 from featx.finetune import FinetuneConfig, finetune, prepare
 from featx.fit import fit_head
 from featx.heads import LogRegHead, load_head
+from featx.options import ExtractOptions
 
 SMALL = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32", "--device", "cpu",
          "--workers", "1"]
@@ -419,11 +421,11 @@ def test_a_misspelled_extract_flag_is_refused_before_any_work(image_folder, tmp_
 # --- 10, 11. leftovers and chunk sizes -------------------------------------------------------------------------
 def test_parts_left_by_a_kill_after_the_commit_are_cleaned(image_folder, tmp_path):
     options = ExtractOptions(batch_size=4, shard_size=4, workers=1, device="cpu")
-    extract(image_folder, "resnet18", "none", tmp_path, options=options)
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, options=options)
     parts = tmp_path / "resnet18" / "train.h5.parts"
     parts.mkdir()
     (parts / "part-00000.h5").write_bytes(b"\0" * 1000)  # what a kill between the commit and the cleanup leaves
-    extract(image_folder, "resnet18", "none", tmp_path, options=options)
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, options=options)
     assert not parts.exists()
 
 

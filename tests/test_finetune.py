@@ -172,7 +172,8 @@ def test_lp_ft_starts_from_the_probe_head_and_adamw_keeps_a_constant_lr(image_fo
     """``--head_init probe``: before any step (epoch 0) the run's val loss is the probe head's own cross-entropy on
     the extracted val features, computed here with numpy; AdamW and the constant schedule run as asked."""
     assert cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", "resnet18", *FLAGS)[0] == 0
-    assert cli("fit-head", tmp_path / "f" / "resnet18" / "train.h5", "--val", "none", "--out", tmp_path / "probe")[0] == 0
+    train = tmp_path / "f" / "resnet18" / "train.h5"
+    assert cli("fit-head", train, "--val", "none", "--out", tmp_path / "probe")[0] == 0
     val = store.load(tmp_path / "f" / "resnet18" / "val.h5")
     logits = load_head(tmp_path / "probe").decision_function(val.features).astype(np.float64)
     log_probabilities = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)

@@ -17,10 +17,12 @@ from sklearn.pipeline import Pipeline
 from test_faults import cli, one_line_error
 
 from featx import store
-from featx.extract import ExtractOptions, extract
+from featx.backbones import BackboneSpec
+from featx.extract import extract
 from featx.fit import evaluate, fit_head
 from featx.heads import HEADS, KNNHead, LinearHead, LogRegHead, holdout_split, load_head, make_head
 from featx.metrics import classification_metrics, plot_confusion
+from featx.options import ExtractOptions
 
 THRESHOLDS = {"logreg": 0.95, "linear": 0.95, "knn": 0.90}
 CLIP_ONLY = {"zeroshot"}  # heads that need features of a backbone with a text tower
@@ -135,7 +137,7 @@ def test_streaming_linear_memory_does_not_grow_with_rows(tmp_path):
 
 
 def test_head_refuses_features_of_another_backbone(real_heads, image_folder, tmp_path):
-    extract(image_folder, "resnet18", "none", tmp_path, splits=["val"], options=ExtractOptions(workers=0))
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path, splits=["val"], options=ExtractOptions(workers=0))
     with pytest.raises(ValueError, match="resnet18.*mobilenet_v2|mobilenet_v2.*resnet18"):
         evaluate(real_heads["logreg"], tmp_path / "resnet18" / "val.h5")
 
@@ -190,8 +192,8 @@ def test_save_load_roundtrip_and_torch_module_agree(kind, tmp_path):
 
 def test_views_store_augmented_rows_per_image(image_folder, tmp_path):
     options = ExtractOptions(workers=1, views=3, batch_size=5, shard_size=5)
-    extract(image_folder, "resnet18", "none", tmp_path / "a", options=options)
-    extract(image_folder, "resnet18", "none", tmp_path / "b", options=ExtractOptions(workers=0, views=3))
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "a", options=options)
+    extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "b", options=ExtractOptions(workers=0, views=3))
     train, again = (store.load(tmp_path / r / "resnet18" / "train.h5") for r in ("a", "b"))
     val = store.load(tmp_path / "a" / "resnet18" / "val.h5")
     assert train.features.shape[0] == 36 and np.array_equal(train.image_ids, np.arange(12).repeat(3))

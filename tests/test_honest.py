@@ -15,7 +15,6 @@ from PIL import Image
 from test_faults import SMALL, cli, one_line_error
 
 import featx
-from featx.extract import custom_transform
 from featx.fit import evaluate, fit_head
 
 
@@ -40,7 +39,7 @@ def test_a_copy_of_images_the_head_was_fitted_on_is_not_held_out(extracted, tmp_
     assert saved["held_out"] is False and saved["seen_in_fitting"] == 16
     assert Image.open(tmp_path / "eval" / "confusion.png").text["Title"].endswith("(NOT held out)")
     api = featx.extract(data / "val", "resnet18", "none", tmp_path / "api", device="cpu",
-                        transform=custom_transform("resnet18", "none", None, resize=40, crop=32))
+                        resize=40, crop=32)
     assert evaluate(tmp_path / "head", api["val"]["path"], tmp_path / "eval-api")["held_out"] is False
     capsys.readouterr()
     status, _, err = cli("predict", tmp_path / "head", root / "copy", "--device", "cpu", "--out", tmp_path / "p.json")

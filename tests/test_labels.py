@@ -107,7 +107,7 @@ def test_source_unlabelled_reads_tars_without_their_labels(photos, tmp_path):
 def test_compressed_tars_and_urls_are_refused_by_name(photos, tmp_path):
     import gzip
 
-    spec = tar_writer_shards(tmp_path / "tars", photos, lambda i, p: {"cls": "0"})
+    tar_writer_shards(tmp_path / "tars", photos, lambda i, p: {"cls": "0"})
     packed = tmp_path / "train-000000.tar.gz"
     packed.write_bytes(gzip.compress((tmp_path / "tars" / "train-000000.tar").read_bytes()))
     one_line_error(*cli("extract", packed, "--out", tmp_path / "f", *SMALL)[::2], str(packed), "compressed")

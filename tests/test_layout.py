@@ -63,14 +63,14 @@ def test_no_module_imports_one_that_imports_it_back():
 
 def test_pipeline_roles_depend_only_downward():
     """sources -> decode -> embed -> store/shards -> engines -> runner: no role imports one above it."""
-    order = ["featx.mirror", "featx.sources", "featx.decode", "featx.backbones", "featx.embed", "featx.store",
-             "featx.shards", "featx.engines", "featx.extract"]
+    order = ["featx.devices", "featx.mirror", "featx.sources", "featx.decode", "featx.backbones", "featx.runtimes",
+             "featx.embed", "featx.store", "featx.options", "featx.shards", "featx.engines", "featx.extract"]
     graph = import_graph()
 
     def role(module: str) -> int | None:  # a role's package holds its submodules (featx.backbones.timm_models)
         return next((rank for rank, name in enumerate(order) if module == name or module.startswith(name + ".")), None)
 
-    assert "featx.backbones.hf_models" in graph and role("featx.backbones.hf_models") == 3
+    assert "featx.backbones.hf_models" in graph and role("featx.backbones.hf_models") == 4
     for module, targets in graph.items():
         if role(module) is not None:
             above = {t for t in targets if role(t) is not None and role(t) > role(module)}
@@ -81,3 +81,15 @@ def test_every_module_says_what_it_holds():
     for path in PACKAGE.rglob("*.py"):
         if path.name != "__main__.py":
             assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no docstring"
+
+
+def test_devices_are_the_ground_floor_and_no_head_imports_the_mapper():
+    """Device and precision rules sit below everything (torch only); the heads use them, never the mapper
+    (``featx.embed``) or its runtimes, which would lift every head above them (the zeroshot head reads CLIP's text
+    tower from the registry, as a head must)."""
+    graph = import_graph()
+    assert graph["featx.devices"] == set()
+    heads = {module: targets for module, targets in graph.items() if module.startswith("featx.heads")}
+    assert "featx.heads.linear" in heads and "featx.devices" in heads["featx.heads.linear"]
+    for module, targets in heads.items():
+        assert not targets & {"featx.embed", "featx.runtimes"}, (module, targets)

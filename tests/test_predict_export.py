@@ -16,12 +16,13 @@ import pytest
 import torch
 from conftest import make_image_folder
 
-from featx.backbones import backbone_from_source
+from featx.backbones import BackboneSpec, backbone_from_source
 from featx.decode import ImageFiles, collate
 from featx.embed import Embedder
 from featx.export import export, fused_model
-from featx.extract import ExtractOptions, extract
+from featx.extract import extract
 from featx.fit import evaluate, fit_head
+from featx.options import ExtractOptions
 from featx.predict import accuracy, predict, to_csv
 
 
@@ -40,7 +41,7 @@ def test_predict_on_val_folder_reproduces_evaluate(hymenoptera_features, hymenop
 def small_head(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     data = make_image_folder(root / "data", per_class=8)
-    extract(data, "resnet18", "none", root / "features", options=ExtractOptions(workers=0, device="cpu"))
+    extract(data, BackboneSpec("resnet18", "none"), root / "features", options=ExtractOptions(workers=0, device="cpu"))
     fit_head(root / "features" / "resnet18" / "train.h5", "auto", "linear", root / "head", epochs=20, device="cpu")
     return root / "head", data
 

@@ -18,9 +18,12 @@ from test_faults import cli, one_line_error
 
 import featx
 from featx import store
-from featx.engines import EngineError, RayEngine, RayOptions, backbone_spec
-from featx.extract import IDENTITY_KEYS, ExtractOptions, split_dataset
+from featx.backbones import BackboneSpec
+from featx.engines import EngineError, RayEngine, RayOptions
+from featx.extract import IDENTITY_KEYS, split_dataset
+from featx.extract import extract as run_extract
 from featx.fit import fit_head
+from featx.options import ExtractOptions
 from featx.sources import discover
 
 pytestmark = pytest.mark.ray
@@ -34,7 +37,7 @@ def _on_ray(address: str, **ray_options) -> dict:
 @pytest.mark.real_data
 def test_ray_writes_the_local_engines_files(ray_cluster, hymenoptera, hymenoptera_features, mobilenet_weights,
                                             tmp_path):
-    summaries = featx.api.run_extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path,
+    summaries = run_extract(hymenoptera, BackboneSpec("mobilenet_v2", str(mobilenet_weights)), tmp_path,
                                       options=ExtractOptions(batch_size=32, shard_size=64, device="cpu"),
                                       **_on_ray(ray_cluster.address))
     for split in ("train", "val"):
@@ -64,12 +67,12 @@ def _kill_a_worker_mid_job(cluster, parts, killed: list) -> None:
 def test_a_worker_killed_mid_job_is_rerun_without_duplicates(ray_cluster, tmp_path):
     data = make_image_folder(tmp_path / "data", splits=("train",), per_class=12, size=(200, 200))
     options = ExtractOptions(batch_size=2, shard_size=4, device="cpu", workers=1, layout="virtual")
-    local = featx.api.run_extract(data, "resnet18", "none", tmp_path / "local", options=options)
+    local = run_extract(data, BackboneSpec("resnet18", "none"), tmp_path / "local", options=options)
     killed: list = []
     parts = tmp_path / "ray" / "resnet18" / "train.h5.parts"
     killer = threading.Thread(target=_kill_a_worker_mid_job, args=(ray_cluster, parts, killed))
     killer.start()
-    summary = featx.api.run_extract(data, "resnet18", "none", tmp_path / "ray", options=options,
+    summary = run_extract(data, BackboneSpec("resnet18", "none"), tmp_path / "ray", options=options,
                                     **_on_ray(ray_cluster.address))
     killer.join()
     assert killed, "no worker was killed"
@@ -99,8 +102,8 @@ def test_a_killed_driver_resumes_on_rerun(ray_cluster, tmp_path):
 def test_bad_images_are_recorded_as_locally(ray_cluster, image_folder, tmp_path):
     (image_folder / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     options = ExtractOptions(batch_size=4, shard_size=4, device="cpu", workers=1)
-    local = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "local", options=options)
-    distributed = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "ray", options=options,
+    local = run_extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "local", options=options)
+    distributed = run_extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "ray", options=options,
                                         **_on_ray(ray_cluster.address))
     assert distributed["train"]["failed"] == local["train"]["failed"] and len(local["train"]["failed"]) == 1
     assert "broken.jpg" in local["train"]["failed"][0][0]
@@ -113,9 +116,9 @@ def test_missing_gpus_are_one_line_and_failing_workers_stop_the_job(ray_cluster,
     (split, _) = discover(image_folder)
     options = ExtractOptions(device="cpu", workers=1)
     backbone = featx.backbones.create_backbone("resnet18", "none")
-    spec = backbone_spec("resnet18", str(tmp_path / "gone.pth"), None, backbone.transform)  # workers cannot load
+    spec = BackboneSpec("resnet18", str(tmp_path / "gone.pth"))  # workers cannot load it
     start = time.monotonic()
-    engine = RayEngine(spec, options, RayOptions(ray_cluster.address))
+    engine = RayEngine(spec, backbone, options, RayOptions(ray_cluster.address))
     with pytest.raises(EngineError, match=r"shard 0 failed 3 times.*gone.pth"):
         engine.run(split_dataset(split, backbone, options), tmp_path, {0: [[0, 1]]})
     assert time.monotonic() - start < 120
@@ -179,8 +182,8 @@ def test_a_cluster_that_goes_away_mid_job_is_one_line_and_the_rerun_resumes(ray_
 
 def test_ray_runs_a_timm_backbone_as_the_local_engine_does(ray_cluster, image_folder, tmp_path):
     options = ExtractOptions(batch_size=4, shard_size=4, device="cpu", workers=1)
-    local = featx.api.run_extract(image_folder, "timm:resnet18", "none", tmp_path / "local", options=options)
-    distributed = featx.api.run_extract(image_folder, "timm:resnet18", "none", tmp_path / "ray", options=options,
+    local = run_extract(image_folder, BackboneSpec("timm:resnet18", "none"), tmp_path / "local", options=options)
+    distributed = run_extract(image_folder, BackboneSpec("timm:resnet18", "none"), tmp_path / "ray", options=options,
                                         **_on_ray(ray_cluster.address))
     for split in ("train", "val"):
         a, b = store.load(local[split]["path"]), store.load(distributed[split]["path"])
@@ -200,7 +203,7 @@ def test_no_address_starts_a_private_instance_never_the_newest_cluster(ray_clust
 
 
 def test_the_ray_extract_job_writes_the_local_engines_features(ray_cluster, image_folder, tmp_path):
-    local = featx.api.run_extract(image_folder, "resnet18", "none", tmp_path / "local",
+    local = run_extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "local",
                                   options=ExtractOptions(device="cpu", workers=1))
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "ray_extract.py"), str(image_folder), "--out",
                              str(tmp_path / "job"), "--backbone", "resnet18", "--weights", "none", "--device", "cpu",

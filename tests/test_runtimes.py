@@ -17,10 +17,13 @@ from featx import store
 from featx.backbones import create_backbone
 from featx.cache import UntrustedCacheError
 from featx.decode import ImageFiles, collate
-from featx.embed import Embedder, cpu_flags
+from featx.devices import cpu_flags
+from featx.embed import Embedder, choose_runtime
 from featx.heads import make_head
 from featx.runtimes import agreement, calibration_batch, fastest_exact
 from featx.sources import discover
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +54,7 @@ def test_onnxruntime_and_the_default_give_pytorch_float32_features(hymenoptera, 
 
 def test_auto_measures_once_picks_an_exact_runtime_and_says_which(mobilenet_weights, private_cache):
     backbone = create_backbone("mobilenet_v2", str(mobilenet_weights))
-    chosen = Embedder(backbone, "cpu", "fp32", runtime="auto").runtime
+    chosen = choose_runtime(backbone, "auto", CPU, None)
     [record] = list((private_cache / "runtimes").glob("*.json"))
     choice = json.loads(record.read_text())
     assert choice["runtime"] == chosen and set(choice["measured"]) == {"torch", "onnxruntime"}
@@ -60,14 +63,17 @@ def test_auto_measures_once_picks_an_exact_runtime_and_says_which(mobilenet_weig
     plain = torchvision.models.mobilenet_v2()
     plain.load_state_dict(torch.load(mobilenet_weights, weights_only=True), strict=False)
     plain.classifier = torch.nn.Identity()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.inference_mode():
         expected = plain.eval()((batch.float() / 255 - mean) / std).numpy()
     got = Embedder(backbone, "cpu", "fp32", runtime=chosen)(batch).numpy()
     assert np.abs(got - expected).max() <= 1e-4
     record.write_text(json.dumps({**choice, "runtime": "torch"}))  # remembered: not measured again
-    assert Embedder(backbone, "cpu", "fp32", runtime="auto").runtime == "torch"
-    assert Embedder(backbone, "cpu", "bf16", runtime="auto", emulate=True).runtime == "torch"  # onnx: fp32 only
+    assert choose_runtime(backbone, "auto", CPU, None) == "torch"
+    assert choose_runtime(backbone, "auto", CPU, torch.bfloat16) == "torch"  # onnx: fp32 only
+    with pytest.raises(ValueError, match="decided by featx.runtimes.resolve_runtime"):
+        Embedder(backbone, "cpu", "fp32", runtime="auto")  # an Embedder runs a concrete runtime
 
 
 def test_auto_keeps_the_fastest_exact_runtime():
@@ -99,10 +105,10 @@ def test_a_planted_or_shared_onnx_graph_or_choice_is_refused(mobilenet_weights, 
     with pytest.raises(UntrustedCacheError, match="sha256 is not the one featx recorded"):
         Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
     graph.unlink()
-    Embedder(backbone, "cpu", "fp32", runtime="auto")
+    choose_runtime(backbone, "auto", CPU, None)
     (private_cache / "runtimes").chmod(0o777)
     with pytest.raises(UntrustedCacheError, match="group or others can write it"):
-        Embedder(backbone, "cpu", "fp32", runtime="auto")
+        choose_runtime(backbone, "auto", CPU, None)
 
 
 def test_bf16_is_refused_where_the_cpu_would_emulate_it_and_recorded_where_it_runs(image_folder, tmp_path):

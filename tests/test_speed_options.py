@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from featx import store
-from featx.backbones import create_backbone
+from featx.backbones import BackboneSpec, create_backbone
 from featx.cache import model_key
 from featx.decode import EvalTransform, ImageFiles, collate
 from featx.embed import Embedder, fold_batch_norms
-from featx.extract import ExtractOptions, extract
+from featx.extract import extract
+from featx.options import ExtractOptions
 from featx.sources import discover
 
 
@@ -54,10 +55,10 @@ def test_bf16_autocast_on_cpu_stays_close(real_batch, mobilenet_weights):
 
 def test_draft_decode_and_float16_storage_stay_close(hymenoptera, mobilenet_weights, tmp_path):
     weights = str(mobilenet_weights)
-    extract(hymenoptera, "mobilenet_v2", weights, tmp_path / "exact", splits=["val"])
-    extract(hymenoptera, "mobilenet_v2", weights, tmp_path / "draft", transform=EvalTransform(draft=True),
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", weights), tmp_path / "exact", splits=["val"])
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", weights, draft=True), tmp_path / "draft",
             splits=["val"])
-    extract(hymenoptera, "mobilenet_v2", weights, tmp_path / "half", splits=["val"],
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", weights), tmp_path / "half", splits=["val"],
             options=ExtractOptions(dtype="float16"))
     exact, draft, half = (store.load(tmp_path / r / "mobilenet_v2" / "val.h5") for r in ("exact", "draft", "half"))
     assert draft.meta["transform"]["draft"] and exact.paths == draft.paths
@@ -68,8 +69,8 @@ def test_draft_decode_and_float16_storage_stay_close(hymenoptera, mobilenet_weig
 
 
 def test_resize_crop_only_stays_close_on_real_photos(hymenoptera, hymenoptera_features, mobilenet_weights, tmp_path):
-    transform = EvalTransform(resize_crop_only=True)
-    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"], transform=transform)
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", str(mobilenet_weights), resize_crop_only=True), tmp_path,
+            splits=["val"])
     exact, region = store.load(hymenoptera_features / "val.h5"), store.load(tmp_path / "mobilenet_v2" / "val.h5")
     assert exact.paths == region.paths and region.meta["transform"]["resize_crop_only"]
     cosine = _cosine(exact.features, region.features)  # measured: min 0.99984, median 0.9999995
@@ -78,7 +79,8 @@ def test_resize_crop_only_stays_close_on_real_photos(hymenoptera, hymenoptera_fe
 
 def test_decode_on_device_stays_close_on_real_photos(hymenoptera, hymenoptera_features, mobilenet_weights, tmp_path):
     options = ExtractOptions(device="cpu", decode_on_device=True)  # torchvision's libjpeg-turbo + tensor resize
-    extract(hymenoptera, "mobilenet_v2", str(mobilenet_weights), tmp_path, splits=["val"], options=options)
+    extract(hymenoptera, BackboneSpec("mobilenet_v2", str(mobilenet_weights)), tmp_path, splits=["val"],
+            options=options)
     exact, decoded = store.load(hymenoptera_features / "val.h5"), store.load(tmp_path / "mobilenet_v2" / "val.h5")
     assert exact.paths == decoded.paths and decoded.meta["decoder"] == "torchvision.io.decode_jpeg"
     cosine = _cosine(exact.features, decoded.features)

@@ -7,7 +7,7 @@ classifier, and read feature widths through the functions below.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -17,6 +17,7 @@ from featx.backbones.common import POOLS, Family, ImageTower, WeightsError, Weig
 from featx.backbones.open_clip_models import text_embeddings
 from featx.backbones.torchvision_models import available, imagenet_categories
 from featx.decode import EvalTransform
+from featx.mirror import mirror_dir
 
 FAMILIES: tuple[Family, ...] = (timm_models.FAMILY, open_clip_models.FAMILY, hf_models.FAMILY)
 
@@ -109,6 +110,47 @@ def create_backbone(name: str, weights: str = "DEFAULT", mirror: str | os.PathLi
     return Backbone(name, model.eval(), dim, info, transform or default_transform, models.pool(model))
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What builds a backbone, wherever it runs (Ray workers rebuild it from this): ``create_backbone``'s name,
+    weights, mirror and pooling, and the changes asked to its eval transform (``resize``, ``crop``, ``draft``,
+    ``resize_crop_only``), applied to the weights' own preset in the one build."""
+
+    name: str = "resnet18"
+    weights: str = "DEFAULT"
+    mirror: str | None = None
+    pool: str = "default"
+    resize: int | None = None
+    crop: int | None = None
+    draft: bool = False
+    resize_crop_only: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", str(self.weights))
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (pixels), got {value!r}")
+
+    def portable(self) -> BackboneSpec:
+        """The same spec with a weights file and the mirror as absolute paths (workers may start elsewhere)."""
+        root = mirror_dir(self.mirror)
+        weights = os.path.abspath(self.weights) if os.path.isfile(self.weights) else self.weights
+        return replace(self, weights=weights, mirror=str(root.resolve()) if root else None)
+
+    def build(self) -> Backbone:
+        """The frozen extractor, its transform changed as asked."""
+        backbone = create_backbone(self.name, self.weights, self.mirror, pool=self.pool)
+        if self.resize is None and self.crop is None and not self.draft and not self.resize_crop_only:
+            return backbone
+        preset = backbone.transform
+        return replace(backbone, transform=replace(preset, resize=self.resize or preset.resize,
+                                                   crop=self.crop or preset.crop, draft=self.draft,
+                                                   resize_crop_only=self.resize_crop_only))
+
+
 def backbone_from_source(source: dict, mirror: str | os.PathLike | None = None) -> Backbone:
     """Rebuild the extractor described by a features file's or head's provenance; the weights hash must match."""
     weights = source["weights"]
@@ -125,7 +167,7 @@ def backbone_from_source(source: dict, mirror: str | os.PathLike | None = None) 
     return backbone
 
 
-__all__ = ["Backbone", "Family", "ImageTower", "POOLS", "WeightsError", "WeightsInfo", "available",
+__all__ = ["Backbone", "BackboneSpec", "Family", "ImageTower", "POOLS", "WeightsError", "WeightsInfo", "available",
            "backbone_from_source", "classifier_layer", "classifier_layer_name", "create_backbone", "create_model",
            "family", "feature_dim", "folder_name", "imagenet_categories", "listing", "replace_classifier",
            "text_embeddings"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from featx import store
-from featx.embed import resolve_device
+from featx.devices import resolve_device
 from featx.heads.base import Head, check_grid, check_positive
 from featx.heads.blocks import BLOCK_BYTES, BlockStream
 from featx.tensors import load_tensors
