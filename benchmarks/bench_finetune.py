@@ -29,7 +29,7 @@ from common import in_fresh_process, mirror, parse_args, replicated, synchronize
 from featx.backbones import classifier_layer_name, create_model, replace_classifier  # noqa: E402
 from featx.decode import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from featx.devices import resolve_device  # noqa: E402
-from featx.finetune import FinetuneConfig, prepare, train_one_epoch  # noqa: E402
+from featx.finetuning import FinetuneConfig, prepare, train_one_epoch  # noqa: E402
 
 
 def d2l_loop(data: Path, backbone: str, batch_size: int, device: torch.device) -> float:

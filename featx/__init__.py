@@ -14,7 +14,7 @@ The modules, in pipeline order (each imports only modules above it in its group 
 - entry points: ``api``, ``flags`` -> ``cli``; shared: ``tensors`` (safe ``torch.load``), ``version``.
 """
 
-from featx.api import embed_images, extract, load, to_dataframe
+from featx.api import embed_images, extract, finetune, load, to_dataframe
 from featx.version import __version__
 
-__all__ = ["embed_images", "extract", "load", "to_dataframe", "__version__"]
+__all__ = ["embed_images", "extract", "finetune", "load", "to_dataframe", "__version__"]

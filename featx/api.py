@@ -151,8 +151,8 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         label_key: the manifest column, tar JSON key, or txt (tar captions) that holds the label.
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
     """
-    from featx.finetune import FinetuneConfig
-    from featx.finetune import finetune as run_finetune
+    from featx.finetuning import FinetuneConfig  # scikit-learn and the heads, only when fine-tuning
+    from featx.finetuning import finetune as run_finetune
 
     unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
     if unknown:

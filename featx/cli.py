@@ -167,7 +167,7 @@ USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError, Engine
 def extra_flags(command: str) -> dict[str, object]:
     """Flags a command takes through ``**kwargs``: head parameters, the finetune recipe (name -> default)."""
     if command == "finetune":
-        from featx.finetune import FinetuneConfig
+        from featx.finetuning import FinetuneConfig
 
         return {name: field.default for name, field in FinetuneConfig.__dataclass_fields__.items()}
     if command == "fit-head":

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from featx.backbones import backbone_from_source
-from featx.finetune import RUN_FILE, load_finetuned
+from featx.finetuning import RUN_FILE, load_finetuned
 from featx.heads import load_head
 
 

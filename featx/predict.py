@@ -18,7 +18,7 @@ from featx.backbones import Backbone, WeightsInfo, backbone_from_source
 from featx.decode import EvalTransform, ImageFiles, load_rgb, read_batches, sequential_batches
 from featx.devices import resolve_device
 from featx.embed import Embedder
-from featx.finetune import RUN_FILE, load_finetuned
+from featx.finetuning import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
 from featx.metrics import load_seen, not_held_out, seen_rows

@@ -21,7 +21,7 @@ from featx import flags, store
 from featx.backbones import BackboneSpec
 from featx.cli import guarded
 from featx.extract import extract
-from featx.finetune import FinetuneConfig, finetune
+from featx.finetuning import FinetuneConfig, finetune
 from featx.fit import evaluate, fit_head
 from featx.mirror import fetch_dataset, mirrored_weights
 from featx.options import ExtractOptions

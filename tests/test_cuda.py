@@ -10,7 +10,7 @@ import torch
 from featx import store
 from featx.backbones import BackboneSpec
 from featx.extract import extract
-from featx.finetune import FinetuneConfig, finetune
+from featx.finetuning import FinetuneConfig, finetune
 from featx.heads import make_head
 from featx.options import ExtractOptions
 

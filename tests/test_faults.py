@@ -21,7 +21,7 @@ from featx import checkpoints, store
 from featx.backbones import BackboneSpec
 from featx.cli import guarded, run
 from featx.extract import extract
-from featx.finetune import FinetuneConfig, finetune, prepare
+from featx.finetuning import FinetuneConfig, finetune, prepare
 from featx.fit import fit_head
 from featx.heads import LogRegHead, load_head
 from featx.options import ExtractOptions

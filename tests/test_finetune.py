@@ -15,7 +15,7 @@ from conftest import make_image_folder
 from test_faults import cli
 
 from featx import checkpoints, store
-from featx.finetune import FinetuneConfig, evaluate, finetune, imagenet_rows, lr_factor, prepare, train_one_epoch
+from featx.finetuning import FinetuneConfig, evaluate, finetune, imagenet_rows, lr_factor, prepare, train_one_epoch
 from featx.heads import load_head
 from featx.predict import accuracy, predict
 

@@ -18,7 +18,7 @@ from conftest import make_image_folder, require_root, require_setpriv, sigkill_w
 from test_faults import SMALL, cli, one_line_error
 
 from featx import checkpoints, store
-from featx.finetune import FinetuneConfig, finetune
+from featx.finetuning import FinetuneConfig, finetune
 
 FINETUNE = ["--backbone", "squeezenet1_1", "--weights", "none", "--resize", "40", "--crop", "32", "--epochs", "1",
             "--workers", "0", "--device", "cpu", "--batch_size", "4"]

@@ -225,7 +225,7 @@ def test_embed_images_equals_extracted_rows(image_folder, tmp_path):
 
 def test_finetune_reads_manifests_and_tars(image_folder, tmp_path):
     from featx import checkpoints
-    from featx.finetune import FinetuneConfig, finetune, prepare
+    from featx.finetuning import FinetuneConfig, finetune, prepare
 
     images = sorted((image_folder / "train").rglob("*.jpg"))
     spec = write_tars(tmp_path / "tars", [(p, p.parent.name) for p in images], [6, 6], prefix="train")
