@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from featx.mirror import file_digest
+
+SCRATCH = ".building-"  # + the building process's id: a build's scratch folder, renamed into place when whole
 
 
 class UntrustedCacheError(ValueError):
@@ -54,7 +57,8 @@ def cached_file(kind: str, filename: str, build: Callable[[Path], None], what: s
     require_private(folder)
     if not (path.is_file() and digest.is_file()):
         print(f"building {what} once (cached in {folder}) ...", flush=True)
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        remove_abandoned(folder)
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH}{os.getpid()}-", dir=folder) as scratch:
             partial = Path(scratch) / path.name
             build(partial)
             (Path(scratch) / digest.name).write_text(file_digest(partial))
@@ -65,6 +69,24 @@ def cached_file(kind: str, filename: str, build: Callable[[Path], None], what: s
         raise UntrustedCacheError(f"refusing the cached {path}: its sha256 is not the one featx recorded when it "
                                   "built it; delete it (featx rebuilds it)")
     return path
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Remove the scratch folders of builds whose process is gone (killed mid-build)."""
+    for scratch in folder.glob(f"{SCRATCH}*"):
+        pid = scratch.name.removeprefix(SCRATCH).split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def require_private(path: Path) -> None:

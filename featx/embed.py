@@ -137,13 +137,14 @@ def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: 
     the reference."""
     batch = calibration_batch(backbone.transform.crop)
 
-    def measure() -> dict | None:  # only when no choice is remembered: the export and three models cost seconds
+    def measure() -> dict:  # only when no choice is remembered: the export and three models cost seconds
         candidates = {"torch": Embedder(backbone, "cpu", "fp32", channels_last, fold_batch_norm=fold_batch_norm)}
         try:
             candidates["onnxruntime"] = Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
         except Exception as error:  # noqa: BLE001 - an exporter that cannot take the model: torch runs it
-            print(f"onnxruntime cannot run {backbone.name} ({type(error).__name__}); using torch", flush=True)
-            return None
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+            print(f"onnxruntime cannot run {backbone.name} ({why}); torch runs it (remembered)", flush=True)
+            return {"runtime": "torch", "measured": {}, "onnxruntime_failed": why}
         reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
         return fastest_exact(candidates, reference, batch)
 

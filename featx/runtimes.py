@@ -10,8 +10,11 @@ An ONNX graph is data, not code (featx registers no custom operators); it is sti
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -70,17 +73,16 @@ def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, c
 
 
 def resolve_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool, key: str,
-                    measure: Callable[[], dict | None]) -> str:
+                    measure: Callable[[], dict]) -> str:
     """The runtime that runs: ``runtime`` checked, or for ``auto`` torch everywhere but a CPU in float32 without
     --compile where ONNX Runtime is installed; there, the choice remembered under ``key`` in the private cache, else
-    ``measure()``'s (``fastest_exact`` of the candidates, or None when ONNX Runtime cannot take the model: torch,
-    not remembered)."""
+    ``measure()``'s (``fastest_exact`` of the candidates, or torch where ONNX Runtime cannot take the model), which
+    is remembered."""
     if runtime != "auto":
         return check_runtime(runtime, device, amp, compile)
     if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
         return "torch"
-    choice = remembered(key, measure)
-    return choice["runtime"] if choice else "torch"
+    return remembered(key, measure)["runtime"]
 
 
 def describe(runtime: str) -> str:
@@ -93,11 +95,31 @@ def describe(runtime: str) -> str:
 
 
 def _export(model: nn.Module, example: torch.Tensor, path) -> None:
-    """The TorchScript-based exporter: ~1.5 s for ResNet-18 on 2 cores, against 6-14 s for the dynamo one."""
-    with warnings.catch_warnings():
+    """The TorchScript-based exporter: ~1.5 s for ResNet-18 on 2 cores, against 6-14 s for the dynamo one. Its
+    notes are silenced: when it fails it prints the whole graph (hundreds of lines), and the error says enough."""
+    with warnings.catch_warnings(), _silenced():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
+
+
+@contextlib.contextmanager
+def _silenced():
+    """Standard output and error, at the descriptor level (the exporter logs from C++), sent nowhere."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for descriptor, copy in zip((1, 2), saved):
+            os.dup2(copy, descriptor)
+            os.close(copy)
 
 
 def agreement(reference: torch.Tensor, features: torch.Tensor) -> dict:
@@ -118,8 +140,8 @@ def images_per_second(run, batch: torch.Tensor, repeats: int = 2) -> float:
     return repeats * len(batch) / (time.perf_counter() - start)
 
 
-def remembered(key: str, measure) -> dict | None:
-    """The choice remembered under ``key`` in the private cache; else ``measure()``'s, remembered unless None."""
+def remembered(key: str, measure) -> dict:
+    """The choice remembered under ``key`` in the private cache; else ``measure()``'s, remembered."""
     folder = cache_dir("runtimes")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     require_private(folder)
@@ -128,9 +150,8 @@ def remembered(key: str, measure) -> dict | None:
         require_private(path)
         return json.loads(path.read_text())
     choice = measure()
-    if choice is not None:
-        path.write_text(json.dumps(choice))
-        path.chmod(0o600)
+    path.write_text(json.dumps(choice))
+    path.chmod(0o600)
     return choice
 
 

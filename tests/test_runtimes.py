@@ -5,17 +5,21 @@ runtime the driver chose; bf16 is refused where the CPU would emulate it, and it
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import make_image_folder, sigkill_when
 from test_faults import cli, one_line_error
 
 from featx import store
-from featx.backbones import create_backbone
-from featx.cache import UntrustedCacheError
+from featx.backbones import BackboneSpec, create_backbone
+from featx.cache import SCRATCH, UntrustedCacheError
 from featx.decode import ImageFiles, collate
 from featx.devices import cpu_flags
 from featx.embed import Embedder, choose_runtime
@@ -112,7 +116,8 @@ def test_a_planted_or_shared_onnx_graph_or_choice_is_refused(mobilenet_weights, 
 
 
 def test_bf16_is_refused_where_the_cpu_would_emulate_it_and_recorded_where_it_runs(image_folder, tmp_path):
-    run = ["extract", image_folder, "--backbone", "resnet18", "--weights", "none", "--device", "cpu",
+    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=24)
+    run = ["extract", data, "--backbone", "resnet18", "--weights", "none", "--device", "cpu",
            "--resize", "40", "--crop", "32", "--out", tmp_path / "f"]
     if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
         one_line_error(*cli(*run, "--precision", "bf16")[::2], "--precision bf16 needs a CPU with native bf16")
@@ -144,3 +149,45 @@ def test_bf16_agreement_on_real_weights(hymenoptera, mobilenet_weights):
     print(f"bf16 vs fp32 on real MobileNetV2: min cosine {measured['min_cosine']:.5f}, val accuracy {accuracy}")
     assert measured["min_cosine"] >= 0.98 and accuracy["fp32"] >= 0.95  # 0.98: the CUDA bf16 test's bound
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 1 / len(rows["val"][1]) + 1e-9
+
+
+def test_a_killed_builds_scratch_folder_is_removed_by_the_next_build(mobilenet_weights, private_cache):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id nobody runs now: a build killed mid-way
+    abandoned = private_cache / "onnx" / f"{SCRATCH}{gone.pid}-x1"
+    running = private_cache / "onnx" / f"{SCRATCH}{os.getpid()}-x2"  # a build still running (this process)
+    for folder in (abandoned, running):
+        folder.mkdir(parents=True)
+        (folder / "partial.onnx").write_bytes(b"half")
+    private_cache.chmod(0o700)
+    (private_cache / "onnx").chmod(0o700)
+    Embedder(create_backbone("mobilenet_v2", str(mobilenet_weights)), "cpu", "fp32", runtime="onnxruntime")
+    assert not abandoned.exists() and running.exists()
+
+
+def test_a_resume_keeps_the_runtime_its_output_started_with(private_cache, tmp_path):
+    """Killed after a shard with --runtime onnxruntime: a rerun asking for torch is refused in one line and changes
+    nothing; a rerun with auto, where auto would now pick torch, resumes with ONNX Runtime. Never mixed rows."""
+    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=24)
+    run = ["extract", data, "--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32",
+           "--device", "cpu", "--splits", "train", "--shard_size", "4", "--batch_size", "4"]
+    assert cli(*run, "--out", tmp_path / "reference", "--runtime", "onnxruntime")[0] == 0
+    command = [sys.executable, "-m", "featx", *map(str, run), "--out", str(tmp_path / "f"), "--runtime", "onnxruntime"]
+    parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
+    sigkill_when(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                 lambda: len(store.finished_shards(parts)) >= 1)
+    assert 1 <= len(store.finished_shards(parts)) < 12, "not killed mid-split"
+    before = sorted(p.name for p in parts.iterdir())
+    one_line_error(*cli(*run, "--out", tmp_path / "f", "--runtime", "torch")[::2],
+                   "runtime: 'onnxruntime' there, 'torch' now", "--overwrite")
+    assert sorted(p.name for p in parts.iterdir()) == before
+    backbone = BackboneSpec("resnet18", "none", resize=40, crop=32).build()
+    choose_runtime(backbone, "auto", CPU, None)  # what auto remembers for this model here ...
+    for record in (private_cache / "runtimes").glob("*.json"):  # ... made torch, as on a host where torch wins
+        record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": "torch"}))
+    assert choose_runtime(backbone, "auto", CPU, None) == "torch"
+    status, out, err = cli(*run, "--out", tmp_path / "f")
+    assert status == 0 and "resuming" in out, err
+    resumed, reference = (store.load(tmp_path / f / "resnet18" / "train.h5") for f in ("f", "reference"))
+    assert resumed.meta["runtime"].startswith("onnxruntime ") and resumed.paths == reference.paths
+    assert np.array_equal(resumed.features, reference.features)
