@@ -24,7 +24,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", *, mir
             compression=None, resize=None, crop=None, draft=False, resize_crop_only=False, shard_size=1024,
             splits=None, overwrite=False, views=1, augment_seed=0, source="auto", root=None, engine="local",
             ray_address=None, ray_workers=None, ray_cpus_per_worker=1, layout="copy", label_key="label",
-            pool="default") -> dict[str, dict]:
+            path_key="path", pool="default") -> dict[str, dict]:
     """Run a frozen backbone over images and cache their pooled features in HDF5.
 
     Writes OUT/BACKBONE/SPLIT.h5 for each split of DATA (train/, val/, test/ folders, a manifest's split column),
@@ -40,6 +40,8 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", *, mir
         root: the folder a manifest's relative paths start from (default: the manifest's folder).
         label_key: where labels are: the manifest column (or Hugging Face metadata.csv column); for tars the key of
             key.json (key.cls always wins), or txt to take the key.txt captions as labels.
+        path_key: the manifest column that holds the image paths (default path; image_path, file_name, image ...
+            are read with a note when there is no path column).
         backbone: any torchvision classifier name (resnet18 ... resnet152, mobilenet_v2, squeezenet1_1, ...),
             timm:NAME[.TAG] (any timm model), open_clip:ARCH[/PRETRAINED] (an OpenCLIP image tower), or
             hf:REPO_OR_FOLDER (a Hugging Face transformers vision model); `featx backbones` lists them.
@@ -100,7 +102,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", *, mir
     spec = BackboneSpec(backbone, weights, mirror, pool, resize, crop, draft, resize_crop_only)
     splits = splits.split(",") if isinstance(splits, str) else splits
     return run_extract(data, spec, out, options=options, splits=splits, source=source, root=root, engine=engine,
-                       label_key=label_key,
+                       label_key=label_key, path_key=path_key,
                        ray_options=RayOptions(ray_address, ray_workers, ray_cpus_per_worker))
 
 
@@ -149,6 +151,8 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         val_fraction: share of train held out for validation when DATA has no val/ split.
         source: how to read DATA: auto, imagefolder, manifest, webdataset (labelled sources only).
         label_key: the manifest column, tar JSON key, or txt (tar captions) that holds the label.
+        path_key: the manifest column that holds the image paths (default path; image_path, file_name, image ...
+            are read with a note when there is no path column).
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
     """
     from featx.finetuning import FinetuneConfig  # scikit-learn and the heads, only when fine-tuning

@@ -41,7 +41,7 @@ class ExtractError(RuntimeError):
 def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.PathLike = "features", *,
             options: ExtractOptions = ExtractOptions(), splits: list[str] | None = None, source: str = "auto",
             root: str | os.PathLike | None = None, engine: str = "local", ray_options: RayOptions = RayOptions(),
-            label_key: str = "label") -> dict[str, dict]:
+            label_key: str = "label", path_key: str = "path") -> dict[str, dict]:
     """Extract every split of ``data_root`` (read as ``source``: ``featx.sources``) with the backbone ``spec``
     builds to ``out/<backbone>/<split>.h5`` (``featx.backbones.folder_name``), its shards run by ``engine``
     (``featx.engines``: local, or ray); returns a summary per split."""
@@ -49,7 +49,7 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if engine == "ray" and not ray_available():
         raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
-    all_splits = discover(data_root, source, root, label_key)
+    all_splits = discover(data_root, source, root, label_key, path_key)
     if options.decode_on_device is None:  # the fast pipeline wherever the model runs on a GPU
         options = replace(options, decode_on_device=engine == "local" and resolve_device(options.device).type == "cuda")
     if splits:

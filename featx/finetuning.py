@@ -83,6 +83,7 @@ class FinetuneConfig:
     val_fraction: float = 0.2  # held out of train (stratified, by seed) when the data has no val/ or test/ split
     source: str = "auto"  # how to read DATA: featx.sources.SOURCES
     label_key: str = "label"  # the manifest column, tar JSON key, or txt (tar captions) holding the label
+    path_key: str = "path"  # the manifest column holding the image paths
     seed: int = 0
 
     def __post_init__(self):
@@ -255,7 +256,7 @@ def set_train_mode(model: nn.Module) -> None:
 def training_splits(data: str | os.PathLike, cfg: FinetuneConfig) -> tuple[Split, Split]:
     """(train, val): the data's train/ (or its one split) and val/ (valid/, validation/, test/); without a
     validation split, a stratified ``cfg.val_fraction`` of train, the same for the same seed."""
-    splits = {s.name: s for s in discover(data, cfg.source, label_key=cfg.label_key)}
+    splits = {s.name: s for s in discover(data, cfg.source, label_key=cfg.label_key, path_key=cfg.path_key)}
     if not next(iter(splits.values())).labelled:
         raise ValueError(f"{data} has no labels (no class folders or label column): fine-tuning needs them; give "
                          "class folders or a manifest with a label column")
@@ -431,6 +432,7 @@ def prepare(data: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = N
     record = {"kind": "finetune", "config": asdict(cfg), "backbone": cfg.backbone, "num_classes": len(class_names),
               "class_names": class_names, "transform": transform.describe(), "weights_source": weights.source,
               "weights_sha256": weights.sha256, "frozen_parameters": len(frozen),
+              "data": {"root": str(Path(data).resolve()), "train": train.fingerprint(), "val": val.fingerprint()},
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **head_report}
     return Training(model, optimizer, scheduler, scaler, loaders, amp, class_names, record)
 
@@ -449,6 +451,18 @@ def resumable(out: Path, cfg: FinetuneConfig):
     return check
 
 
+def same_data(out: Path, data: dict) -> None:
+    """Refuse to resume a run on other images: its best epoch would compare scores taken on different val sets."""
+    try:
+        made_on = json.loads((out / RUN_FILE).read_text()).get("data")
+    except (OSError, ValueError):
+        return  # no run to resume: it starts fresh
+    if made_on and {k: made_on.get(k) for k in ("train", "val")} != {k: data[k] for k in ("train", "val")}:
+        which = " and ".join(k for k in ("train", "val") if made_on.get(k) != data[k])
+        raise ValueError(f"{out} was trained on other images ({which} differ from {data['root']}'s; it used "
+                         f"{made_on.get('root')}); resume it on the same DATA, or choose another --out")
+
+
 def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = None,
              trust_pickle: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     """``featx finetune``: train ``cfg``'s recipe on ``data`` into the run folder ``out``; returns the metrics of the
@@ -463,6 +477,8 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
 def _train_in(out: Path, training: Training, cfg: FinetuneConfig, resume: bool, overwrite: bool) -> dict:
     """``finetune``'s body, with the run folder locked. A refused command changes nothing in it."""
     model, optimizer, scheduler, scaler = training.model, training.optimizer, training.scheduler, training.scaler
+    if resume:
+        same_data(out, training.record["data"])
     progress = checkpoints.restore(out, model, optimizer, scheduler, scaler, resumable(out, cfg)) if resume else None
     if (out / RUN_FILE).is_file() and not resume:
         if not overwrite:

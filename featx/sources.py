@@ -40,6 +40,8 @@ TAR_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 TAR_TEXT_EXTENSIONS = (".cls", ".json", ".txt")  # label and metadata members, read at indexing
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 HF_METADATA = "metadata.csv"  # a Hugging Face imagefolder's per-split table (file_name + columns)
+PATH_COLUMNS = ("image_path", "filepath", "file_path", "file_name", "filename", "image", "img_path")  # polars, HF
+HF_ARROW = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `datasets`' save_to_disk writes
 
 
 def split_name(name: str) -> str | None:
@@ -259,16 +261,22 @@ def _manifest_rows(path: Path) -> tuple[list[str], list[dict], int]:
     return table.column_names, table.to_pylist(), 0
 
 
-def manifest(path: Path, root: Path | None = None, label_key: str = "label") -> list[Split]:
-    """Splits of a CSV or Parquet manifest: ``path`` (relative to ``root``, default the manifest's folder, or
-    absolute), optional ``label_key`` column (class names, or integers) and ``split`` (train/val/test and their
-    aliases)."""
+def manifest(path: Path, root: Path | None = None, label_key: str = "label", path_key: str = "path") -> list[Split]:
+    """Splits of a CSV or Parquet manifest: ``path_key`` (relative to ``root``, default the manifest's folder, or
+    absolute; without a ``path`` column, the common names of other tools are read, with a note), optional
+    ``label_key`` column (class names, or integers) and ``split`` (train/val/test and their aliases)."""
     columns, rows, first = _manifest_rows(path)
-    if "path" not in columns:
-        raise ValueError(f"{path} has no 'path' column (its columns: {', '.join(columns) or 'none'})")
+    if path_key == "path" and "path" not in columns:
+        path_key = next((name for name in PATH_COLUMNS if name in columns), path_key)
+        if path_key != "path":
+            print(f"featx: note: {path} has no 'path' column; reading the image paths from {path_key!r} "
+                  "(--path_key names another)", file=sys.stderr)
+    if path_key not in columns:
+        raise ValueError(f"{path} has no {path_key!r} column (its columns: {', '.join(columns) or 'none'}); name the "
+                         "column of image paths with --path_key")
     if not rows:
         raise ValueError(f"{path} has a header but no rows: nothing to read")
-    table = [(number, str(row["path"]), row.get(label_key), row.get("split") if "split" in columns else None)
+    table = [(number, str(row[path_key]), row.get(label_key), row.get("split") if "split" in columns else None)
              for number, row in enumerate(rows, start=first)]
     return _table_splits(path, Path(root) if root else path.parent, table, label_key in columns, label_key)
 
@@ -461,6 +469,17 @@ def _tar_label(tar: Path, key: str, texts: dict[str, bytes], label_key: str):
     return value.get(label_key) if isinstance(value, dict) else None
 
 
+def _keys_found(texts: dict[str, list[str]]) -> str:
+    """What a tar's samples do hold, to name in an error: their first JSON's keys, and whether they have captions."""
+    first = next((text for text in texts["json"] if text), None)
+    try:
+        keys = sorted(json.loads(first)) if first else []
+    except (ValueError, TypeError):
+        keys = []
+    held = [f"their .json keys: {', '.join(keys)}" if keys else "no .json labels"]
+    return "; ".join(held + (["captions in .txt"] if any(texts["caption"]) else []))
+
+
 def tar_shards(spec: str, label_key: str = "label", labelled: bool = True) -> list[Split]:
     """One split of WebDataset tar shards, one tar per shard; named after the shards' common split prefix
     (``train-000000.tar``, ``validation-000000.tar`` -> ``val``), else ``all``. ``labelled=False`` reads no labels;
@@ -481,6 +500,9 @@ def tar_shards(spec: str, label_key: str = "label", labelled: bool = True) -> li
         sizes.append(len(samples))
     readable = [i for i, member in enumerate(members) if not member.problem]  # the others fail when read
     labelled_items = [i for i in readable if values[i] is not None]
+    if labelled and readable and not labelled_items and label_key != "label":  # asked for, and in no sample
+        raise ValueError(f"no sample of {spec} has a label under --label_key {label_key!r} ({_keys_found(texts)}); "
+                         "name the .json key that holds the label, or txt for the captions")
     if labelled_items and len(labelled_items) != len(readable):
         missing = next(i for i in readable if values[i] is None)
         raise ValueError(f"{paths[missing]} has no label but {paths[labelled_items[0]]} has one")
@@ -506,6 +528,10 @@ def detect(data: str) -> str:
         return "webdataset"
     if not path.is_dir():
         raise FileNotFoundError(f"data {data} does not exist (give a folder, a .csv/.parquet manifest or .tar shards)")
+    if any((path / name).is_file() for name in HF_ARROW):
+        raise ValueError(f"{data} is a Hugging Face `datasets` folder (save_to_disk's Arrow files), which featx does "
+                         "not read: write its images out as files (an ImageFolder, or a CSV with path and label "
+                         "columns), or push it as an imagefolder")
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     tars = [p for p in entries if p.name.endswith((".tar", *COMPRESSED_TARS))]
     if tars and all(p in tars or p.suffix.lower() in (".parquet", ".json") for p in entries):  # img2dataset's too
@@ -518,10 +544,10 @@ def detect(data: str) -> str:
 
 
 def discover(data: str | os.PathLike, source: str = "auto", root: str | os.PathLike | None = None,
-             label_key: str = "label") -> list[Split]:
+             label_key: str = "label", path_key: str = "path") -> list[Split]:
     """The splits of ``data`` read as ``source`` (``auto``: ``detect``). ``root``: the folder a manifest's
     relative paths start from (default: the manifest's folder). ``label_key``: the manifest column, JSON key
-    (tars) or ``txt`` (tar captions as labels) that holds the label."""
+    (tars) or ``txt`` (tar captions as labels) that holds the label; ``path_key``: a manifest's column of paths."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
     data = str(data)
@@ -530,7 +556,7 @@ def discover(data: str | os.PathLike, source: str = "auto", root: str | os.PathL
                          "WebDataset shards, e.g. with `curl -O` or img2dataset), then give its folder")
     kind = detect(data) if source == "auto" else source
     if kind == "manifest":
-        return manifest(Path(data), root, label_key)
+        return manifest(Path(data), root, label_key, path_key)
     if kind == "hf-imagefolder":
         return hf_imagefolder(Path(data), label_key)
     if kind == "webdataset" or (kind == "unlabelled" and detect(data) == "webdataset"):

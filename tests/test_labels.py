@@ -194,3 +194,32 @@ def test_a_hugging_face_imagefolder_keeps_its_labels_and_splits(photos, tmp_path
         metadata.write_text(metadata.read_text().replace("file_name,label", "file_name,species"))
     one_line_error(*cli("extract", root, *SMALL)[::2], "metadata.csv", "no 'label' column", "--label_key")
     assert len(discover(root, label_key="species")[0]) == 6
+
+
+def test_a_label_key_no_sample_has_is_one_line_naming_what_they_hold(photos, tmp_path):
+    spec = tar_writer_shards(tmp_path / "tars", photos, lambda i, p: {"json": {"species": i % 2, "url": "u"}})
+    one_line_error(*cli("extract", spec, "--out", tmp_path / "f", "--label_key", "nokey", *SMALL)[::2],
+                   "--label_key 'nokey'", "their .json keys: species, url")
+    assert not (tmp_path / "f").exists()
+    assert discover(spec, label_key="species")[0].class_names == ("0", "1")
+
+
+@pytest.mark.parametrize("column", ["image_path", "file_name", "image"])
+def test_a_manifest_whose_paths_are_under_another_name(photos, column, tmp_path, capsys):
+    rows = "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in photos)
+    (split,) = discover(_csv(tmp_path / "m.csv", f"{column},label\n" + rows))
+    assert len(split) == 12 and split.class_names == ("cats", "dogs")
+    assert f"reading the image paths from {column!r}" in capsys.readouterr().err
+    renamed = _csv(tmp_path / "n.csv", "where,label\n" + rows)
+    one_line_error(*cli("extract", renamed, "--out", tmp_path / "f", *SMALL)[::2], "no 'path' column", "--path_key")
+    status, _, err = cli("extract", renamed, "--path_key", "where", "--out", tmp_path / "f", *SMALL)
+    assert status == 0 and len(store.load(tmp_path / "f" / "resnet18" / "all.h5").paths) == 12, err
+
+
+def test_a_datasets_save_to_disk_folder_is_refused_by_name(tmp_path):
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for name in ("dataset_info.json", "state.json", "data-00000-of-00001.arrow"):
+        (folder / name).write_text("{}")
+    one_line_error(*cli("extract", folder, "--out", tmp_path / "f", *SMALL)[::2], "Hugging Face `datasets` folder",
+                   "save_to_disk")

@@ -89,6 +89,9 @@ def test_a_refused_resume_changes_nothing(image_folder, tmp_path):
                    "different recipe (lr)")
     one_line_error(*cli("finetune", image_folder, "--out", run, *FINETUNE[:-6], "--resume", "--backbone",
                         "resnet18")[::2], "different recipe")
+    other = make_image_folder(tmp_path / "other", per_class=5, seed=1)  # other images, another val hold-out
+    one_line_error(*cli("finetune", other, "--out", run, *FINETUNE, "--resume", "--epochs", "2")[::2],
+                   "trained on other images (train and val differ", str(image_folder))
     assert _snapshot(run) == before
     assert cli("predict", run, image_folder / "val", "--device", "cpu")[0] == 0
     assert cli("export", run, tmp_path / "exported", "--noonnx")[0] == 0
