@@ -126,15 +126,32 @@ def export_features(features, out, format=None, normalize=False):
     print(f"wrote {write(features, out, format, normalize)}")
 
 
-def info(features):
-    """Print a features file's provenance (backbone, weights, preprocessing, data, featx version) and counts.
+def info(path):
+    """Print what PATH holds: a features file's provenance (backbone, weights, preprocessing, data, featx version)
+    and counts; a head's kind, classes, features and choice; a finetune run's recipe, data and score.
 
     Args:
-        features: features file (from `featx extract`).
+        path: a features file (from `featx extract`), a head folder (`featx fit-head`) or a finetune run folder.
     """
+    from pathlib import Path
+
     from featx import store
 
-    print(store.summary(features))
+    path = Path(path)
+    if (path / "head.json").is_file():
+        from featx.heads import describe
+
+        print(describe(path))
+    elif (path / "run.json").is_file():
+        from featx.finetuning import describe_run
+
+        print(describe_run(path))
+    elif path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*.h5") if not p.parent.name.endswith(".parts"))
+        hint = f"; the features files in it: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files else ""
+        raise ValueError(f"{path} is a folder, not a features file, a head or a finetune run{hint}")
+    else:
+        print(store.summary(path))
 
 
 def backbones(mirror=None):

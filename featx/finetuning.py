@@ -539,6 +539,22 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     figure.savefig(path, dpi=100)
 
 
+def describe_run(folder: str | os.PathLike) -> str:
+    """``featx info`` on a finetune run folder: its recipe, data, epochs done and the best model's score."""
+    folder = Path(folder)
+    record = json.loads((folder / RUN_FILE).read_text())
+    cfg, done = record["config"], checkpoints.load(folder)
+    lines = [f"{folder}: a finetune run of {record['backbone']} ({cfg['init']}, head {cfg['head_init']}, freeze "
+             f"{cfg['freeze']}), {record['num_classes']} classes, {cfg['optimizer']} lr {cfg['lr']} (head x"
+             f"{cfg['head_lr_mult']}), {cfg['schedule']} schedule, batch {cfg['batch_size']}",
+             f"  data: {(record.get('data') or {}).get('root', '?')}",
+             f"  epochs done: {done[0]['epoch'] if done else 0} of {cfg['epochs']}"]
+    if (folder / "metrics.json").is_file():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        lines.append(f"  best model on {metrics.get('split')}: {summary_line(metrics)} (val chose the best epoch)")
+    return "\n".join(lines)
+
+
 def load_finetuned(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     """The best model of a finetune run (normalised images -> logits) and its ``run.json``."""
     folder = Path(folder)

@@ -134,6 +134,9 @@ def run(head: str | os.PathLike, inputs: list[str], topk: int = 5, out: str | os
     for record in records:
         if "error" in record:
             print(f"skipped {shown(record['path'])}: {record['error']}", file=sys.stderr)
+    if records and not any("predicted" in record for record in records):
+        raise ValueError(f"nothing could be classified: none of the {len(records)} inputs could be read as an image "
+                         f"({shown(records[0]['path'])}: {records[0]['error']})")
     correct, labelled = accuracy(records)
     if labelled:
         seen = sum(1 for r in records if r.get("true") and r.get("seen"))

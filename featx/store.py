@@ -131,8 +131,21 @@ def exclusive(folder: Path):
         os.close(descriptor)  # releases the lock
 
 
+SIGNATURES = {b"PK\x03\x04": "a zip archive (NumPy .npz?)", b"\x93NUMPY": "a NumPy .npy array",
+              b"PAR1": "a Parquet table", b"\x80": "a Python pickle", b"\x89PNG": "a PNG image",
+              b"\xff\xd8\xff": "a JPEG image"}  # what a file that is not HDF5 often is, by its first bytes
+
+
 def open_h5(path: str | os.PathLike) -> h5py.File:
-    """Open a features file for reading; a truncated or non-HDF5 file is a ValueError that says so."""
+    """Open a features file for reading; a file of another kind, a truncated or a non-HDF5 file is a ValueError
+    that says which."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            start = f.read(8)
+        kind = next((what for magic, what in SIGNATURES.items() if start.startswith(magic)), None)
+        if kind:
+            raise ValueError(f"{path} is {kind}, not a featx features file: give the HDF5 file `featx extract` "
+                             "wrote (OUT/BACKBONE/SPLIT.h5; `featx export-features` makes Parquet and npy from it)")
     try:
         return h5py.File(path, "r")
     except OSError as error:

@@ -15,6 +15,7 @@ import onnxruntime
 import pytest
 import torch
 from conftest import make_image_folder
+from test_faults import cli, one_line_error
 
 from featx.backbones import BackboneSpec, backbone_from_source
 from featx.decode import ImageFiles, collate
@@ -24,6 +25,9 @@ from featx.extract import extract
 from featx.fit import evaluate, fit_head
 from featx.options import ExtractOptions
 from featx.predict import accuracy, predict, to_csv
+
+SMALL_FINETUNE = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32", "--epochs", "1",
+                  "--workers", "0", "--device", "cpu", "--batch_size", "8"]
 
 
 def test_predict_on_val_folder_reproduces_evaluate(hymenoptera_features, hymenoptera, tmp_path):
@@ -77,3 +81,23 @@ def test_predict_cli_reports_bad_images_and_writes_json(small_head, tmp_path):
     assert "accuracy" in result.stderr and (tmp_path / "sheet.png").stat().st_size > 1000
     records = json.loads((tmp_path / "p.json").read_text())
     assert len(records) == 9 and "error" in records[-1]
+
+
+def test_what_each_path_holds_is_said(small_head, tmp_path):
+    """`featx info` on a head, a finetune run and a folder; a file of another kind given as features; predict on
+    nothing readable is an error, not an exit 0 with error rows."""
+    head, data = small_head
+    status, out, _ = cli("info", head)
+    assert status == 0 and "a linear head, 2 classes (cats, dogs) on resnet18 features (512-d)" in out
+    one_line_error(*cli("info", head.parent / "features")[::2], "is a folder, not a features file",
+                   "train.h5")
+    np.savez(tmp_path / "rows.npz", features=np.zeros((2, 3)))
+    one_line_error(*cli("fit-head", tmp_path / "rows.npz")[::2], "is a zip archive (NumPy .npz?)", "featx extract")
+    status, _, err = cli("export-features", head.parent / "features" / "resnet18" / "val.h5", tmp_path / "v.parquet")
+    assert status == 0, err
+    one_line_error(*cli("evaluate", head, tmp_path / "v.parquet")[::2], "is a Parquet table")
+    one_line_error(*cli("predict", head, tmp_path / "missing.jpg", "--device", "cpu")[::2],
+                   "nothing could be classified", "missing.jpg")
+    assert cli("finetune", data, "--out", tmp_path / "run", *SMALL_FINETUNE)[0] == 0
+    status, out, _ = cli("info", tmp_path / "run")
+    assert status == 0 and "a finetune run of resnet18" in out and "epochs done: 1 of 1" in out, out

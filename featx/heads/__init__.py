@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featx.heads.base import Head, holdout_split, read_record
+from featx.heads.base import Head, describe, holdout_split, read_record
 from featx.heads.knn import KNNHead
 from featx.heads.linear import LinearHead
 from featx.heads.logreg import LogRegHead
@@ -33,5 +33,5 @@ def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
     return HEADS[record["kind"]]._restore(Path(folder), record, trust_pickle)
 
 
-__all__ = ["HEADS", "Head", "KNNHead", "LinearHead", "LogRegHead", "ZeroShotHead", "holdout_split", "load_head",
+__all__ = ["HEADS", "Head", "KNNHead", "describe", "LinearHead", "LogRegHead", "ZeroShotHead", "holdout_split", "load_head",
            "make_head"]

@@ -155,6 +155,22 @@ def read_record(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def describe(folder: str | os.PathLike) -> str:
+    """``featx info`` on a head folder: its kind, classes, the features it was fitted on, what it chose."""
+    record = read_record(folder)
+    source, selection = record["source"], record.get("selection") or {}
+    names = source.get("class_names") or []
+    lines = [f"{folder}: a {record['kind']} head, {len(names)} classes ({', '.join(map(str, names[:8]))}"
+             f"{', ...' if len(names) > 8 else ''}) on {source['backbone']} features ({source['feature_dim']}-d)",
+             f"  weights: {source.get('weights')} (sha256 {str(source.get('weights_sha256'))[:12]}...)",
+             f"  fitted on: {', '.join(f'{k} {v}' for k, v in (record.get('fitted_on') or {}).items()) or '?'}"]
+    if selection.get("chosen") is not None:
+        lines.append(f"  chose {selection.get('parameter')} = {selection['chosen']} "
+                     f"(val accuracy {selection.get('val_accuracy', float('nan')):.4f})")
+    lines.append(f"  featx {record.get('featx_version')}; `featx evaluate {folder} FEATURES` scores it")
+    return "\n".join(lines)
+
+
 def check_positive(name: str, value, kind=(int, float)) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is a positive number."""
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
