@@ -59,10 +59,8 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
     for stale in out.glob("eval-*"):  # reports of the head this one replaces
         shutil.rmtree(stale)
     estimator.save(out)
-    selection = estimator.selection_
     where = f"on {val_path}" if val_path else "on a 20% stratified hold-out of train"
-    print(f"{head}: chose {selection['parameter']} = {selection['chosen']} {where} "
-          f"(val accuracy {selection['val_accuracy']:.4f}) -> {out}")
+    print(f"{head}: {estimator.fit_summary(where)} -> {out}")
     return estimator
 
 

@@ -129,3 +129,7 @@ def test_offline_default_weights_and_a_missing_extra_are_one_line(image_folder, 
                              capture_output=True, text=True)
     one_line_error(without.returncode, without.stderr, "pip install 'featx[hf]'")
     one_line_error(*cli("extract", image_folder, "--backbone", "resnet18", "--pool", "cls")[::2], "--pool cls")
+    for missing in ("./my-model", str(tmp_path / "gone" / "model")):  # a folder that is not there: no hub advice
+        status, _, err = cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", f"hf:{missing}")
+        one_line_error(status, err, f"hf:{missing}: no folder", "ORG/NAME")
+        assert "hf download" not in err

@@ -65,6 +65,10 @@ def test_the_zeroshot_head_is_openclips_similarity(extracted, reference, tmp_pat
     status, out, err = cli("fit-head", extracted, "--head", "zeroshot", "--val", "none", "--prompts",
                            "a close-up photo of {}, an insect.", "--out", tmp_path / "zs")
     assert status == 0, err
+    assert "no training: the prompt" in out and "on the 10 rows of the training file" in out and "hold-out" not in out
+    for prompt in ("a photo of {0}.", "a {x} photo of {}", "no class name"):
+        one_line_error(*cli("fit-head", extracted, "--head", "zeroshot", "--prompts", prompt, "--out",
+                            tmp_path / "bad")[::2], "--prompts must hold one {}", prompt)
     head, features = load_head(tmp_path / "zs"), store.load(extracted)
     tokens = open_clip.get_tokenizer(ARCH)([f"a close-up photo of {name}, an insect." for name in ("ants", "bees")])
     with torch.inference_mode():

@@ -90,6 +90,9 @@ def _location(ref: str, mirror) -> tuple[str, dict]:
     options: dict = {"trust_remote_code": False}
     if Path(ref).expanduser().is_dir():
         return str(Path(ref).expanduser().resolve()), options
+    if ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or Path(ref).exists():  # a path, not ORG/NAME
+        raise WeightsError(f"hf:{ref}: no folder {Path(ref).expanduser()} here (a folder written by save_pretrained, "
+                           "or a hub repository as ORG/NAME)")
     root = mirror_dir(mirror)
     cache = root / MIRROR_CACHE if root else None
     if cache is not None and (cache / f"models--{ref.replace('/', '--')}").is_dir():

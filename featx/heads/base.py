@@ -50,6 +50,12 @@ class Head(ClassifierMixin, BaseEstimator):
 
     kind = ""
 
+    def fit_summary(self, where: str) -> str:
+        """What ``fit`` did, for its one line: the choice it made ``where`` (on a file, or a hold-out of train)."""
+        selection = self.selection_
+        return f"chose {selection['parameter']} = {selection['chosen']} {where} " \
+               f"(val accuracy {selection['val_accuracy']:.4f})"
+
     def _holdout(self, y: np.ndarray, groups) -> np.ndarray:
         """Mask of the rows held out for selection when no validation set is given."""
         return holdout_split(y, np.arange(len(y)) if groups is None else np.asarray(groups), seed=self.seed)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ class ZeroShotHead(Head):
 
     def fit(self, X, y, X_val=None, y_val=None, groups=None):
         """Build the head for the classes of ``y``; its accuracy on (X_val, y_val), or on X, is reported."""
-        if "{}" not in str(self.prompts):
-            raise ValueError(f"prompts must hold {{}} where the class name goes, got {self.prompts!r}")
+        fields = [field for _, field, _, _ in string.Formatter().parse(str(self.prompts)) if field is not None]
+        if fields != [""]:
+            raise ValueError(f"--prompts must hold one {{}} where the class name goes (and no other {{...}}), got "
+                             f"{self.prompts!r}")
         self._set_classes(np.asarray(y))
         source = getattr(self, "source_", None) or {}
         names = [source["class_names"][c] for c in self.classes_] if source else []
@@ -50,9 +53,17 @@ class ZeroShotHead(Head):
                                       [self.prompts.format(name) for name in names])
         self.state_ = {"weight": text * scale}
         X_check, y_check = (X, y) if X_val is None else (X_val, y_val)
-        self.selection_ = {"parameter": "prompts", "chosen": self.prompts,
+        self.selection_ = {"parameter": "prompts", "chosen": self.prompts, "scored_on": len(y_check),
+                           "scored_on_val": X_val is not None,
                            "val_accuracy": float(np.mean(self.predict(np.asarray(X_check)) == np.asarray(y_check)))}
         return self
+
+    def fit_summary(self, where: str) -> str:
+        """Nothing is chosen or trained: the prompt, the classes, and the accuracy on the rows it was scored on."""
+        selection = self.selection_
+        rows = f"{where.removeprefix('on ')}" if selection.get("scored_on_val") else "the training file"
+        return (f"no training: the prompt {selection['chosen']!r} for {len(self.classes_)} classes through CLIP's text "
+                f"tower; accuracy {selection['val_accuracy']:.4f} on the {selection.get('scored_on')} rows of {rows}")
 
     def to_torch(self) -> nn.Module:
         return CosineLinear(self.state_["weight"])
