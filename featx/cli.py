@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import pickle
 import sys
+import textwrap
 
 import fire
 
@@ -127,8 +128,10 @@ def export_features(features, out, format=None, normalize=False):
 
 
 def info(path):
-    """Print what PATH holds: a features file's provenance (backbone, weights, preprocessing, data, featx version)
-    and counts; a head's kind, classes, features and choice; a finetune run's recipe, data and score.
+    """Describe what PATH holds: a features file, a head or a finetune run.
+
+    A features file: its provenance (backbone, weights, preprocessing, data, featx version) and counts; a head: its
+    kind, classes, features and choice; a finetune run: its recipe, data, epochs and score.
 
     Args:
         path: a features file (from `featx extract`), a head folder (`featx fit-head`) or a finetune run folder.
@@ -198,7 +201,9 @@ def overview() -> str:
     """``featx --help``."""
     lines = [f"featx {__version__}: cache frozen-backbone image features in HDF5, fit heads, fine-tune.", "",
              "usage: featx COMMAND ARGS [flags]     featx COMMAND --help     featx --version", "", "commands:"]
-    lines += [f"  {name:<12} {flags.documented(function)[0].splitlines()[0]}" for name, function in COMMANDS.items()]
+    for name, function in COMMANDS.items():
+        lines += textwrap.wrap(flags.first_sentence(function), flags.WIDTH, initial_indent=f"  {name:<16}",
+                               subsequent_indent=" " * 18)
     return "\n".join(lines)
 
 

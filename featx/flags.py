@@ -100,6 +100,13 @@ def check(command: str, positional: list[str], known: dict[str, object], argv: l
                          "argument too many (flags are written --name value)")
 
 
+def first_sentence(function) -> str:
+    """The first sentence of a command's description, on one line (its entry in ``featx --help``)."""
+    paragraph = " ".join(documented(function)[0].split("\n\n")[0].split())
+    sentence = re.split(r"(?<=[.;])\s", paragraph, maxsplit=1)[0]
+    return sentence[:-1] + "." if sentence.endswith(";") else sentence
+
+
 def documented(function) -> tuple[str, dict[str, str]]:
     """(description, {argument: text}) from a Google-style docstring with an ``Args:`` section."""
     doc = inspect.getdoc(function) or ""

@@ -101,3 +101,12 @@ def test_the_listing_gives_every_torchvision_models_feature_width():
     assert widths["mobilenet_v2"] == "1280" and widths["squeezenet1_1"] == "512"
     assert widths["regnet_y_400mf"] == str(torchvision.models.regnet_y_400mf().fc.in_features)  # built for real
     assert all(widths[name].isdigit() for name in torchvision.models.list_models(module=torchvision.models))
+
+
+def test_the_listing_shows_the_mirrors_own_weights_files(mirror):
+    from test_faults import cli
+
+    status, out, _ = cli("backbones", "--mirror", mirror)
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert status == 0 and "--weights mobilenet_v2-imagenet-features.pth" in rows["mobilenet_v2"]
+    assert "--weights squeezenet1_1-imagenet.pth" in rows["squeezenet1_1"] and "--weights" not in rows["resnet18"]

@@ -45,7 +45,13 @@ def test_help_pages_show_every_flag_with_its_default():
     for flag in ("--seed", "--val_fraction", "--head_lr_mult", "--overwrite", "--schedule"):
         assert flag in finetune
     assert "(default: cosine)" in finetune and "Optional[" not in finetune and "Type:" not in finetune
-    assert all(f"  {name}" in cli("--help")[1] for name in COMMANDS)
+    overview = cli("--help")[1]
+    assert all(f"  {name}" in overview for name in COMMANDS)
+    entries = " ".join(overview.split("commands:")[1].split())  # each command's sentence, ends whole
+    for name, following in zip(COMMANDS, [*list(COMMANDS)[1:], None]):
+        entry = entries.split(f"{name} ", 1)[1].split(f" {following} ")[0] if following else \
+            entries.split(f"{name} ", 1)[1]
+        assert entry.endswith("."), (name, entry)
     assert cli("--version")[1].startswith("featx 0.")
     from featx.cli import extra_flags
     from featx.flags import signature_flags

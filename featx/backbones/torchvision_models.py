@@ -12,7 +12,7 @@ from torch import nn
 from featx.backbones.common import (RANDOM_WEIGHTS, Family, WeightsError, WeightsInfo, load_state_dict,
                                     meta_feature_dim, only_default_pool, read_state_dict, seeded, weights_file)
 from featx.decode import EvalTransform
-from featx.mirror import file_digest, mirrored_weights
+from featx.mirror import file_digest, mirror_dir, mirrored_weights
 
 # Models whose final layer is not simply the last nn.Linear (the rule for every other: resnet/resnext/regnet `fc`,
 # mobilenet/efficientnet/vgg `classifier.N`, vit `heads.head`, swin `head`, ...).
@@ -82,11 +82,17 @@ class Torchvision(Family):
 
     def rows(self, mirror):
         rows = []
+        root = mirror_dir(mirror)
+        mirrored = sorted(p.name for p in (root / "weights").glob("*")) if root and (root / "weights").is_dir() else []
         for name in available():
             dim = meta_feature_dim(lambda: torchvision.models.get_model(name, weights=None), self)
             filename = os.path.basename(torchvision.models.get_model_weights(name).DEFAULT.url)
             found = mirrored_weights(filename, mirror) or _hub_file(filename)
-            rows.append((name, dim, f"offline: {found}" if found else "download"))
+            others = [f for f in mirrored if f != filename and f.startswith((f"{name}-", f"{name}."))]
+            where = f"offline: {found}" if found else "download"
+            if others:  # other weights of this model in the mirror, named with --weights
+                where += f"; offline: --weights {', '.join(others)} (in the mirror)"
+            rows.append((name, dim, where))
         return rows
 
     def _pretrained(self, name: str, spec: str, mirror) -> tuple[nn.Module, WeightsInfo, EvalTransform]:
