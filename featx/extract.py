@@ -61,9 +61,9 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
     options = replace(options, runtime=started_runtime(folder, all_splits, options))
     extractor = spec.build()
     with store.exclusive(folder), contextlib.closing(open_engine(engine, spec, extractor, options, ray_options)) \
-            as runner, tqdm(total=0, unit="img", desc=spec.name, mininterval=1.0, file=sys.stderr) as progress:
-        return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", runner.options,
-                                          progress) for split in all_splits}
+            as runner:
+        return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", runner.options)
+                for split in all_splits}
 
 
 def started_runtime(folder: Path, splits: list[Split], options: ExtractOptions) -> str:
@@ -159,9 +159,9 @@ def _rows_in_shards(path: Path) -> bool:
         return True
 
 
-def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions, progress: tqdm) -> dict:
+def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions) -> dict:
     """Extract one split to ``path``, resuming an unfinished run; ``run(dataset, parts, shards, progress)`` writes
-    the shards still to do (an engine), counting images on the job's ``progress`` bar. Returns counts, timing and
+    the shards still to do (an engine), counting images on the split's progress bar. Returns counts, timing and
     failures."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
@@ -179,9 +179,9 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     if done:
         print(f"{split.name}: resuming, {len(done)} of {len(planned)} shards already done")
     start = time.perf_counter()
-    progress.total += remaining
-    progress.set_description(f"{backbone.name} {split.name}")
-    run(dataset, parts, todo, progress)
+    with tqdm(total=remaining, unit="img", desc=f"{backbone.name} {split.name}", mininterval=1.0, file=sys.stderr,
+              disable=not remaining) as progress:
+        run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
     counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout,
                          split.columns, split.unreadable)

@@ -297,7 +297,7 @@ class ImageLoaders:
         augment = AugmentTransform(self.transform.crop, interpolation=self.transform.interpolation,
                                    seed=cfg.seed * 10_007 + epoch)
         batches = epoch_batches(len(self.train_split), cfg.batch_size, cfg.seed, epoch)
-        return self._batches(self.train_split, batches, augment)
+        return Batches(self._batches(self.train_split, batches, augment), len(batches))
 
     def val(self):
         """The validation batches, in order, with the eval transform."""
@@ -317,6 +317,19 @@ class ImageLoaders:
                 continue
             labels = torch.from_numpy(split.labels[batch.indices.numpy()]).to(self.device)
             yield normalise(batch.images, self.mean, self.std, self.channels_last), labels
+
+
+class Batches:
+    """An epoch's batches, iterated once, with their count (the progress bar's total)."""
+
+    def __init__(self, batches, count: int):
+        self.batches, self.count = batches, count
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,

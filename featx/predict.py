@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from scipy.special import softmax
+from tqdm import tqdm
 
 from featx.backbones import Backbone, WeightsInfo, backbone_from_source
 from featx.decode import EvalTransform, ImageFiles, load_rgb, read_batches, sequential_batches
@@ -94,7 +95,11 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
     files, unreadable = collect_images(inputs)
     dataset = ImageFiles(Path(), tuple(files), classifier.transform)
     records: list[dict | None] = [None] * len(files)
-    for batch in read_batches(dataset, sequential_batches(len(files), batch_size), workers, resolve_device(device)):
+    batches = read_batches(dataset, sequential_batches(len(files), batch_size), workers, resolve_device(device))
+    progress = tqdm(total=len(files), unit="img", desc="predict", mininterval=1.0, file=sys.stderr,
+                    disable=not files)
+    for batch in batches:
+        progress.update(len(batch.indices) + len(batch.failed))
         for index, reason in batch.failed:
             records[index] = {"path": files[index], "error": reason}
         if not len(batch.indices):  # every image of this batch failed
@@ -110,6 +115,7 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
             records[index] = {"path": files[index], "predicted": top[0][0], "probability": top[0][1],
                               "topk": top, "logits": row_logits.tolist(), "seen": bool(row_seen),
                               "far": bool(row_far)}
+    progress.close()
     records += [{"path": str(folder), "error": reason} for folder, reason in unreadable]
     for record in records:
         parent = Path(record["path"]).parent.name

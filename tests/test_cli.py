@@ -109,3 +109,20 @@ def test_evaluate_writes_per_image_predictions_and_refit_drops_stale_reports(ima
     assert json.loads((report / "metrics.json").read_text())["most_confused"] == metrics["most_confused"]
     fit_head(features / "train.h5", "none", "logreg", tmp_path / "head")
     assert not report.exists()
+
+
+def test_progress_bars_count_each_split_finetune_epochs_and_predict(image_folder, tmp_path):
+    def run(*argv):
+        result = subprocess.run([sys.executable, "-m", "featx", *map(str, argv)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr.replace("\r", "\n")
+
+    bars = run("extract", image_folder, "--out", tmp_path / "f", *SMALL)
+    assert "resnet18 train: 100%" in bars and "12/12" in bars and "resnet18 val:" in bars
+    assert "0img" not in bars and "/24" not in bars, bars  # a bar per split, from 0 to its own size
+    flags = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32", "--workers", "0"]
+    bars = run("finetune", image_folder, "--out", tmp_path / "run", *flags, "--epochs", "1", "--batch_size", "4")
+    assert "epoch 1:   0%|          | 0/3 [" in bars, bars  # 12 images, batch 4: a total, so an ETA
+    assert cli("fit-head", tmp_path / "f" / "resnet18" / "train.h5", "--head", "knn", "--out", tmp_path / "h")[0] == 0
+    bars = run("predict", tmp_path / "h", image_folder / "val", "--device", "cpu", "--out", tmp_path / "p.csv")
+    assert "predict: 100%" in bars and "12/12" in bars, bars
