@@ -33,5 +33,5 @@ def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
     return HEADS[record["kind"]]._restore(Path(folder), record, trust_pickle)
 
 
-__all__ = ["HEADS", "Head", "KNNHead", "describe", "LinearHead", "LogRegHead", "ZeroShotHead", "holdout_split", "load_head",
-           "make_head"]
+__all__ = ["HEADS", "Head", "KNNHead", "LinearHead", "LogRegHead", "ZeroShotHead", "describe", "holdout_split",
+           "load_head", "make_head"]
