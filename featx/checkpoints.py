@@ -77,8 +77,12 @@ def current(run: Path) -> Path | None:
 def commit(run: Path, epoch: int, state: dict, best: dict | None, history: list[dict]) -> Path:
     """Write epoch ``epoch``'s checkpoint and switch the pointer to it. ``best``: new best weights, or None to
     keep the previous checkpoint's (hard-linked, not copied)."""
-    with store.writing(run / FOLDER):  # a full device is one line; the previous checkpoint stays in force
-        return _commit(run, epoch, state, best, history)
+    try:
+        with store.writing(run / FOLDER):  # a full device is one line; the previous checkpoint stays in force
+            return _commit(run, epoch, state, best, history)
+    except BaseException:
+        shutil.rmtree(run / FOLDER / f"epoch-{epoch:04d}.tmp", ignore_errors=True)  # frees the space it took
+        raise
 
 
 def _commit(run: Path, epoch: int, state: dict, best: dict | None, history: list[dict]) -> Path:

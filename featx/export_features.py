@@ -62,6 +62,8 @@ def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool 
 
     meta = store.read_meta(path)
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder: give the Parquet file's name (or remove the folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = None
@@ -75,6 +77,9 @@ def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool 
             empty = metadata([], np.empty(0, np.int64), meta, texts=_no_texts(path))
             pq.write_table(empty.append_column("embedding", pa.array([], pa.list_(pa.float32(), meta["feature_dim"]))),
                            tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         if writer is not None:
             writer.close()

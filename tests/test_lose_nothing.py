@@ -171,6 +171,7 @@ def test_a_full_device_during_finetune_is_one_line_and_keeps_the_committed_epoch
         full = subprocess.run([*command, "--out", str(mount / "run")], capture_output=True, text=True)
         one_line_error(full.returncode, full.stderr, f"no space left on {mount}", "rerun to resume")
         assert json.loads((mount / "run" / "checkpoint.json").read_text())["epoch"] == 0
+        assert not list((mount / "run" / "checkpoints").glob("*.tmp"))  # the half-written epoch freed its space
         subprocess.run(["mount", "-o", f"remount,size={epoch * 4 // 1024}k", str(mount)], check=True)
         resumed = subprocess.run([*command, "--out", str(mount / "run"), "--resume"], capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -240,3 +241,11 @@ def test_compile_works_on_squeezenet(image_folder, tmp_path, monkeypatch):
     eager, compiled = (store.load(tmp_path / f / "squeezenet1_1" / "val.h5").features for f in ("eager", "compiled"))
     assert np.abs(eager - compiled).max() <= 1e-4 and np.abs(eager).max() > 1e-3
     assert len(list((tmp_path / "cache" / "compiled").rglob("*.pt2"))) == 1  # it ran the compiled package
+
+
+def test_an_export_over_a_folder_is_one_line_and_leaves_no_partial_file(image_folder, tmp_path):
+    assert cli("extract", image_folder, "--out", tmp_path / "f", *SMALL)[0] == 0
+    (tmp_path / "x.parquet").mkdir()
+    one_line_error(*cli("export-features", tmp_path / "f" / "resnet18" / "val.h5", tmp_path / "x.parquet")[::2],
+                   "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "f", "x.parquet"]
