@@ -14,7 +14,6 @@ import os
 import featx
 from featx import flags
 from featx.cli import guarded
-from featx.engines import RayOptions
 
 
 def main() -> None:
@@ -33,8 +32,8 @@ def main() -> None:
     args = flags.parse_script_args(parser)
     summaries = featx.extract(args.data, args.backbone, args.weights, args.out, device=args.device,
                               batch_size=args.batch_size, shard_size=args.shard_size, layout=args.layout,
-                              engine="ray", ray_options=RayOptions(args.ray_address, args.ray_workers,
-                                                                   args.ray_cpus_per_worker))
+                              engine="ray", ray_address=args.ray_address, ray_workers=args.ray_workers,
+                              ray_cpus_per_worker=args.ray_cpus_per_worker)
     for split, summary in summaries.items():
         print(f"{split}: {summary['path']}")
 

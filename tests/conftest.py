@@ -8,8 +8,10 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,18 +191,28 @@ def ray_cluster(tmp_path_factory):
     if problem:
         missing(problem, "FEATX_REQUIRE_RAY")
     logs = tmp_path_factory.mktemp("ray")
+    own = ["--temp-dir", tempfile.mkdtemp(prefix="featx-ray-")]  # short (socket paths), and no other run's files
+    address = f"127.0.0.1:{free_port()}"  # ray start refuses a port another run's cluster holds
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")  # the driver (this process) too, while the cluster runs
-        nodes = [start_ray_node(logs / "head.log", "--head", "--port", "6390", "--num-cpus", "1",
-                                "--include-dashboard=false")]
+        nodes = [start_ray_node(logs / "head.log", "--head", "--port", address.split(":")[1], "--num-cpus", "1",
+                                "--include-dashboard=false", *own)]
         try:
-            nodes.append(start_ray_node(logs / "node.log", "--address=127.0.0.1:6390", "--num-cpus", "1"))
-            yield RayCluster("127.0.0.1:6390", tuple(nodes))
+            nodes.append(start_ray_node(logs / "node.log", f"--address={address}", "--num-cpus", "1", *own))
+            yield RayCluster(address, tuple(nodes))
         finally:
             import ray
 
             ray.shutdown()
             stop_ray_nodes(*reversed(nodes))
+            shutil.rmtree(own[1], ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on loopback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def sigkill_when(process, ready, timeout: float = 180) -> None:

@@ -4,21 +4,25 @@ kills, bad images, failing workers, the missing-GPU error, and the no-copy layou
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import REPO, make_image_folder, sigkill_when
 from test_faults import cli, one_line_error
 
 import featx
 from featx import store
 from featx.backbones import BackboneSpec
+from featx.embed import choose_runtime
 from featx.engines import EngineError, RayEngine, RayOptions
 from featx.extract import IDENTITY_KEYS, split_dataset
 from featx.extract import extract as run_extract
@@ -153,14 +157,15 @@ def test_workers_wider_than_any_node_are_refused(ray_cluster, image_folder, tmp_
 
 @pytest.mark.slow
 def test_a_cluster_that_goes_away_mid_job_is_one_line_and_the_rerun_resumes(ray_cluster, tmp_path):
-    from conftest import start_ray_node, stop_ray_nodes
+    from conftest import free_port, start_ray_node, stop_ray_nodes
 
     data = make_image_folder(tmp_path / "data", splits=("train",), per_class=30, size=(160, 160))
-    head = start_ray_node(tmp_path / "head.log", "--head", "--port", "6395", "--num-cpus", "1",
-                          "--include-dashboard=false")
+    port = str(free_port())
+    head = start_ray_node(tmp_path / "head.log", "--head", "--port", port, "--num-cpus", "1",
+                          "--include-dashboard=false", "--temp-dir", tempfile.mkdtemp(prefix="featx-ray-"))
     command = [sys.executable, "-m", "featx", "extract", str(data), "--out", str(tmp_path / "f"), "--backbone",
                "resnet18", "--weights", "none", "--device", "cpu", "--engine", "ray", "--ray_address",
-               "127.0.0.1:6395", "--shard_size", "4", "--batch_size", "4"]
+               f"127.0.0.1:{port}", "--shard_size", "4", "--batch_size", "4"]
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     parts = tmp_path / "f" / "resnet18" / "train.h5.parts"
     try:
@@ -213,3 +218,20 @@ def test_the_ray_extract_job_writes_the_local_engines_features(ray_cluster, imag
     for split in ("train", "val"):
         job, reference = store.load(tmp_path / "job" / "resnet18" / f"{split}.h5"), store.load(local[split]["path"])
         assert job.paths == reference.paths and np.abs(job.features - reference.features).max() <= 1e-5
+
+
+def test_cpu_workers_run_the_runtime_the_driver_resolved(ray_cluster, image_folder, tmp_path, monkeypatch):
+    """With --device auto on a cluster of CPUs, the workers run what auto picks locally (here made ONNX Runtime),
+    not PyTorch: the same features, the same provenance."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
+    spec = BackboneSpec("resnet18", "none", resize=40, crop=32)
+    choose_runtime(spec.build(), "auto", torch.device("cpu"), None)
+    for record in (tmp_path / "cache" / "runtimes").glob("*.json"):  # auto's remembered choice, made ONNX Runtime
+        record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": "onnxruntime"}))
+    options = ExtractOptions(batch_size=4, shard_size=4, workers=1)  # device auto
+    local = run_extract(image_folder, spec, tmp_path / "local", options=options)
+    distributed = run_extract(image_folder, spec, tmp_path / "ray", options=options, **_on_ray(ray_cluster.address))
+    for split in ("train", "val"):
+        a, b = store.load(local[split]["path"]), store.load(distributed[split]["path"])
+        assert a.meta["runtime"] == b.meta["runtime"] and a.meta["runtime"].startswith("onnxruntime ")
+        assert np.abs(a.features - b.features).max() <= 1e-5
