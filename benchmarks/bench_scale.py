@@ -23,8 +23,8 @@ RUN = """
 import json, os, sys, time
 from pathlib import Path
 start = time.perf_counter()
-from featx.backbones import create_backbone
-from featx.engines import LocalEngine, RayEngine, RayOptions, backbone_spec
+from featx.backbones import BackboneSpec, create_backbone
+from featx.engines import LocalEngine, RayEngine, RayOptions
 from featx.extract import split_dataset
 from featx.options import ExtractOptions
 from featx.shards import plan_shards
@@ -44,7 +44,7 @@ if engine == "local":
 else:
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    ray_engine = RayEngine(backbone_spec(backbone, weights, None, extractor.transform), options,
+    ray_engine = RayEngine(BackboneSpec(backbone, weights), extractor, options,
                            RayOptions(workers=workers, cpus_per_worker=2 // workers))
     ray_engine.start()
     ready = time.perf_counter()

@@ -16,7 +16,7 @@ BENCHMARKS = {  # script -> tiny arguments (DATA is the tiny folder)
     "bench_finetune": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8"],
     "bench_heads": ["--rows", "2000", "--dims", "64", "--dtypes", "float32", "--logreg_max_rows", "2000"],
     "bench_export": ["--rows", "2000", "--dim", "64"],
-    "bench_scale": ["--data", "DATA", "--copies", "1", "--backbone", "resnet18", "--merge_rows", "2000",
+    "bench_scale": ["--data", "DATA", "--copies", "1", "--backbone", "resnet18", "--merge_rows", "20000",
                     "--merge_dim", "16"],
     "ceilings": ["--backbones", "squeezenet1_1", "--batch_size", "4", "--train_batch_size", "4"],
     "time_to_accuracy": ["--data", "DATA", "--epochs", "1"],
