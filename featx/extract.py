@@ -60,8 +60,8 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
     folder = Path(out) / folder_name(spec.name)
     options = replace(options, runtime=started_runtime(folder, all_splits, options))
     extractor = spec.build()
-    with store.exclusive(folder), contextlib.closing(open_engine(engine, spec, extractor, options, ray_options)) \
-            as runner:
+    with contextlib.closing(open_engine(engine, spec, extractor, options, ray_options)) as runner, \
+            store.exclusive(folder):  # a precision or runtime refused by the engine has written nothing
         return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", runner.options)
                 for split in all_splits}
 

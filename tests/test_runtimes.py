@@ -116,8 +116,7 @@ def test_a_planted_or_shared_onnx_graph_or_choice_is_refused(mobilenet_weights, 
 
 
 def test_bf16_is_refused_where_the_cpu_would_emulate_it_and_recorded_where_it_runs(image_folder, tmp_path):
-    data = make_image_folder(tmp_path / "data", splits=("train",), per_class=24)
-    run = ["extract", data, "--backbone", "resnet18", "--weights", "none", "--device", "cpu",
+    run = ["extract", image_folder, "--backbone", "resnet18", "--weights", "none", "--device", "cpu",
            "--resize", "40", "--crop", "32", "--out", tmp_path / "f"]
     if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
         one_line_error(*cli(*run, "--precision", "bf16")[::2], "--precision bf16 needs a CPU with native bf16")
