@@ -65,6 +65,7 @@ def cached_file(kind: str, filename: str, build: Callable[[Path], None], what: s
             os.replace(Path(scratch) / digest.name, digest)  # the digest first: a kill between the two
             os.replace(partial, path)  # leaves a digest without its file, which is rebuilt
     require_private(path)
+    require_private(digest)
     if file_digest(path) != digest.read_text().strip():
         raise UntrustedCacheError(f"refusing the cached {path}: its sha256 is not the one featx recorded when it "
                                   "built it; delete it (featx rebuilds it)")

@@ -8,6 +8,7 @@ Commands import what only they need when they run (heads pull in scikit-learn an
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import sys
 import textwrap
@@ -157,13 +158,32 @@ def info(path):
         print(store.summary(path))
 
 
-def backbones(mirror=None):
+def backbones(mirror=None, runtimes=False, forget_runtimes=False):
     """List the backbones the registry can build, a family at a time: name, feature width, and whether the
     weights are here offline (the mirror, the download caches) or would be downloaded.
 
     Args:
         mirror: offline mirror folder (default: $FEATX_MIRROR).
+        runtimes: list instead the runtime choices `--runtime auto` remembers on this host (per model, batch,
+            threads and versions), with what it measured.
+        forget_runtimes: forget them: the next `--runtime auto` run of each model measures again.
     """
+    from featx.runtimes import remembered_choices
+
+    if forget_runtimes:
+        for choice in remembered_choices():
+            os.remove(choice["file"])
+            print(f"forgot {choice['file']}")
+        return
+    if runtimes:
+        for choice in remembered_choices():
+            rates = ", ".join(f"{name} {m['images_per_second']:.1f} img/s{'' if m['exact'] else ' (not exact)'}"
+                              for name, m in choice.get("measured", {}).items())
+            print(f"{choice.get('backbone', '?')}: {choice['runtime']} (batch {choice.get('batch', '?')}, "
+                  f"{choice.get('threads', '?')} threads, torch {choice.get('torch', '?')}, onnxruntime "
+                  f"{choice.get('onnxruntime', '?')}; {rates or choice.get('onnxruntime_failed', '')}; "
+                  f"{choice.get('measured_at', '')}) {choice['file']}")
+        return
     rows = [("BACKBONE", "FEATURES", "WEIGHTS"), *backbone_registry.listing(mirror)]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     print("\n".join(f"{name:{widths[0]}}  {dim:>{widths[1]}}  {where}" for name, dim, where in rows))

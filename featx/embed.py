@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -10,11 +11,12 @@ from torch.fx.experimental.optimization import fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones import Backbone
-from featx.cache import model_key
+from featx.cache import UntrustedCacheError, model_key
 from featx.compiled import compiled_model
 from featx.devices import autocast, resolve_device, resolve_precision
 from featx.memory import keep_freed_memory
-from featx.runtimes import OnnxModel, calibration_batch, check_runtime, fastest_exact, resolve_runtime
+from featx.runtimes import (OnnxModel, calibration_batch, check_runtime, fastest_exact, onnxruntime_version,
+                            resolve_runtime)
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -131,22 +133,28 @@ class Embedder:
 
 
 def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: torch.dtype | None,
-                   compile: bool = False, channels_last: bool = True, fold_batch_norm: bool = True) -> str:
+                   compile: bool = False, channels_last: bool = True, fold_batch_norm: bool = True,
+                   batch_size: int = 64) -> str:
     """The concrete runtime for ``backbone`` (``featx.runtimes.resolve_runtime``); for ``auto``, the candidates it
-    measures when nothing is remembered: PyTorch as extract runs it, ONNX Runtime, and unfolded PyTorch float32 as
-    the reference."""
-    batch = calibration_batch(backbone.transform.crop)
+    measures when nothing is remembered (on a batch like extract's, at most 32): PyTorch as extract runs it, ONNX
+    Runtime, and unfolded PyTorch float32 as the reference. The choice is remembered per model, batch, thread count,
+    host and versions of torch and ONNX Runtime: a new version or thread count measures again."""
+    batch = calibration_batch(backbone.transform.crop, min(batch_size, 32))
+    versions = {"torch": torch.__version__, "onnxruntime": onnxruntime_version(), "threads": torch.get_num_threads()}
 
     def measure() -> dict:  # only when no choice is remembered: the export and three models cost seconds
+        about = {"backbone": backbone.name, **versions, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         candidates = {"torch": Embedder(backbone, "cpu", "fp32", channels_last, fold_batch_norm=fold_batch_norm)}
         try:
             candidates["onnxruntime"] = Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
+        except UntrustedCacheError:
+            raise  # a graph someone else could have written is refused, never taken for a model ONNX cannot run
         except Exception as error:  # noqa: BLE001 - an exporter that cannot take the model: torch runs it
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
             print(f"onnxruntime cannot run {backbone.name} ({why}); torch runs it (remembered)", flush=True)
-            return {"runtime": "torch", "measured": {}, "onnxruntime_failed": why}
+            return {"runtime": "torch", "measured": {}, "onnxruntime_failed": why, **about}
         reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
-        return fastest_exact(candidates, reference, batch)
+        return {**fastest_exact(candidates, reference, batch), **about}
 
-    key = model_key(backbone.model, batch, "runtime", torch.get_num_threads(), channels_last, fold_batch_norm)
+    key = model_key(backbone.model, batch, "runtime", channels_last, fold_batch_norm, *versions.values())
     return resolve_runtime(runtime, device, amp, compile, key, measure)

@@ -58,7 +58,7 @@ def resolved(options: ExtractOptions, backbone: Backbone, device: torch.device) 
     and the runtime decided (``featx.embed.choose_runtime``)."""
     amp = resolve_precision(options.precision, device)
     runtime = choose_runtime(backbone, options.runtime, device, amp, options.compile, options.channels_last,
-                             options.fold_batch_norm)
+                             options.fold_batch_norm, options.batch_size)
     return replace(options, precision=precision_name(options.precision, device.type), runtime=runtime)
 
 

@@ -11,9 +11,11 @@ An ONNX graph is data, not code (featx registers no custom operators); it is sti
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -22,15 +24,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from featx.cache import cache_dir, cached_file, model_key, require_private
+from featx.cache import UntrustedCacheError, cache_dir, cached_file, model_key, require_private
 
 RUNTIMES = ("auto", "torch", "onnxruntime")  # what --runtime takes; an Embedder runs one of the last two
 EXACT = {"max_abs": 1e-4, "min_cosine": 0.99999}  # what "the same features" means for a runtime
+CLEARLY_FASTER = 1.10  # another runtime replaces torch only when at least this much faster (a tie keeps torch)
+ROUNDS = 3  # interleaved timing rounds: a busy moment slows every candidate alike
 
 
 def onnxruntime_available() -> bool:
     """Whether the onnx extra is installed (``pip install 'featx[onnx]'``)."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def onnxruntime_version() -> str | None:
+    """ONNX Runtime's version, or None when it is not installed."""
+    return importlib.metadata.version("onnxruntime") if onnxruntime_available() else None
 
 
 class OnnxModel:
@@ -50,6 +59,12 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        probe = calibration_batch(crop, 2).float().div(255)  # the graph must compute this model, whatever its digest
+        with torch.inference_mode():
+            expected = model.eval()(probe)
+        if not agreement(expected, self(probe))["exact"]:
+            raise UntrustedCacheError(f"refusing the cached {path}: it does not compute {label} (a graph and digest "
+                                      "put there by someone else?); delete it (featx rebuilds it)")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
@@ -125,44 +140,70 @@ def _silenced():
 def agreement(reference: torch.Tensor, features: torch.Tensor) -> dict:
     """Max abs difference and min cosine of ``features`` to ``reference`` (rows), and whether that is exact."""
     reference, features = reference.double().flatten(1), features.double().flatten(1)
+    if reference.shape != features.shape:  # another model's output
+        return {"max_abs": float("inf"), "min_cosine": -1.0, "exact": False}
     max_abs = float((reference - features).abs().max()) if len(reference) else 0.0
     cosine = float(nn.functional.cosine_similarity(reference, features, dim=1).min()) if len(reference) else 1.0
     return {"max_abs": max_abs, "min_cosine": cosine,
             "exact": max_abs <= EXACT["max_abs"] and cosine >= EXACT["min_cosine"]}
 
 
-def images_per_second(run, batch: torch.Tensor, repeats: int = 2) -> float:
-    """Throughput of ``run(batch)`` after one warm-up call."""
-    run(batch)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run(batch)
-    return repeats * len(batch) / (time.perf_counter() - start)
-
-
 def remembered(key: str, measure) -> dict:
-    """The choice remembered under ``key`` in the private cache; else ``measure()``'s, remembered."""
+    """The choice remembered under ``key`` in the private cache; else ``measure()``'s, remembered (written whole:
+    a damaged entry, from a kill mid-write or an edit, is measured again)."""
     folder = cache_dir("runtimes")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     require_private(folder)
     path = folder / f"{key[:32]}.json"
     if path.is_file():
         require_private(path)
-        return json.loads(path.read_text())
+        try:
+            choice = json.loads(path.read_text())
+            if choice.get("runtime") in RUNTIMES[1:]:
+                return choice
+        except (ValueError, AttributeError):
+            pass
+        print(f"featx: note: the remembered runtime choice {path} is damaged; measuring again", file=sys.stderr)
     choice = measure()
-    path.write_text(json.dumps(choice))
-    path.chmod(0o600)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(choice))
+    partial.chmod(0o600)
+    os.replace(partial, path)
     return choice
 
 
-def fastest_exact(candidates: dict, reference, batch: torch.Tensor) -> dict:
-    """The fastest exact runtime of ``candidates`` (name -> callable on ``batch``) against ``reference`` (PyTorch
-    float32, unfolded) on this host, with what was measured."""
+def remembered_choices() -> list[dict]:
+    """Every runtime choice remembered on this host (``featx backbones --runtimes``), newest first."""
+    folder = cache_dir("runtimes")
+    choices = []
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []:
+        try:
+            choices.append({**json.loads(path.read_text()), "file": str(path)})
+        except ValueError:
+            choices.append({"runtime": "damaged (measured again on next use)", "file": str(path)})
+    return choices
+
+
+def fastest_exact(candidates: dict, reference, batch: torch.Tensor, rounds: int = ROUNDS) -> dict:
+    """Which of ``candidates`` (name -> callable on ``batch``) runs, with what was measured: exactness checked once
+    against ``reference`` (PyTorch float32, unfolded); speed warm, as the median of ``rounds`` interleaved timings
+    each. ``torch`` stays unless an exact other is ``CLEARLY_FASTER`` (without torch: the fastest exact one)."""
     expected = reference(batch)
-    measured = {name: {**agreement(expected, run(batch)), "images_per_second": images_per_second(run, batch)}
-                for name, run in candidates.items()}
-    exact = [name for name in measured if measured[name]["exact"]] or ["torch"]
-    return {"runtime": max(exact, key=lambda name: measured[name]["images_per_second"]), "measured": measured}
+    measured = {name: agreement(expected, run(batch)) for name, run in candidates.items()}  # also warms each up
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run(batch)
+            seconds[name].append(time.perf_counter() - start)
+    for name in candidates:
+        measured[name]["images_per_second"] = len(batch) / statistics.median(seconds[name])
+    rate = {name: m["images_per_second"] for name, m in measured.items()}
+    others = [name for name in measured if measured[name]["exact"] and name != "torch"]
+    best = max(others, key=rate.get, default="torch")
+    if "torch" in candidates and (best == "torch" or rate[best] < CLEARLY_FASTER * rate["torch"]):
+        best = "torch"
+    return {"runtime": best, "measured": measured, "rounds": rounds, "batch": len(batch)}
 
 
 def calibration_batch(crop: int, size: int = 16) -> torch.Tensor:

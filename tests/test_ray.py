@@ -225,7 +225,7 @@ def test_cpu_workers_run_the_runtime_the_driver_resolved(ray_cluster, image_fold
     not PyTorch: the same features, the same provenance."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
     spec = BackboneSpec("resnet18", "none", resize=40, crop=32)
-    choose_runtime(spec.build(), "auto", torch.device("cpu"), None)
+    choose_runtime(spec.build(), "auto", torch.device("cpu"), None, batch_size=4)
     for record in (tmp_path / "cache" / "runtimes").glob("*.json"):  # auto's remembered choice, made ONNX Runtime
         record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": "onnxruntime"}))
     options = ExtractOptions(batch_size=4, shard_size=4, workers=1)  # device auto

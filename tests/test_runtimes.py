@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,12 +182,65 @@ def test_a_resume_keeps_the_runtime_its_output_started_with(private_cache, tmp_p
                    "runtime: 'onnxruntime' there, 'torch' now", "--overwrite")
     assert sorted(p.name for p in parts.iterdir()) == before
     backbone = BackboneSpec("resnet18", "none", resize=40, crop=32).build()
-    choose_runtime(backbone, "auto", CPU, None)  # what auto remembers for this model here ...
+    choose_runtime(backbone, "auto", CPU, None, batch_size=4)  # what auto remembers for this model here ...
     for record in (private_cache / "runtimes").glob("*.json"):  # ... made torch, as on a host where torch wins
         record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": "torch"}))
-    assert choose_runtime(backbone, "auto", CPU, None) == "torch"
+    assert choose_runtime(backbone, "auto", CPU, None, batch_size=4) == "torch"
     status, out, err = cli(*run, "--out", tmp_path / "f")
     assert status == 0 and "resuming" in out, err
     resumed, reference = (store.load(tmp_path / f / "resnet18" / "train.h5") for f in ("f", "reference"))
     assert resumed.meta["runtime"].startswith("onnxruntime ") and resumed.paths == reference.paths
     assert np.array_equal(resumed.features, reference.features)
+
+
+def test_a_tie_keeps_torch_and_only_a_clear_win_replaces_it():
+    """Interleaved rounds at a fixed batch; another runtime must be CLEARLY_FASTER (10 %) than torch to replace
+    it, so a tie measured under load never flips the choice."""
+    batch = calibration_batch(16, size=4)
+
+    def exact(images):
+        return images.float().mean((2, 3))
+
+    def taking(seconds):
+        def run(images):
+            time.sleep(seconds)
+            return exact(images)
+        return run
+
+    assert fastest_exact({"torch": taking(0.02), "onnxruntime": taking(0.019)}, exact, batch)["runtime"] == "torch"
+    choice = fastest_exact({"torch": taking(0.02), "onnxruntime": taking(0.01)}, exact, batch)
+    assert choice["runtime"] == "onnxruntime" and choice["rounds"] == 3 and choice["batch"] == 4
+
+
+def test_a_damaged_choice_is_measured_again_and_the_listing_shows_each(mobilenet_weights, private_cache, capsys):
+    backbone = create_backbone("mobilenet_v2", str(mobilenet_weights))
+    chosen = choose_runtime(backbone, "auto", CPU, None, batch_size=8)
+    [record] = list((private_cache / "runtimes").glob("*.json"))
+    saved = json.loads(record.read_text())
+    assert saved["batch"] == 8 and saved["threads"] == torch.get_num_threads() and saved["onnxruntime"]
+    record.write_text("")  # a kill mid-write (before writes were atomic), or an edit
+    assert choose_runtime(backbone, "auto", CPU, None, batch_size=8) in ("torch", "onnxruntime")
+    assert "is damaged; measuring again" in capsys.readouterr().err and json.loads(record.read_text())["runtime"]
+    assert not [p for p in record.parent.iterdir() if p.name.startswith(".")]  # no partial write left
+    status, out, _ = cli("backbones", "--runtimes")
+    assert status == 0 and out.startswith(f"mobilenet_v2: ") and "batch 8" in out and str(record) in out
+    assert chosen in ("torch", "onnxruntime")
+    assert cli("backbones", "--forget_runtimes")[0] == 0 and not record.exists()
+
+
+def test_a_graph_swapped_with_its_digest_is_refused_not_run(mobilenet_weights, squeezenet_weights, private_cache):
+    """The digest catches accidents; a graph replaced together with its digest must still compute this model."""
+    mobilenet = create_backbone("mobilenet_v2", str(mobilenet_weights))
+    squeezenet = create_backbone("squeezenet1_1", str(squeezenet_weights))
+    for backbone in (mobilenet, squeezenet):
+        Embedder(backbone, "cpu", "fp32", runtime="onnxruntime")
+    graphs = {path.name.split("-")[0]: path for path in (private_cache / "onnx").glob("*.onnx")}
+    for suffix in ("", ".sha256"):  # SqueezeNet's graph and digest under MobileNetV2's names
+        Path(f"{graphs['mobilenet_v2']}{suffix}").write_bytes(Path(f"{graphs['squeezenet1_1']}{suffix}").read_bytes())
+    with pytest.raises(UntrustedCacheError, match="does not compute mobilenet_v2"):
+        Embedder(mobilenet, "cpu", "fp32", runtime="onnxruntime")
+    with pytest.raises(UntrustedCacheError, match="does not compute"):  # never "onnxruntime cannot run"
+        choose_runtime(mobilenet, "auto", CPU, None, batch_size=4)
+    Path(f"{graphs['squeezenet1_1']}.sha256").chmod(0o666)
+    with pytest.raises(UntrustedCacheError, match="group or others can write it"):
+        Embedder(squeezenet, "cpu", "fp32", runtime="onnxruntime")
