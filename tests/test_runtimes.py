@@ -223,7 +223,7 @@ def test_a_damaged_choice_is_measured_again_and_the_listing_shows_each(mobilenet
     assert "is damaged; measuring again" in capsys.readouterr().err and json.loads(record.read_text())["runtime"]
     assert not [p for p in record.parent.iterdir() if p.name.startswith(".")]  # no partial write left
     status, out, _ = cli("backbones", "--runtimes")
-    assert status == 0 and out.startswith(f"mobilenet_v2: ") and "batch 8" in out and str(record) in out
+    assert status == 0 and out.startswith("mobilenet_v2: ") and "batch 8" in out and str(record) in out
     assert chosen in ("torch", "onnxruntime")
     assert cli("backbones", "--forget_runtimes")[0] == 0 and not record.exists()
 
