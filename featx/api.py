@@ -9,8 +9,7 @@ from PIL import Image
 
 from featx.backbones import BackboneSpec, create_backbone
 from featx.decode import EvalTransform, collate, load_rgb, to_rgb
-from featx.devices import resolve_device, resolve_precision
-from featx.embed import Embedder, choose_runtime
+from featx.embed import embedder_for
 from featx.engines import RayOptions
 from featx.export_features import to_dataframe
 from featx.extract import extract as run_extract
@@ -172,9 +171,7 @@ def embed_images(images: list, backbone: str = "resnet18", weights: str = "DEFAU
     ``extract`` (timm's ``num_classes=0``, img2vec's ``get_vec``). An image that cannot be decoded is an error
     naming it."""
     extractor = create_backbone(backbone, weights, mirror, transform, pool)
-    resolved = resolve_device(device)
-    embedder = Embedder(extractor, device,
-                        runtime=choose_runtime(extractor, runtime, resolved, resolve_precision("auto", resolved)))
+    embedder = embedder_for(extractor, device, runtime=runtime, batch_size=batch_size)
     rows = []
     for start in range(0, len(images), batch_size):
         pixels = [(i, extractor.transform(_rgb(image)), "") for i, image in enumerate(images[start:start + batch_size])]

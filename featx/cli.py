@@ -71,7 +71,7 @@ def evaluate(head, features, out=None, trust_pickle=False):
 
 
 def predict(head, *inputs, topk=5, out=None, show=None, show_limit=48, batch_size=64, workers=None, device="auto",
-            mirror=None, trust_pickle=False):
+            precision="auto", runtime="auto", mirror=None, trust_pickle=False):
     """Classify image files and folders with backbone + head: top-k classes and probabilities.
 
     Args:
@@ -84,12 +84,15 @@ def predict(head, *inputs, topk=5, out=None, show=None, show_limit=48, batch_siz
         batch_size: images decoded together.
         workers: decode threads (CPU) or processes (GPU); default: one per core.
         device: auto, cpu, cuda ...
+        precision: auto, fp32, bf16 or fp16, as `featx extract --precision`.
+        runtime: auto, torch or onnxruntime, as `featx extract --runtime` (auto: the same remembered choice).
         mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
         trust_pickle: also load an older featx's pickled logreg head (model.joblib); it can run code.
     """
     from featx.predict import run as run_predict
 
-    run_predict(head, list(inputs), topk, out, show, show_limit, batch_size, workers, device, mirror, trust_pickle)
+    run_predict(head, list(inputs), topk, out, show, show_limit, batch_size, workers, device, mirror, trust_pickle,
+                precision, runtime)
 
 
 def export(head, out, onnx=True, mirror=None, trust_pickle=False):

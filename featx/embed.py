@@ -132,6 +132,16 @@ class Embedder:
         return torch.compile(self.model, dynamic=False)
 
 
+def embedder_for(backbone: Backbone, device: str = "auto", precision: str = "auto", runtime: str = "auto",
+                 batch_size: int = 64) -> Embedder:
+    """An Embedder that runs ``backbone`` as extract does: device and precision resolved, ``--runtime auto``
+    decided (``choose_runtime``, remembered with extract's choices)."""
+    resolved = resolve_device(device)
+    amp = resolve_precision(precision, resolved)
+    return Embedder(backbone, str(resolved), precision,
+                    runtime=choose_runtime(backbone, runtime, resolved, amp, batch_size=batch_size))
+
+
 def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: torch.dtype | None,
                    compile: bool = False, channels_last: bool = True, fold_batch_norm: bool = True,
                    batch_size: int = 64) -> str:

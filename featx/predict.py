@@ -18,7 +18,7 @@ from tqdm import tqdm
 from featx.backbones import Backbone, WeightsInfo, backbone_from_source
 from featx.decode import EvalTransform, ImageFiles, load_rgb, read_batches, sequential_batches
 from featx.devices import resolve_device
-from featx.embed import Embedder
+from featx.embed import embedder_for
 from featx.finetuning import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
@@ -53,14 +53,16 @@ class Classifier(NamedTuple):
 
 
 def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str | None = None,
-                    trust_pickle: bool = False) -> Classifier:
+                    trust_pickle: bool = False, **mapper) -> Classifier:
     """The classifier of a head folder (backbone features, then the head's ``decision_function``, as ``evaluate``
-    does) or of a finetune run."""
+    does) or of a finetune run; its model run as extract runs it (``mapper``: precision, runtime, batch_size of
+    ``featx.embed.embedder_for``)."""
     if (Path(folder) / RUN_FILE).is_file():
         model, record = load_finetuned(folder)
         transform = EvalTransform.from_dict(record["transform"])
         info = WeightsInfo("finetuned", str(folder), "")
-        embedder = Embedder(Backbone(record["backbone"], model, record["num_classes"], info, transform), device)
+        embedder = embedder_for(Backbone(record["backbone"], model, record["num_classes"], info, transform), device,
+                                **mapper)
 
         def classify_run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
             logits = embedder(images).numpy()
@@ -69,7 +71,7 @@ def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str
         return Classifier(classify_run, transform, record["class_names"], load_seen(folder))
     estimator = load_head(folder, trust_pickle)
     backbone = backbone_from_source(estimator.source_, mirror)
-    embedder = Embedder(backbone, device)
+    embedder = embedder_for(backbone, device, **mapper)
     names = [estimator.source_["class_names"][c] for c in estimator.classes_]
 
     def classify_head(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +83,7 @@ def load_classifier(folder: str | os.PathLike, device: str = "auto", mirror: str
 
 def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_size: int = 64,
             workers: int | None = None, device: str = "auto", mirror: str | None = None,
-            trust_pickle: bool = False) -> list[dict]:
+            trust_pickle: bool = False, precision: str = "auto", runtime: str = "auto") -> list[dict]:
     """Classify with a head folder or a finetune run folder. One record per image: path, true class (its
     folder's name, when that is a class), prediction, top-k, logits, whether the classifier saw the image (by
     content) in fitting or selection, and whether its features lie far outside the head's; undecodable images get
@@ -90,7 +92,8 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
     check_positive("batch_size", batch_size, int)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
-    classifier = load_classifier(head, device, mirror, trust_pickle)
+    classifier = load_classifier(head, device, mirror, trust_pickle, precision=precision, runtime=runtime,
+                                 batch_size=batch_size)
     names = classifier.names
     files, unreadable = collect_images(inputs)
     dataset = ImageFiles(Path(), tuple(files), classifier.transform)
@@ -125,14 +128,15 @@ def predict(head: str | os.PathLike, inputs: list[str], topk: int = 5, batch_siz
 
 def run(head: str | os.PathLike, inputs: list[str], topk: int = 5, out: str | os.PathLike | None = None,
         show: str | os.PathLike | None = None, show_limit: int = 48, batch_size: int = 64, workers: int | None = None,
-        device: str = "auto", mirror: str | None = None, trust_pickle: bool = False) -> list[dict]:
+        device: str = "auto", mirror: str | None = None, trust_pickle: bool = False, precision: str = "auto",
+        runtime: str = "auto") -> list[dict]:
     """``featx predict``: classify ``inputs``, write the records to ``out`` (CSV on stdout without it), name the
     skipped files and print the accuracy where folders name the classes (stderr), draw the contact sheet ``show``."""
     if not inputs:
         raise ValueError("give at least one image file or folder to classify")
     if show:
         check_positive("show_limit", show_limit, int)
-    records = predict(head, inputs, topk, batch_size, workers, device, mirror, trust_pickle)
+    records = predict(head, inputs, topk, batch_size, workers, device, mirror, trust_pickle, precision, runtime)
     if out:
         write_records(records, out)
     else:

@@ -101,3 +101,16 @@ def test_what_each_path_holds_is_said(small_head, tmp_path):
     assert cli("finetune", data, "--out", tmp_path / "run", *SMALL_FINETUNE)[0] == 0
     status, out, _ = cli("info", tmp_path / "run")
     assert status == 0 and "a finetune run of resnet18" in out and "epochs done: 1 of 1" in out, out
+
+
+def test_predict_runs_the_backbone_as_extract_does(small_head):
+    """--runtime and --precision reach predict's model: ONNX Runtime gives PyTorch's logits; a runtime that cannot
+    run as asked is one line."""
+    head, data = small_head
+    logits = {runtime: np.array([r["logits"] for r in predict(head, [str(data / "val")], workers=0, device="cpu",
+                                                                runtime=runtime)])
+              for runtime in ("torch", "onnxruntime", "auto")}
+    assert np.abs(logits["onnxruntime"] - logits["torch"]).max() <= 1e-4
+    assert np.abs(logits["auto"] - logits["torch"]).max() <= 1e-4
+    one_line_error(*cli("predict", head, data / "val", "--device", "cpu", "--runtime", "onnxruntime", "--precision",
+                        "bf16")[::2], "--precision bf16")  # onnxruntime runs fp32 (or: this CPU would emulate bf16)
