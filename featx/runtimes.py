@@ -112,10 +112,22 @@ def describe(runtime: str) -> str:
 def _export(model: nn.Module, example: torch.Tensor, path) -> None:
     """The TorchScript-based exporter: ~1.5 s for ResNet-18 on 2 cores, against 6-14 s for the dynamo one. Its
     notes are silenced: when it fails it prints the whole graph (hundreds of lines), and the error says enough."""
-    with warnings.catch_warnings(), _silenced():
+    with warnings.catch_warnings(), _silenced(), _plain_attention():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
+
+
+@contextlib.contextmanager
+def _plain_attention():
+    """nn.MultiheadAttention's fused fast path (``aten::_native_multi_head_attention``, which ONNX cannot express)
+    off while exporting: the same maths in plain ops, so OpenCLIP's and torchvision's ViTs export exactly."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ preprocessing, timm's own preprocessing by default (equal to timm's pipeline on 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -86,3 +87,22 @@ def test_pool_takes_the_class_token_or_the_mean_of_the_patch_tokens(photos):
     assert (cls - tokens[:, 0]).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="--pool cls does not apply to timm:resnet18"):
         create_backbone("timm:resnet18", "none", pool="cls")
+
+
+def test_a_model_onnx_cannot_take_is_one_line_once_and_remembered(image_folder, tmp_path):
+    """EVA-02's attention cannot be exported (the TorchScript exporter may print its whole graph when it fails):
+    featx says one line, the first time only, and torch runs the model."""
+    command = [sys.executable, "-m", "featx", "extract", str(image_folder), "--backbone",
+               "timm:eva02_tiny_patch14_224", "--weights", "none", "--device", "cpu", "--splits", "val", "--out",
+               str(tmp_path / "f")]
+    env = {**os.environ, "FEATX_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    said = first.stdout + first.stderr
+    assert "Torch IR graph" not in said and "graph(" not in said and len(said.splitlines()) < 20, said[-3000:]
+    assert said.count("onnxruntime cannot run timm:eva02_tiny_patch14_224") == 1 and "(remembered)" in said
+    again = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "onnxruntime cannot run" not in again.stdout + again.stderr
+    features = store.read_meta(tmp_path / "f" / "timm:eva02_tiny_patch14_224" / "val.h5")
+    assert features["runtime"].startswith("torch ")
+    assert not [p for p in (tmp_path / "cache" / "onnx").iterdir()]  # no scratch folder left behind
