@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes; "auto" picks
+QUANTIZED = ("int8",)  # precisions that quantize the model (ONNX Runtime on the CPU) instead of autocasting
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -40,8 +41,12 @@ def resolve_precision(precision: str, device: torch.device, emulate: bool = Fals
     bf16 (AVX512_BF16 or AMX) and fp16 AMX-FP16: emulated, they are slower than float32, so they are refused
     unless ``emulate`` (to measure agreement on any host)."""
     precision = precision_name(precision, device.type)
+    if precision in QUANTIZED:  # the graph itself is quantized (featx.runtimes); its inputs stay float32
+        if device.type != "cpu":
+            raise ValueError(f"--precision {precision} runs on the CPU (ONNX Runtime); on CUDA use bf16")
+        return None
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+        raise ValueError(f"precision must be one of auto, {', '.join((*PRECISIONS, *QUANTIZED))}; got {precision!r}")
     native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"amx_fp16", "avx512_fp16"}}.get(precision)
     if device.type == "cpu" and native and not native & cpu_flags() and not emulate:
         raise ValueError(f"--precision {precision} needs a CPU with native {precision} ({' or '.join(sorted(native))})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
@@ -13,10 +14,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from featx.backbones import Backbone
 from featx.cache import UntrustedCacheError, model_key
 from featx.compiled import compiled_model
-from featx.devices import autocast, resolve_device, resolve_precision
+from featx.decode import ImageFiles, collate
+from featx.devices import QUANTIZED, autocast, precision_name, resolve_device, resolve_precision
 from featx.memory import keep_freed_memory
 from featx.runtimes import (OnnxModel, calibration_batch, check_runtime, fastest_exact, onnxruntime_version,
                             resolve_runtime)
+from featx.sources import Split
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -64,7 +67,9 @@ def _fold_sequential_pairs(sequence: nn.Sequential) -> None:
 class Embedder:
     """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU.
 
-    ``precision``: ``resolve_precision`` (``emulate`` lets a CPU without native bf16 run it anyway, to measure it).
+    ``precision``: ``resolve_precision`` (``emulate`` lets a CPU without native bf16 run it anyway, to measure it);
+    ``int8`` quantizes ONNX Runtime's graph on ``calibration`` (``calibration_images``: the user's images, some to
+    calibrate on, others to check the agreement on; ``self.int8_agreement``).
     ``runtime``: ``torch`` or ``onnxruntime`` (CPU, float32); ``auto`` is decided before (``choose_runtime``).
     ``forward_batch``: images per model call (batches are cut into such chunks); None is the whole batch.
     Each image's features do not depend on it.
@@ -75,17 +80,23 @@ class Embedder:
 
     def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto", channels_last: bool = True,
                  compile: bool = False, forward_batch: int | None = None, fold_batch_norm: bool = True,
-                 runtime: str = "torch", emulate: bool = False):
+                 runtime: str = "torch", emulate: bool = False,
+                 calibration: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.device = resolve_device(device)
         self.amp = resolve_precision(precision, self.device, emulate)
         keep_freed_memory()
-        self.runtime = check_runtime(runtime, self.device, self.amp, compile)
+        quantized = precision_name(precision, self.device.type) in QUANTIZED
+        self.runtime = check_runtime(runtime, self.device, self.amp, compile, quantized)
+        if quantized and calibration is None:
+            raise ValueError("--precision int8 calibrates on your images: give calibration (calibration_images)")
         self.feature_dim = backbone.feature_dim
         self.name = backbone.name
         self.onnx = None
         if runtime == "onnxruntime":  # ONNX Runtime fuses the graph itself, from the model as it is
-            self.onnx = OnnxModel(backbone.model, backbone.transform.crop, backbone.name, torch.get_num_threads())
+            self.onnx = OnnxModel(backbone.model, backbone.transform.crop, backbone.name, torch.get_num_threads(),
+                                  calibration if quantized else None)
             channels_last = False  # it takes NCHW
+        self.int8_agreement = self.onnx.int8_agreement if self.onnx else None
         self.channels_last = channels_last
         self.model = backbone.model.eval().to(self.device)
         if fold_batch_norm and self.amp is None and not self.onnx:  # folded weights lose more to bf16 (MobileNetV2:
@@ -132,6 +143,21 @@ class Embedder:
         return torch.compile(self.model, dynamic=False)
 
 
+def calibration_images(split: Split, backbone: Backbone, count: int = 64, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``--precision int8`` is calibrated and checked on: a seeded sample of ``split``'s own images,
+    normalised; the first half calibrates, the other half (never calibrated on) measures the agreement."""
+    files = ImageFiles(split.root, split.paths, backbone.transform, members=split.members)
+    order = np.random.default_rng(seed).permutation(len(files))[:count].tolist()
+    images = collate([files[i] for i in order]).images if order else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    if len(images) < 16:
+        raise ValueError(f"--precision int8 calibrates on some of your images and checks it on others: split "
+                         f"{split.name} has {len(images)} readable of the 16 it needs")
+    mean, std = channel_stats(backbone.transform, torch.device("cpu"))
+    normalised = normalise(images, mean, std, channels_last=False).contiguous()
+    return normalised[:len(normalised) // 2], normalised[len(normalised) // 2:]
+
+
 def embedder_for(backbone: Backbone, device: str = "auto", precision: str = "auto", runtime: str = "auto",
                  batch_size: int = 64) -> Embedder:
     """An Embedder that runs ``backbone`` as extract does: device and precision resolved, ``--runtime auto``
@@ -144,7 +170,7 @@ def embedder_for(backbone: Backbone, device: str = "auto", precision: str = "aut
 
 def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: torch.dtype | None,
                    compile: bool = False, channels_last: bool = True, fold_batch_norm: bool = True,
-                   batch_size: int = 64) -> str:
+                   batch_size: int = 64, quantized: bool = False) -> str:
     """The concrete runtime for ``backbone`` (``featx.runtimes.resolve_runtime``); for ``auto``, the candidates it
     measures when nothing is remembered (on a batch like extract's, at most 32): PyTorch as extract runs it, ONNX
     Runtime, and unfolded PyTorch float32 as the reference. The choice is remembered per model, batch, thread count,
@@ -167,4 +193,4 @@ def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: 
         return {**fastest_exact(candidates, reference, batch), **about}
 
     key = model_key(backbone.model, batch, "runtime", channels_last, fold_batch_norm, *versions.values())
-    return resolve_runtime(runtime, device, amp, compile, key, measure)
+    return resolve_runtime(runtime, device, amp, compile, key, measure, quantized)

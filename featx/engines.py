@@ -23,7 +23,7 @@ import torch
 
 from featx.backbones import Backbone, BackboneSpec
 from featx.decode import ImageFiles
-from featx.devices import precision_name, resolve_device, resolve_precision
+from featx.devices import QUANTIZED, precision_name, resolve_device, resolve_precision
 from featx.embed import Embedder, choose_runtime
 from featx.options import ExtractOptions
 from featx.shards import write_shards
@@ -58,19 +58,23 @@ def resolved(options: ExtractOptions, backbone: Backbone, device: torch.device) 
     and the runtime decided (``featx.embed.choose_runtime``)."""
     amp = resolve_precision(options.precision, device)
     runtime = choose_runtime(backbone, options.runtime, device, amp, options.compile, options.channels_last,
-                             options.fold_batch_norm, options.batch_size)
+                             options.fold_batch_norm, options.batch_size, options.precision in QUANTIZED)
     return replace(options, precision=precision_name(options.precision, device.type), runtime=runtime)
 
 
 class LocalEngine:
-    """Runs shards in this process, one after another, with one model for the whole job."""
+    """Runs shards in this process, one after another, with one model for the whole job. ``calibration``: the
+    images ``--precision int8`` is calibrated and checked on (``featx.embed.calibration_images``)."""
 
-    def __init__(self, backbone: Backbone, options: ExtractOptions):
+    def __init__(self, backbone: Backbone, options: ExtractOptions, calibration=None):
         device = resolve_device(options.device)
         self.options = options = resolved(options, backbone, device)
         self.embedder = Embedder(backbone, options.device, options.precision, options.channels_last,
-                                 options.compile, options.forward_batch, options.fold_batch_norm, options.runtime)
+                                 options.compile, options.forward_batch, options.fold_batch_norm, options.runtime,
+                                 calibration=calibration)
         self.device_type = device.type
+        agreement = self.embedder.int8_agreement
+        self.provenance = {"int8_agreement": agreement} if agreement else {}  # recorded in each split's file
 
     def run(self, dataset: ImageFiles, parts: Path, shards: dict[int, list[list[int]]], progress=None) -> None:
         """Write ``shards`` (shard number -> batches of dataset items) into ``parts``."""
@@ -151,7 +155,11 @@ class RayEngine:
     shard's error. ``close`` ends the actors."""
 
     def __init__(self, spec: BackboneSpec, backbone: Backbone, options: ExtractOptions, ray_options: RayOptions):
+        if options.precision in QUANTIZED:
+            raise ValueError(f"--precision {options.precision} runs on the local engine (its graph is calibrated "
+                             "on your images in this process); leave out --engine ray")
         self.ray = _connect(ray_options)
+        self.provenance: dict = {}
         count, resources = _placement(self.ray, ray_options, options.device)
         self.worker = self.ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)
         device = self.device_type = "cuda" if "num_gpus" in resources else "cpu"
@@ -258,8 +266,8 @@ def ray_available() -> bool:
 
 
 def open_engine(name: str, spec: BackboneSpec, backbone: Backbone, options: ExtractOptions,
-                ray_options: RayOptions = RayOptions()):
+                ray_options: RayOptions = RayOptions(), calibration=None):
     """The engine ``name`` (``ENGINES``) for ``backbone`` (built from ``spec``); close it after."""
     if name == "ray":
         return RayEngine(spec, backbone, options, ray_options)
-    return LocalEngine(backbone, options)
+    return LocalEngine(backbone, options, calibration)

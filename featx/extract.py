@@ -21,7 +21,8 @@ from tqdm import tqdm
 from featx import store
 from featx.backbones import Backbone, BackboneSpec, folder_name
 from featx.decode import AugmentTransform, ImageFiles
-from featx.devices import resolve_device
+from featx.devices import QUANTIZED, resolve_device
+from featx.embed import calibration_images
 from featx.engines import ENGINES, RayOptions, open_engine, ray_available
 from featx.options import ExtractOptions
 from featx.runtimes import describe
@@ -60,9 +61,12 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
     folder = Path(out) / folder_name(spec.name)
     options = replace(options, runtime=started_runtime(folder, all_splits, options))
     extractor = spec.build()
-    with contextlib.closing(open_engine(engine, spec, extractor, options, ray_options)) as runner, \
+    calibration = None
+    if options.precision in QUANTIZED and engine == "local":  # on the user's own images: the train split's
+        calibration = calibration_images(next((s for s in all_splits if s.name == "train"), all_splits[0]), extractor)
+    with contextlib.closing(open_engine(engine, spec, extractor, options, ray_options, calibration)) as runner, \
             store.exclusive(folder):  # a precision or runtime refused by the engine has written nothing
-        return {split.name: extract_split(split, extractor, runner.run, folder / f"{split.name}.h5", runner.options)
+        return {split.name: extract_split(split, extractor, runner, folder / f"{split.name}.h5")
                 for split in all_splits}
 
 
@@ -159,13 +163,14 @@ def _rows_in_shards(path: Path) -> bool:
         return True
 
 
-def extract_split(split: Split, backbone: Backbone, run, path: Path, options: ExtractOptions) -> dict:
-    """Extract one split to ``path``, resuming an unfinished run; ``run(dataset, parts, shards, progress)`` writes
-    the shards still to do (an engine), counting images on the split's progress bar. Returns counts, timing and
-    failures."""
+def extract_split(split: Split, backbone: Backbone, runner, path: Path) -> dict:
+    """Extract one split to ``path``, resuming an unfinished run; the engine ``runner`` writes the shards still to do
+    (``run(dataset, parts, shards, progress)``), counting images on the split's progress bar. Returns counts,
+    timing and failures."""
+    options = runner.options
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
-    attrs = split_attrs(split, backbone, dataset, options)
+    attrs = {**split_attrs(split, backbone, dataset, options), **runner.provenance}
     shard_size = _prepare(path, identity(attrs), options)
     if shard_size is None:
         print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
@@ -181,7 +186,7 @@ def extract_split(split: Split, backbone: Backbone, run, path: Path, options: Ex
     start = time.perf_counter()
     with tqdm(total=remaining, unit="img", desc=f"{backbone.name} {split.name}", mininterval=1.0, file=sys.stderr,
               disable=not remaining) as progress:
-        run(dataset, parts, todo, progress)
+        runner.run(dataset, parts, todo, progress)
     seconds = time.perf_counter() - start
     counts = store.merge(parts, path, attrs, split.paths, split.labels, options.compression, options.layout,
                          split.columns, split.unreadable)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from featx import store
 from featx.decode import READERS
-from featx.devices import PRECISIONS
+from featx.devices import PRECISIONS, QUANTIZED
 from featx.runtimes import check_runtime_name
 
 DTYPES = ("float32", "float16")
@@ -53,7 +53,8 @@ class ExtractOptions:
         if self.layout not in store.LAYOUTS:
             raise ValueError(f"layout must be one of {store.LAYOUTS}, got {self.layout!r}")
         check_runtime_name(self.runtime)
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ("auto", *PRECISIONS, *QUANTIZED):
+            raise ValueError(f"precision must be one of auto, {', '.join((*PRECISIONS, *QUANTIZED))}, got "
+                             f"{self.precision!r}")
         if self.layout == "virtual" and self.compression:
             raise ValueError("compression applies to the copy layout; the virtual layout reads the shards as written")

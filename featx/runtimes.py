@@ -11,6 +11,7 @@ An ONNX graph is data, not code (featx registers no custom operators); it is sti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from featx.cache import UntrustedCacheError, cache_dir, cached_file, model_key, 
 
 RUNTIMES = ("auto", "torch", "onnxruntime")  # what --runtime takes; an Embedder runs one of the last two
 EXACT = {"max_abs": 1e-4, "min_cosine": 0.99999}  # what "the same features" means for a runtime
+INT8_MIN_COSINE = 0.99  # --precision int8 is refused where it moves a held-out image's features further than this
 CLEARLY_FASTER = 1.10  # another runtime replaces torch only when at least this much faster (a tie keeps torch)
 ROUNDS = 3  # interleaved timing rounds: a busy moment slows every candidate alike
 
@@ -48,7 +51,8 @@ class OnnxModel:
 
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, crop: int, label: str, threads: int):
+    def __init__(self, model: nn.Module, crop: int, label: str, threads: int,
+                 int8: tuple[torch.Tensor, torch.Tensor] | None = None):
         if not onnxruntime_available():
             raise ValueError("--runtime onnxruntime needs ONNX Runtime: pip install 'featx[onnx]'")
         import onnxruntime
@@ -65,9 +69,51 @@ class OnnxModel:
         if not agreement(expected, self(probe))["exact"]:
             raise UntrustedCacheError(f"refusing the cached {path}: it does not compute {label} (a graph and digest "
                                       "put there by someone else?); delete it (featx rebuilds it)")
+        self.int8_agreement = None
+        if int8 is not None:  # (calibration images, held-out images), normalised
+            self.session, self.int8_agreement = quantized(path, label, self, *int8, options)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
+
+
+def quantized(graph, label: str, fp32: OnnxModel, calibrate: torch.Tensor, held: torch.Tensor, options):
+    """An ONNX Runtime session of ``graph`` quantized to int8 (static, QDQ, per-channel weights, calibrated on
+    ``calibrate``; cached, keyed by the graph and the calibration images) and its agreement with ``fp32`` on
+    ``held`` (other images); refused in one line below ``INT8_MIN_COSINE``, naming the figure."""
+    import onnxruntime
+
+    digest = hashlib.sha256(Path(graph).read_bytes() + calibrate.numpy().tobytes()).hexdigest()
+    path = cached_file("onnx", f"{Path(graph).stem}-int8-{digest[:16]}.onnx",
+                       lambda out: _quantize(graph, calibrate, out),
+                       f"{label} quantized to int8 (calibrated on {len(calibrate)} of your images)")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    measured = agreement(fp32(held), torch.from_numpy(session.run(None, {"images": held.contiguous().numpy()})[0]))
+    if measured["min_cosine"] < INT8_MIN_COSINE:
+        raise ValueError(f"--precision int8 would change {label}'s features: min cosine {measured['min_cosine']:.4f} "
+                         f"to float32 on {len(held)} of your images ({INT8_MIN_COSINE} needed); keep --precision fp32")
+    return session, {"min_cosine": measured["min_cosine"], "max_abs": measured["max_abs"],
+                     "calibration_images": len(calibrate), "held_images": len(held)}
+
+
+def _quantize(graph, calibrate: torch.Tensor, out) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": calibrate[i:i + 8].contiguous().numpy()}
+                                 for i in range(0, len(calibrate), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = Path(out).with_name("prepared.onnx")
+    with warnings.catch_warnings(), _silenced():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(graph), str(prepared))
+        quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def check_runtime_name(runtime: str) -> str:
@@ -77,10 +123,14 @@ def check_runtime_name(runtime: str) -> str:
     return runtime
 
 
-def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool) -> str:
-    """A concrete runtime (not ``auto``) that can run as asked, else a one-line ValueError."""
+def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool,
+                  quantized: bool = False) -> str:
+    """A concrete runtime (not ``auto``) that can run as asked (``quantized``: --precision int8), else a one-line
+    ValueError."""
     if check_runtime_name(runtime) == "auto":
         raise ValueError("runtime auto is decided by featx.runtimes.resolve_runtime before a model runs")
+    if quantized and runtime != "onnxruntime":
+        raise ValueError("--precision int8 runs on ONNX Runtime: --runtime onnxruntime or auto")
     if runtime == "onnxruntime" and (device.type != "cpu" or amp is not None or compile):
         raise ValueError("--runtime onnxruntime runs float32 on the CPU: not with --device cuda, --precision bf16/fp16 "
                          "or --compile (use --runtime torch for those)")
@@ -88,13 +138,13 @@ def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, c
 
 
 def resolve_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool, key: str,
-                    measure: Callable[[], dict]) -> str:
+                    measure: Callable[[], dict], quantized: bool = False) -> str:
     """The runtime that runs: ``runtime`` checked, or for ``auto`` torch everywhere but a CPU in float32 without
     --compile where ONNX Runtime is installed; there, the choice remembered under ``key`` in the private cache, else
     ``measure()``'s (``fastest_exact`` of the candidates, or torch where ONNX Runtime cannot take the model), which
     is remembered."""
-    if runtime != "auto":
-        return check_runtime(runtime, device, amp, compile)
+    if runtime != "auto" or quantized:  # int8: ONNX Runtime's quantized graph is the only one
+        return check_runtime("onnxruntime" if runtime == "auto" else runtime, device, amp, compile, quantized)
     if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
         return "torch"
     return remembered(key, measure)["runtime"]

@@ -244,3 +244,45 @@ def test_a_graph_swapped_with_its_digest_is_refused_not_run(mobilenet_weights, s
     Path(f"{graphs['squeezenet1_1']}.sha256").chmod(0o666)
     with pytest.raises(UntrustedCacheError, match="group or others can write it"):
         Embedder(squeezenet, "cpu", "fp32", runtime="onnxruntime")
+
+
+@pytest.mark.parametrize("name,weights", [("mobilenet_v2", "mobilenet_v2-imagenet-features.pth"),
+                                          ("squeezenet1_1", "squeezenet1_1-imagenet.pth")])
+def test_int8_on_real_weights_keeps_the_accuracy_or_is_refused(hymenoptera, mirror, name, weights, tmp_path):
+    """--precision int8, calibrated on the user's own images and checked on others: where it is accepted, the
+    logreg head's val accuracy is within one image of float32's; where it would move the features (real
+    MobileNetV2: min cosine 0.91 here), it is refused in one line naming the figure, and nothing is written."""
+    run = ["extract", hymenoptera, "--backbone", name, "--weights", mirror / "weights" / weights, "--device", "cpu"]
+    status, _, err = cli(*run, "--precision", "int8", "--out", tmp_path / "int8")
+    if status != 0:
+        one_line_error(status, err, f"--precision int8 would change {name}'s features: min cosine", "0.99 needed")
+        assert not (tmp_path / "int8").exists()
+        return
+    assert cli(*run, "--out", tmp_path / "fp32")[0] == 0
+    accuracy = {}
+    for out in ("fp32", "int8"):
+        train, val = (store.load(tmp_path / out / name / f"{s}.h5") for s in ("train", "val"))
+        accuracy[out] = make_head("logreg").fit(train.features, train.labels).score(val.features, val.labels)
+    assert abs(accuracy["int8"] - accuracy["fp32"]) <= 1 / 153 + 1e-9, accuracy
+
+
+def test_int8_records_its_agreement_and_is_never_mixed_with_float(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=12, size=(64, 64))
+    run = ["extract", data, "--backbone", "resnet18", "--weights", "none", "--device", "cpu", "--resize", "64",
+           "--crop", "56"]
+    assert cli(*run, "--out", tmp_path / "fp32")[0] == 0
+    status, _, err = cli(*run, "--out", tmp_path / "f", "--precision", "int8")
+    assert status == 0, err
+    quantized, exact = (store.load(tmp_path / out / "resnet18" / "val.h5") for out in ("f", "fp32"))
+    agreement_recorded = json.loads(quantized.meta["int8_agreement"])
+    assert quantized.meta["precision"] == "int8" and quantized.meta["runtime"].startswith("onnxruntime ")
+    assert agreement_recorded["min_cosine"] >= 0.99 and agreement_recorded["held_images"] == 12
+    cosine = (quantized.features * exact.features).sum(1) / (
+        np.linalg.norm(quantized.features, axis=1) * np.linalg.norm(exact.features, axis=1))
+    assert cosine.min() >= 0.99 and np.abs(quantized.features - exact.features).max() > 1e-4  # close, not equal
+    one_line_error(*cli(*run, "--out", tmp_path / "f")[::2], "precision: 'int8' there")
+    one_line_error(*cli(*run, "--out", tmp_path / "g", "--precision", "int8", "--runtime", "torch")[::2],
+                   "--precision int8 runs on ONNX Runtime")
+    one_line_error(*cli(*run, "--out", tmp_path / "g", "--precision", "int8", "--engine", "ray")[::2],
+                   "runs on the local engine")
+    assert not (tmp_path / "g").exists()
