@@ -8,8 +8,8 @@ batching alone is visible. Every timed run is a fresh process. featx's time is a
 mirror's real ones for MobileNetV2 and SqueezeNet 1.1, random ones for the rest.
 
 ``--runtimes`` adds a row per ``--runtime`` (torch, onnxruntime), ``--reader pipeline`` (decode overlapping the
-model) and ``--precision bf16`` (where the CPU has it natively), with each one's agreement with plain PyTorch
-float32 on real images, its model stage and the peak RSS of every run.
+model), ``--precision bf16`` (where the CPU has it natively) and ``--precision int8`` (or why it is refused), with
+each one's agreement with plain PyTorch float32 on real images, its model stage and the peak RSS of every run.
 
     python benchmarks/bench_extract.py --runtimes --backbones mobilenet_v2,resnet18 --repeats 3
     python benchmarks/bench_extract.py --data ../shared/datasets/hymenoptera_data --resize_crop_only --compile
@@ -168,6 +168,7 @@ def main() -> None:
             real = mirror() / "weights" / REAL_WEIGHTS.get(backbone, "-")
             weights = str(real) if real.is_file() else "none"
             mappers = {"torch": {"precision": "fp32"}}  # the model stage and agreement of each runtime/precision
+            refusals: list[str] = []
             start = time.perf_counter()  # auto's one-time cost: the ONNX export and the measurement
             chosen = in_fresh_process(chosen_runtime, backbone, weights, featx_options) if device.type == "cpu" \
                 else "torch"
@@ -184,26 +185,33 @@ def main() -> None:
                 mappers["onnxruntime"] = {"precision": "fp32", "runtime": "onnxruntime"}
                 for runtime in ("torch", "onnxruntime"):
                     runs[f"featx extract --runtime {runtime}"] = (
-                        featx_extract, (data, backbone, weights, replace(featx_options, runtime=runtime),
-                                        EvalTransform()), runtime)
+                        featx_extract, (data, backbone, weights, replace(featx_options, runtime=runtime), {}),
+                        runtime)
                 runs["featx extract --reader pipeline (decode overlapping the model)"] = (
-                    featx_extract, (data, backbone, weights, replace(featx_options, reader="pipeline"),
-                                    EvalTransform()), chosen)
+                    featx_extract, (data, backbone, weights, replace(featx_options, reader="pipeline"), {}), chosen)
+                int8 = replace(featx_options, precision="int8")
+                try:  # calibrated on these images, and refused where it would move the features
+                    in_fresh_process(featx_extract, data, backbone, weights, int8, {})
+                    runs["featx extract --precision int8 (ONNX Runtime, calibrated here)"] = (
+                        featx_extract, (data, backbone, weights, int8, {}), None)
+                except ValueError as refused:
+                    rows.append({"backbone": backbone, "loop": "featx --precision int8", "refused": str(refused)})
+                    refusals.append(f"| {backbone} | --precision int8 refused: {refused} | | | | |")
             if args.runtimes:
                 label = "bf16" if native_bf16 else "bf16 (emulated: featx refuses it on this CPU)"
                 mappers[label] = {"precision": "bf16", "emulate": not native_bf16}
                 if native_bf16:
                     runs["featx extract --precision bf16"] = (
-                        featx_extract, (data, backbone, weights, replace(featx_options, precision="bf16"),
-                                        EvalTransform()), label)
+                        featx_extract, (data, backbone, weights, replace(featx_options, precision="bf16"), {}),
+                        label)
             if args.decode_on_device:
                 on_device = replace(featx_options, decode_on_device=True)
                 runs["featx extract --decode_on_device"] = (
-                    featx_extract, (data, backbone, weights, on_device, EvalTransform()), "torch")
+                    featx_extract, (data, backbone, weights, on_device, {}), "torch")
             if args.compile:  # the package is compiled once, outside the timed runs, and its cost reported
                 compiled = replace(featx_options, compile=True)
                 start = time.perf_counter()
-                in_fresh_process(featx_extract, data, backbone, weights, compiled, EvalTransform())
+                in_fresh_process(featx_extract, data, backbone, weights, compiled, {})
                 compile_run = time.perf_counter() - start
                 rows.append({"backbone": backbone, "loop": "featx --compile, first run (compiles the package)",
                              "seconds": compile_run})
@@ -226,6 +234,7 @@ def main() -> None:
                              (f"{agrees['max_abs']:.1e} / {agrees['min_cosine']:.6f}" if agrees else "") + " |")
             table.append(f"| {backbone} | runtime auto's first run here: {choice_seconds:.1f} s (ONNX export and "
                          "measurement, once per model and host) | | | | |")
+            table += refusals
             for label, agrees in agreements.items():
                 if label not in {runs[name][2] for name in runs}:
                     table.append(f"| {backbone} | {label} (not timed end to end) | | | | "

@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, make_image_folder, missing, ray_problem
 
 BENCHMARKS = {  # script -> tiny arguments (DATA is the tiny folder)
-    "bench_extract": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8"],
+    "bench_extract": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8",
+                      "--runtimes"],
     "bench_families": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1"],
     "bench_finetune": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8"],
     "bench_heads": ["--rows", "2000", "--dims", "64", "--dtypes", "float32", "--logreg_max_rows", "2000"],
