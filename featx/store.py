@@ -470,9 +470,9 @@ def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np
 def provenance(meta: dict) -> dict:
     """What a features file was made from and by: backbone (and its pooling), weights (and their sha256),
     preprocessing, precision and runtime, data root, split, source, featx version, counts."""
-    keys = ("backbone", "pool", "precision", "int8_agreement", "runtime", "weights", "weights_source", "weights_sha256", "feature_dim",
-            "transform", "data_root", "split", "source", "class_names", "dtype", "views", "featx_version", "created",
-            "num_images", "num_rows", "num_failed")
+    keys = ("backbone", "pool", "precision", "int8_agreement", "runtime", "weights", "weights_source",
+            "weights_sha256", "feature_dim", "transform", "data_root", "split", "source", "class_names", "dtype",
+            "views", "featx_version", "created", "num_images", "num_rows", "num_failed")
     return {key: meta[key] for key in keys if key in meta}
 
 
