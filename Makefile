@@ -7,15 +7,15 @@ export FEATX_MIRROR ?= $(if $(wildcard ../shared/README.md),$(abspath ../shared)
 
 .PHONY: setup demo test bench clean
 
-# The demo installs only what it runs (featx and ONNX Runtime, its default CPU runtime); the tests, every extra.
+# The demo installs only what it runs (featx, with ONNX Runtime, its default CPU runtime); the tests, every extra.
 $(VENV)/.demo-installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[onnx]'
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.demo-installed
-	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf,onnx]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf]'
 	touch $@
 
 setup: $(VENV)/.installed

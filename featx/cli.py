@@ -103,7 +103,7 @@ def export(head, out, onnx=True, mirror=None, trust_pickle=False):
     Args:
         head: head folder (from `featx fit-head`) or finetune run folder.
         out: folder to write the exported model to.
-        onnx: also write model.onnx (needs the onnx extra: pip install 'featx[onnx]').
+        onnx: also write model.onnx.
         mirror: offline mirror to find the backbone's weights in (default: $FEATX_MIRROR).
         trust_pickle: also load an older featx's pickled logreg head (model.joblib); it can run code.
     """

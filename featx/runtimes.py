@@ -36,7 +36,7 @@ ROUNDS = 3  # interleaved timing rounds: a busy moment slows every candidate ali
 
 
 def onnxruntime_available() -> bool:
-    """Whether the onnx extra is installed (``pip install 'featx[onnx]'``)."""
+    """Whether ONNX Runtime and the exporter are installed (featx depends on them; a trimmed install may lack them)."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
@@ -54,7 +54,7 @@ class OnnxModel:
     def __init__(self, model: nn.Module, crop: int, label: str, threads: int,
                  int8: tuple[torch.Tensor, torch.Tensor] | None = None):
         if not onnxruntime_available():
-            raise ValueError("--runtime onnxruntime needs ONNX Runtime: pip install 'featx[onnx]'")
+            raise ValueError("--runtime onnxruntime needs ONNX Runtime: pip install onnx onnxscript onnxruntime")
         import onnxruntime
 
         example = torch.zeros(1, 3, crop, crop)
