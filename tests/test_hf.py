@@ -20,6 +20,7 @@ import featx
 from featx import store
 from featx.backbones import create_backbone
 from featx.decode import load_rgb
+from featx.runtimes import agreement
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=224)
 
@@ -133,3 +134,15 @@ def test_offline_default_weights_and_a_missing_extra_are_one_line(image_folder, 
         status, _, err = cli("extract", image_folder, "--out", tmp_path / "f", "--backbone", f"hf:{missing}")
         one_line_error(status, err, f"hf:{missing}: no folder", "ORG/NAME")
         assert "hf download" not in err
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "vit"])
+def test_vision_transformers_run_exactly_on_onnx_runtime(models, photos, kind):
+    """ViT-family encoders export to ONNX: ONNX Runtime's features equal PyTorch float32 (1e-4), so auto can take
+    them where they are faster."""
+    backbone = create_backbone(f"hf:{models[kind]}", "none")
+    exact = featx.embed_images(photos, f"hf:{models[kind]}", "none", device="cpu", runtime="torch")
+    onnx = featx.embed_images(photos, f"hf:{models[kind]}", "none", device="cpu", runtime="onnxruntime")
+    measured = agreement(torch.from_numpy(exact), torch.from_numpy(onnx))
+    assert measured["max_abs"] <= 1e-4 and measured["min_cosine"] >= 0.99999, measured
+    assert exact.shape == (len(photos), backbone.feature_dim)

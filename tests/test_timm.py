@@ -106,3 +106,9 @@ def test_a_model_onnx_cannot_take_is_one_line_once_and_remembered(image_folder, 
     features = store.read_meta(tmp_path / "f" / "timm:eva02_tiny_patch14_224" / "val.h5")
     assert features["runtime"].startswith("torch ")
     assert not [p for p in (tmp_path / "cache" / "onnx").iterdir()]  # no scratch folder left behind
+
+
+def test_a_timm_vit_runs_exactly_on_onnx_runtime(photos):
+    exact = featx.embed_images(photos, "timm:vit_tiny_patch16_224", "none", device="cpu", runtime="torch")
+    onnx = featx.embed_images(photos, "timm:vit_tiny_patch16_224", "none", device="cpu", runtime="onnxruntime")
+    assert np.abs(exact - onnx).max() <= 1e-4
