@@ -35,17 +35,30 @@ def cache_dir(kind: str) -> Path:
 
 
 def model_key(model: nn.Module, example: torch.Tensor, *extra) -> str:
-    """sha256 over the model's state (names, shapes, bytes), its class, the example's layout, torch, the machine
-    and ``extra``."""
+    """sha256 over the model's state (names, shapes, bytes), its modules' classes and plain settings (a pooling
+    mode: the same weights pooled another way compute something else), the example's layout, torch, the machine and
+    ``extra``."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps([(name, type(module).__name__, _settings(module))
+                              for name, module in model.named_modules()]).encode())
     channels_last = example.is_contiguous(memory_format=torch.channels_last)
     digest.update(json.dumps([type(model).__name__, list(example.shape), str(example.dtype), channels_last,
                               example.device.type, torch.__version__, platform.machine(), platform.processor(),
                               torch.backends.cpu.get_cpu_capability(), *map(str, extra)]).encode())
     return digest.hexdigest()
+
+
+def _settings(module: nn.Module) -> list:
+    """A module's plain attributes (strings, numbers, flags and tuples of them), as written in its code."""
+    def plain(value) -> bool:
+        return isinstance(value, (str, int, float, bool, type(None))) or (
+            isinstance(value, tuple) and all(plain(v) for v in value))
+
+    return sorted((key, repr(value)) for key, value in vars(module).items()
+                  if not key.startswith("_") and key != "training" and plain(value))
 
 
 def cached_file(kind: str, filename: str, build: Callable[[Path], None], what: str) -> Path:

@@ -140,7 +140,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
 
 
 def test_resume_with_other_batch_and_shard_size_keeps_the_first_plan(image_folder, tmp_path, monkeypatch):
-    first = ExtractOptions(workers=0, batch_size=2, shard_size=4)
+    first = ExtractOptions(workers=0, batch_size=2, shard_size=4, runtime="torch")  # no measurement among the calls
     calls, embed = [], Embedder.__call__
 
     def interrupted(self, images):
@@ -156,7 +156,7 @@ def test_resume_with_other_batch_and_shard_size_keeps_the_first_plan(image_folde
     parts = tmp_path / "resumed" / "resnet18" / "train.h5.parts"
     assert store.finished_shards(parts) == {0, 1} and not list(parts.glob("*.tmp"))
     extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "resumed", splits=["train"],
-            options=ExtractOptions(workers=0, batch_size=3, shard_size=5))
+            options=ExtractOptions(workers=0, batch_size=3, shard_size=5, runtime="torch"))
     extract(image_folder, BackboneSpec("resnet18", "none"), tmp_path / "reference", splits=["train"], options=first)
     got, expected = (store.load(tmp_path / r / "resnet18" / "train.h5") for r in ("resumed", "reference"))
     assert got.paths == expected.paths and len(set(got.paths)) == 12

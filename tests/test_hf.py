@@ -19,6 +19,7 @@ from transformers import (AutoImageProcessor, AutoModel, BitImageProcessor, Dino
 import featx
 from featx import store
 from featx.backbones import create_backbone
+from featx.cache import model_key
 from featx.decode import load_rgb
 from featx.runtimes import agreement
 
@@ -146,3 +147,12 @@ def test_vision_transformers_run_exactly_on_onnx_runtime(models, photos, kind):
     measured = agreement(torch.from_numpy(exact), torch.from_numpy(onnx))
     assert measured["max_abs"] <= 1e-4 and measured["min_cosine"] >= 0.99999, measured
     assert exact.shape == (len(photos), backbone.feature_dim)
+
+
+def test_the_cache_keys_a_model_by_its_pooling_too(models):
+    """The same weights pooled another way compute something else: their cached graphs (and compiled packages)
+    must not be shared (they were, keyed by the weights alone, until a probe check caught it)."""
+    example = torch.zeros(1, 3, 224, 224)
+    keys = {pool: model_key(create_backbone(f"hf:{models['dinov2']}", "none", pool=pool).model, example)
+            for pool in ("default", "cls", "mean")}
+    assert len(set(keys.values())) == 3
