@@ -158,14 +158,23 @@ def calibration_images(split: Split, backbone: Backbone, count: int = 64, seed: 
     return normalised[:len(normalised) // 2], normalised[len(normalised) // 2:]
 
 
+def resolve_mapper(backbone: Backbone, device: torch.device, precision: str = "auto", runtime: str = "auto",
+                   batch_size: int = 64, compile: bool = False, channels_last: bool = True,
+                   fold_batch_norm: bool = True) -> tuple[str, str]:
+    """(precision, runtime) as ``backbone`` runs on ``device``: the precision checked there (one line where it
+    cannot run) and named, the runtime decided (``choose_runtime``, remembered with extract's choices)."""
+    amp = resolve_precision(precision, device)
+    name = precision_name(precision, device.type)
+    return name, choose_runtime(backbone, runtime, device, amp, compile, channels_last, fold_batch_norm, batch_size,
+                                name in QUANTIZED)
+
+
 def embedder_for(backbone: Backbone, device: str = "auto", precision: str = "auto", runtime: str = "auto",
                  batch_size: int = 64) -> Embedder:
-    """An Embedder that runs ``backbone`` as extract does: device and precision resolved, ``--runtime auto``
-    decided (``choose_runtime``, remembered with extract's choices)."""
+    """An Embedder that runs ``backbone`` as extract does (``resolve_mapper``)."""
     resolved = resolve_device(device)
-    amp = resolve_precision(precision, resolved)
-    return Embedder(backbone, str(resolved), precision,
-                    runtime=choose_runtime(backbone, runtime, resolved, amp, batch_size=batch_size))
+    precision, runtime = resolve_mapper(backbone, resolved, precision, runtime, batch_size)
+    return Embedder(backbone, str(resolved), precision, runtime=runtime)
 
 
 def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: torch.dtype | None,
@@ -192,5 +201,7 @@ def choose_runtime(backbone: Backbone, runtime: str, device: torch.device, amp: 
         reference = Embedder(backbone, "cpu", "fp32", channels_last=False, fold_batch_norm=False)
         return {**fastest_exact(candidates, reference, batch), **about}
 
-    key = model_key(backbone.model, batch, "runtime", channels_last, fold_batch_norm, *versions.values())
+    def key() -> str:
+        return model_key(backbone.model, batch, "runtime", channels_last, fold_batch_norm, *versions.values())
+
     return resolve_runtime(runtime, device, amp, compile, key, measure, quantized)

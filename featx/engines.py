@@ -23,8 +23,8 @@ import torch
 
 from featx.backbones import Backbone, BackboneSpec
 from featx.decode import ImageFiles
-from featx.devices import QUANTIZED, precision_name, resolve_device, resolve_precision
-from featx.embed import Embedder, choose_runtime
+from featx.devices import QUANTIZED, resolve_device
+from featx.embed import Embedder, resolve_mapper
 from featx.options import ExtractOptions
 from featx.shards import write_shards
 
@@ -54,12 +54,11 @@ class RayOptions:
 
 
 def resolved(options: ExtractOptions, backbone: Backbone, device: torch.device) -> ExtractOptions:
-    """``options`` as they run on ``device``: the precision checked there (one line where it cannot run) and named,
-    and the runtime decided (``featx.embed.choose_runtime``)."""
-    amp = resolve_precision(options.precision, device)
-    runtime = choose_runtime(backbone, options.runtime, device, amp, options.compile, options.channels_last,
-                             options.fold_batch_norm, options.batch_size, options.precision in QUANTIZED)
-    return replace(options, precision=precision_name(options.precision, device.type), runtime=runtime)
+    """``options`` as they run on ``device`` (``featx.embed.resolve_mapper``: the precision named, the runtime
+    decided)."""
+    precision, runtime = resolve_mapper(backbone, device, options.precision, options.runtime, options.batch_size,
+                                        options.compile, options.channels_last, options.fold_batch_norm)
+    return replace(options, precision=precision, runtime=runtime)
 
 
 class LocalEngine:

@@ -72,13 +72,13 @@ class OnnxModel:
                                       "put there by someone else?); delete it (featx rebuilds it)")
         self.int8_agreement = None
         if int8 is not None:  # (calibration images, held-out images), normalised
-            self.session, self.int8_agreement = quantized(path, label, self, *int8, options)
+            self.session, self.int8_agreement = int8_session(path, label, self, *int8, options)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
 
 
-def quantized(graph, label: str, fp32: OnnxModel, calibrate: torch.Tensor, held: torch.Tensor, options):
+def int8_session(graph, label: str, fp32: OnnxModel, calibrate: torch.Tensor, held: torch.Tensor, options):
     """An ONNX Runtime session of ``graph`` quantized to int8 (static, QDQ, per-channel weights, calibrated on
     ``calibrate``; cached, keyed by the graph and the calibration images) and its agreement with ``fp32`` on
     ``held`` (other images); refused in one line below ``INT8_MIN_COSINE``, naming the figure."""
@@ -138,17 +138,17 @@ def check_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, c
     return runtime
 
 
-def resolve_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool, key: str,
-                    measure: Callable[[], dict], quantized: bool = False) -> str:
+def resolve_runtime(runtime: str, device: torch.device, amp: torch.dtype | None, compile: bool,
+                    key: Callable[[], str], measure: Callable[[], dict], quantized: bool = False) -> str:
     """The runtime that runs: ``runtime`` checked, or for ``auto`` torch everywhere but a CPU in float32 without
-    --compile where ONNX Runtime is installed; there, the choice remembered under ``key`` in the private cache, else
-    ``measure()``'s (``fastest_exact`` of the candidates, or torch where ONNX Runtime cannot take the model), which
-    is remembered."""
+    --compile where ONNX Runtime is installed; there, the choice remembered under ``key()`` (computed only then: it
+    hashes the weights) in the private cache, else ``measure()``'s (``fastest_exact`` of the candidates, or torch
+    where ONNX Runtime cannot take the model), which is remembered."""
     if runtime != "auto" or quantized:  # int8: ONNX Runtime's quantized graph is the only one
         return check_runtime("onnxruntime" if runtime == "auto" else runtime, device, amp, compile, quantized)
     if device.type != "cpu" or amp is not None or compile or not onnxruntime_available():
         return "torch"
-    return remembered(key, measure)["runtime"]
+    return remembered(key(), measure)["runtime"]
 
 
 def describe(runtime: str) -> str:
