@@ -192,7 +192,7 @@ def backbones(mirror=None, runtimes=False, forget_runtimes=False):
     print("\n".join(f"{name:{widths[0]}}  {dim:>{widths[1]}}  {where}" for name, dim, where in rows))
 
 
-def command(function):
+def as_command(function):
     """A Python API function as a command: the same signature and help; what it returns is not printed."""
     @functools.wraps(function)
     def run_command(*args, **kwargs) -> None:
@@ -201,8 +201,8 @@ def command(function):
     return run_command
 
 
-COMMANDS = {"extract": command(api.extract), "fit-head": fit_head, "evaluate": evaluate, "predict": predict,
-            "export": export, "finetune": command(api.finetune), "export-features": export_features, "info": info,
+COMMANDS = {"extract": as_command(api.extract), "fit-head": fit_head, "evaluate": evaluate, "predict": predict,
+            "export": export, "finetune": as_command(api.finetune), "export-features": export_features, "info": info,
             "backbones": backbones}
 USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError, EngineError)
 

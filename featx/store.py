@@ -139,19 +139,27 @@ SIGNATURES = {b"PK\x03\x04": "a zip archive (NumPy .npz?)", b"\x93NUMPY": "a Num
 def open_h5(path: str | os.PathLike) -> h5py.File:
     """Open a features file for reading; a file of another kind, a truncated or a non-HDF5 file is a ValueError
     that says which."""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            start = f.read(8)
-        kind = next((what for magic, what in SIGNATURES.items() if start.startswith(magic)), None)
-        if kind:
-            raise ValueError(f"{path} is {kind}, not a featx features file: give the HDF5 file `featx extract` "
-                             "wrote (OUT/BACKBONE/SPLIT.h5; `featx export-features` makes Parquet and npy from it)")
     try:
         return h5py.File(path, "r")
     except OSError as error:
+        kind = _other_kind(path)
+        if kind:
+            raise ValueError(f"{path} is {kind}, not a featx features file: give the HDF5 file `featx extract` "
+                             "wrote (OUT/BACKBONE/SPLIT.h5; `featx export-features` makes Parquet and npy from it)") \
+                from None
         reason = str(error).split("(")[-1].rstrip(")") if "(" in str(error) else str(error)
         raise ValueError(f"{path} is not a readable HDF5 file ({reason}); it may be truncated: re-extract it "
                          "with `featx extract ... --overwrite`") from None
+
+
+def _other_kind(path: str | os.PathLike) -> str | None:
+    """What a file h5py could not open is, by its first bytes (``SIGNATURES``), or None."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(8)
+    except OSError:
+        return None
+    return next((what for magic, what in SIGNATURES.items() if start.startswith(magic)), None)
 
 
 def parts_dir(path: Path) -> Path:
