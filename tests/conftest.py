@@ -113,6 +113,21 @@ def hymenoptera_features(hymenoptera, mobilenet_weights, tmp_path_factory) -> Pa
     return out / "mobilenet_v2"
 
 
+def remember_runtime(backbone, runtime: str, batch_size: int) -> None:
+    """Make ``--runtime auto``'s remembered choice for ``backbone`` (at ``batch_size``) ``runtime`` in this process's
+    featx cache, as on a host where that runtime wins: measured once, then the record edited."""
+    import json
+
+    import torch
+
+    from featx.cache import cache_dir
+    from featx.embed import choose_runtime
+
+    choose_runtime(backbone, "auto", torch.device("cpu"), None, batch_size=batch_size)
+    for record in cache_dir("runtimes").glob("*.json"):
+        record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": runtime}))
+
+
 def loopback_only() -> bool:
     """Whether this process's network namespace has no interface but loopback (``tests/isolated.sh``)."""
     with open("/proc/net/dev") as f:

@@ -4,7 +4,6 @@ kills, bad images, failing workers, the missing-GPU error, and the no-copy layou
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -15,14 +14,12 @@ import time
 import numpy as np
 import psutil
 import pytest
-import torch
-from conftest import REPO, make_image_folder, sigkill_when
+from conftest import REPO, make_image_folder, remember_runtime, sigkill_when
 from test_faults import cli, one_line_error
 
 import featx
 from featx import store
 from featx.backbones import BackboneSpec
-from featx.embed import choose_runtime
 from featx.engines import EngineError, RayEngine, RayOptions
 from featx.extract import IDENTITY_KEYS, split_dataset
 from featx.extract import extract as run_extract
@@ -225,9 +222,7 @@ def test_cpu_workers_run_the_runtime_the_driver_resolved(ray_cluster, image_fold
     not PyTorch: the same features, the same provenance."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
     spec = BackboneSpec("resnet18", "none", resize=40, crop=32)
-    choose_runtime(spec.build(), "auto", torch.device("cpu"), None, batch_size=4)
-    for record in (tmp_path / "cache" / "runtimes").glob("*.json"):  # auto's remembered choice, made ONNX Runtime
-        record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": "onnxruntime"}))
+    remember_runtime(spec.build(), "onnxruntime", batch_size=4)  # auto's choice here made ONNX Runtime
     options = ExtractOptions(batch_size=4, shard_size=4, workers=1)  # device auto
     local = run_extract(image_folder, spec, tmp_path / "local", options=options)
     distributed = run_extract(image_folder, spec, tmp_path / "ray", options=options, **_on_ray(ray_cluster.address))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_image_folder, sigkill_when
+from conftest import make_image_folder, remember_runtime, sigkill_when
 from test_faults import cli, one_line_error
 
 from featx import store
@@ -81,26 +81,33 @@ def test_auto_measures_once_picks_an_exact_runtime_and_says_which(mobilenet_weig
         Embedder(backbone, "cpu", "fp32", runtime="auto")  # an Embedder runs a concrete runtime
 
 
+def _exact(images):
+    """A runtime of known output: each image's channel means."""
+    return images.float().mean((2, 3))
+
+
+def _taking(seconds: float):
+    """``_exact``, taking ``seconds`` a call: a runtime of known speed."""
+    def run(images):
+        time.sleep(seconds)
+        return _exact(images)
+    return run
+
+
 def test_auto_keeps_the_fastest_exact_runtime():
     """``fastest_exact`` on runtimes whose speed and exactness are known: a slow exact one, a fast exact one, and
     a faster one that is off by 1e-2."""
     batch = calibration_batch(16, size=4)
-
-    def exact(images):
-        return images.float().mean((2, 3))
-
-    def slow(images):
-        time.sleep(0.05)
-        return exact(images)
+    slow = _taking(0.05)
 
     def wrong(images):
-        return exact(images) + 1e-2
+        return _exact(images) + 1e-2
 
     assert agreement(torch.zeros(2, 3), torch.zeros(2, 3))["exact"]  # a dead row in both agrees
-    choice = fastest_exact({"slow": slow, "fast": exact, "wrong": wrong}, exact, batch)
+    choice = fastest_exact({"slow": slow, "fast": _exact, "wrong": wrong}, _exact, batch)
     assert choice["runtime"] == "fast" and not choice["measured"]["wrong"]["exact"]
     assert choice["measured"]["fast"]["images_per_second"] > choice["measured"]["slow"]["images_per_second"]
-    assert fastest_exact({"slow": slow, "wrong": wrong}, exact, batch)["runtime"] == "slow"
+    assert fastest_exact({"slow": slow, "wrong": wrong}, _exact, batch)["runtime"] == "slow"
 
 
 def test_a_planted_or_shared_onnx_graph_or_choice_is_refused(mobilenet_weights, private_cache):
@@ -166,7 +173,7 @@ def test_a_killed_builds_scratch_folder_is_removed_by_the_next_build(mobilenet_w
     assert not abandoned.exists() and running.exists()
 
 
-def test_a_resume_keeps_the_runtime_its_output_started_with(private_cache, tmp_path):
+def test_a_resume_keeps_the_runtime_its_output_started_with(tmp_path):
     """Killed after a shard with --runtime onnxruntime: a rerun asking for torch is refused in one line and changes
     nothing; a rerun with auto, where auto would now pick torch, resumes with ONNX Runtime. Never mixed rows."""
     data = make_image_folder(tmp_path / "data", splits=("train",), per_class=24)
@@ -183,9 +190,7 @@ def test_a_resume_keeps_the_runtime_its_output_started_with(private_cache, tmp_p
                    "runtime: 'onnxruntime' there, 'torch' now", "--overwrite")
     assert sorted(p.name for p in parts.iterdir()) == before
     backbone = BackboneSpec("resnet18", "none", resize=40, crop=32).build()
-    choose_runtime(backbone, "auto", CPU, None, batch_size=4)  # what auto remembers for this model here ...
-    for record in (private_cache / "runtimes").glob("*.json"):  # ... made torch, as on a host where torch wins
-        record.write_text(json.dumps({**json.loads(record.read_text()), "runtime": "torch"}))
+    remember_runtime(backbone, "torch", batch_size=4)  # auto would now pick torch here
     assert choose_runtime(backbone, "auto", CPU, None, batch_size=4) == "torch"
     status, out, err = cli(*run, "--out", tmp_path / "f")
     assert status == 0 and "resuming" in out, err
@@ -198,18 +203,8 @@ def test_a_tie_keeps_torch_and_only_a_clear_win_replaces_it():
     """Interleaved rounds at a fixed batch; another runtime must be CLEARLY_FASTER (10 %) than torch to replace
     it, so a tie measured under load never flips the choice."""
     batch = calibration_batch(16, size=4)
-
-    def exact(images):
-        return images.float().mean((2, 3))
-
-    def taking(seconds):
-        def run(images):
-            time.sleep(seconds)
-            return exact(images)
-        return run
-
-    assert fastest_exact({"torch": taking(0.02), "onnxruntime": taking(0.019)}, exact, batch)["runtime"] == "torch"
-    choice = fastest_exact({"torch": taking(0.02), "onnxruntime": taking(0.01)}, exact, batch)
+    assert fastest_exact({"torch": _taking(0.02), "onnxruntime": _taking(0.019)}, _exact, batch)["runtime"] == "torch"
+    choice = fastest_exact({"torch": _taking(0.02), "onnxruntime": _taking(0.01)}, _exact, batch)
     assert choice["runtime"] == "onnxruntime" and choice["rounds"] == 3 and choice["batch"] == 4
 
 
