@@ -17,14 +17,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import featx
 from featx import flags, store
-from featx.backbones import BackboneSpec
 from featx.cli import guarded
-from featx.extract import extract
 from featx.finetuning import FinetuneConfig, finetune
 from featx.fit import evaluate, fit_head
 from featx.mirror import fetch_dataset, mirrored_weights
-from featx.options import ExtractOptions
 
 # (backbone, weights file in the mirror) used when the mirror has it; else torchvision's ResNet-18 download.
 MIRROR_BACKBONE = ("mobilenet_v2", "mobilenet_v2-imagenet-features.pth")
@@ -65,7 +63,7 @@ def main() -> None:
     results = {}
 
     start = time.perf_counter()
-    summaries = extract(data, BackboneSpec(backbone, weights), out / "features", options=ExtractOptions(batch_size=64))
+    summaries = featx.extract(data, backbone, weights, out / "features", batch_size=64)
     train_file = out / "features" / backbone / "train.h5"
     eval_file = next(out / "features" / backbone / f"{s}.h5" for s in ("val", "test") if s in summaries)
     fit_head(train_file, "none", "logreg", out / "probe")

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import featx
 from featx import flags
-from featx.backbones import BackboneSpec
 from featx.cli import guarded
-from featx.extract import extract
 from featx.fit import evaluate, fit_head
 from featx.mirror import fetch_dataset, mirrored_weights
-from featx.options import ExtractOptions
 
 MIRROR_WEIGHTS = "mobilenet_v2-imagenet-features.pth"
 DEMO_HEADS = ("logreg", "linear", "knn")  # named, not every registered head: zeroshot needs a CLIP backbone
@@ -37,7 +35,7 @@ def main() -> None:
             "network to download hymenoptera_data.zip and torchvision's MobileNetV2 weights") from None
     weights = str(mirrored_weights(MIRROR_WEIGHTS) or "DEFAULT")
     print(f"data: {data}\nweights: {weights}")
-    extract(data, BackboneSpec("mobilenet_v2", weights), args.out, options=ExtractOptions(batch_size=64))
+    featx.extract(data, "mobilenet_v2", weights, args.out, batch_size=64)
     features = Path(args.out) / "mobilenet_v2"
     results = {}
     for head in DEMO_HEADS:  # selection on a hold-out of train, so val stays unseen
