@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from featx import store
+from featx import storage, store
 from featx.tensors import load_tensors
 
 POINTER = "checkpoint.json"
@@ -99,7 +99,7 @@ def _commit(run: Path, epoch: int, state: dict, best: dict | None, history: list
     else:
         os.link(previous / "best.pt", tmp / "best.pt")
     (tmp / "history.json").write_text(json.dumps(history, indent=1))
-    store.commit_file(tmp, final)
+    storage.commit_file(tmp, final)
     store.write_text(run / POINTER, json.dumps({"epoch": epoch, "folder": f"{FOLDER}/{final.name}"}))
     for old in (run / FOLDER).iterdir():
         if old != final:

@@ -26,11 +26,13 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from featx import storage
 from featx.sources import Member
 
 _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global generator: one thread at a time
 READERS = ("auto", "threads", "pipeline", "processes")  # see read_batches
 READ_AHEAD = 2  # batches whose bytes are read while the device works (threads reader, GPU)
+REMOTE_READS = 16  # reads in flight for images on object storage (latency-bound: many GETs at once)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIL_FILTERS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # interpolations PIL has by name
@@ -212,15 +214,19 @@ class ImageFiles(torch.utils.data.Dataset):
 
     With ``views`` > 1 and an ``augment`` transform, item ``i`` is view ``i % views`` of image ``i // views``.
     With ``encoded``, plain JPEGs come back as their bytes (a 1-D tensor) for ``decode_on_device``. ``members``:
-    for each path, where its bytes are inside a tar (or None: the file ``root / path``).
+    for each path, where its bytes are inside a tar (or None: the file ``root / path``). ``root`` and the paths may be
+    URLs (``featx.storage``): then each image's bytes are fetched as it is decoded.
     """
 
-    def __init__(self, root: Path, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
+    def __init__(self, root: storage.Location, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
                  augment: AugmentTransform | None = None, encoded: bool = False,
                  members: tuple[Member | None, ...] | None = None):
-        self.root, self.paths, self.transform, self.views, self.augment = Path(root), paths, transform, views, augment
+        self.root, self.paths, self.transform, self.views, self.augment = root, paths, transform, views, augment
         self.encoded = encoded and augment is None  # augmentation (PIL crops) always decodes with PIL
         self.members = members
+        self.remote = storage.is_url(root) or any(storage.is_url(m.file) for m in members or () if m) or \
+            any(storage.is_url(p) for p in paths)
+        self.fetched: dict[int, int] = {}  # image -> content hash of bytes fetched over the network, not yet asked for
 
     @property
     def decoder(self) -> str:
@@ -233,15 +239,23 @@ class ImageFiles(torch.utils.data.Dataset):
     def content_hash(self, item: int) -> int:
         """A 64-bit hash (BLAKE2b) of item ``item``'s image bytes: the same image has the same hash wherever it is
         and whatever it is called; 0 when it cannot be read."""
+        image = item // self.views
+        if image in self.fetched:  # hashed as it was fetched: no second download
+            return self.fetched.pop(image)
         try:
-            return bytes_hash(read_bytes(self._source(item // self.views)))
+            return bytes_hash(read_bytes(self._source(image)))
         except (OSError, ValueError):
             return 0
 
     def _source(self, image: int) -> Path | io.BytesIO:
-        """Image ``image``'s file, or its bytes read from its tar."""
+        """Image ``image``'s file, or its bytes (read from its tar, or fetched from object storage)."""
         member = self.members[image] if self.members else None
-        return member.read() if member else self.root / self.paths[image]
+        where = None if member else storage.join(self.root, self.paths[image])
+        if not self.remote:
+            return member.read() if member else where
+        data = member.read() if member else io.BytesIO(storage.read_bytes(where))
+        self.fetched[image] = bytes_hash(data.getvalue())
+        return data
 
     def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str]:
         image = item // self.views
@@ -321,7 +335,8 @@ def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int | N
     (``dataset.encoded``), ``auto`` uses threads that only read bytes, ``READ_AHEAD`` batches ahead of the device."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if reader in ("threads", "pipeline") or (reader == "auto" and (device.type == "cpu" or dataset.encoded)):
-        with ThreadPoolExecutor(max(workers, 1)) as pool:
+        threads = max(workers, REMOTE_READS if dataset.remote else 1)  # remote: threads mostly wait on the network
+        with ThreadPoolExecutor(threads) as pool:
             if device.type == "cpu" and reader != "pipeline":
                 for batch in batches:
                     yield collate(list(pool.map(dataset.__getitem__, batch)))

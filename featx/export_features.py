@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from featx import store
+from featx import storage, store
 
 FORMATS = ("parquet", "npy")
 CHUNK_BYTES = 32 << 20  # float32 features read and written at a time
@@ -83,7 +83,7 @@ def to_parquet(path: str | os.PathLike, out: str | os.PathLike, normalize: bool 
     finally:
         if writer is not None:
             writer.close()
-    store.commit_file(tmp, out)
+    storage.commit_file(tmp, out)
     return out
 
 
@@ -105,8 +105,8 @@ def to_npy(path: str | os.PathLike, out: str | os.PathLike, normalize: bool = Fa
         for features, labels, paths, texts in chunks(path, rows, normalize):  # as they come: no array of N rows
             f.write(np.ascontiguousarray(features).tobytes())
             writer.write_table(metadata(paths, labels, meta, "image_path", texts))
-    store.commit_file(_tmp(embeddings), embeddings)
-    store.commit_file(_tmp(table), table)
+    storage.commit_file(_tmp(embeddings), embeddings)
+    storage.commit_file(_tmp(table), table)
     return out
 
 
@@ -136,8 +136,14 @@ def output_format(out: str | os.PathLike, format: str | None = None) -> str:
 
 def export_features(path: str | os.PathLike, out: str | os.PathLike, format: str | None = None,
                     normalize: bool = False) -> Path:
-    """Write a features file to ``out`` as Parquet (``.parquet``) or clip-retrieval's npy folder (no extension)."""
-    return (to_parquet if output_format(out, format) == "parquet" else to_npy)(path, out, normalize)
+    """Write a features file to ``out`` as Parquet (``.parquet``) or clip-retrieval's npy folder (no extension), on
+    disk or on object storage (written in a scratch folder, then each file uploaded whole)."""
+    write = to_parquet if output_format(out, format) == "parquet" else to_npy
+    if not storage.is_url(out):
+        return write(path, out, normalize)
+    with storage.local_output(storage.parent(out)) as folder:
+        write(path, folder / storage.name(out), normalize)
+    return out
 
 
 def to_dataframe(path: str | os.PathLike, normalize: bool = False):

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from tqdm import tqdm
 
-from featx import store
+from featx import storage, store
 from featx.backbones import Backbone, BackboneSpec, folder_name
 from featx.decode import AugmentTransform, ImageFiles
 from featx.devices import QUANTIZED, resolve_device
@@ -58,7 +56,10 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
         if unknown:
             raise ValueError(f"splits {unknown} not found in {data_root}; it has {[s.name for s in all_splits]}")
         all_splits = [s for s in all_splits if s.name in splits]
-    folder = Path(out) / folder_name(spec.name)
+    if storage.is_url(out) and options.layout == "virtual":
+        raise ValueError(f"--layout virtual needs --out on a local disk (HDF5 virtual datasets name their shards as "
+                         f"files); {storage.shown(out)} is on object storage: leave --layout at copy")
+    folder = storage.join(out, folder_name(spec.name))
     options = replace(options, runtime=started_runtime(folder, all_splits, options))
     extractor = spec.build()
     calibration = None
@@ -66,20 +67,20 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
         calibration = calibration_images(next((s for s in all_splits if s.name == "train"), all_splits[0]), extractor)
     with contextlib.closing(open_engine(engine, spec, extractor, options, ray_options, calibration)) as runner, \
             store.exclusive(folder):  # a precision or runtime refused by the engine has written nothing
-        return {split.name: extract_split(split, extractor, runner, folder / f"{split.name}.h5")
+        return {split.name: extract_split(split, extractor, runner, storage.join(folder, f"{split.name}.h5"))
                 for split in all_splits}
 
 
-def started_runtime(folder: Path, splits: list[Split], options: ExtractOptions) -> str:
+def started_runtime(folder: storage.Location, splits: list[Split], options: ExtractOptions) -> str:
     """The runtime to ask for: with ``auto``, the one an existing output of these splits was made with (a resume
     never mixes runtimes, whatever auto would choose today); else the one asked for (a different one is refused
     by the identity check)."""
     if options.runtime != "auto" or options.overwrite:
         return options.runtime
     for split in splits:
-        path = folder / f"{split.name}.h5"
+        path = storage.join(folder, f"{split.name}.h5")
         try:
-            made = store.read_meta(path) if path.exists() else store.read_manifest(store.parts_dir(path))
+            made = store.read_meta(path) if storage.exists(path) else store.read_manifest(store.parts_dir(path))
         except (ValueError, OSError):
             continue
         if made and made.get("runtime"):
@@ -114,7 +115,7 @@ def split_attrs(split: Split, backbone: Backbone, dataset: ImageFiles, options: 
     augment = dataset.augment
     precision = {} if options.precision == "fp32" else {"precision": options.precision}
     return {**backbone.provenance(), **precision, "runtime": describe(options.runtime), "split": split.name,
-            "data_root": str(Path(split.root).resolve()),
+            "data_root": storage.absolute(split.root),
             "class_names": list(split.class_names), "dtype": options.dtype, "views": dataset.views,
             "augmentation": augment.describe() if augment else {}, "decoder": dataset.decoder,
             "file_list_sha256": split.fingerprint(), "source": split.source}
@@ -125,28 +126,28 @@ def _differences(expected: dict, found: dict) -> str:
     return ", ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys)
 
 
-def _prepare(path: Path, expected: dict, options: ExtractOptions) -> int | None:
+def _prepare(path: storage.Location, expected: dict, options: ExtractOptions) -> int | None:
     """Check existing output against the ``expected`` identity. Returns None when a complete, matching file is
     there, else the shard size to use: an unfinished run's own (shard boundaries must not move), or
     ``options.shard_size``."""
     parts = store.parts_dir(path)
-    if path.exists() and not options.overwrite:
+    if storage.exists(path) and not options.overwrite:
         meta = store.read_meta(path)
         found = identity(meta)
         if found == expected:
-            if parts.exists() and meta.get("layout", "copy") == "copy":  # a kill between the commit and the cleanup
-                shutil.rmtree(parts)
+            if meta.get("layout", "copy") == "copy" and storage.exists(parts):  # killed between commit and cleanup
+                storage.remove(parts)
             return None
-        raise ExtractError(f"{path} was extracted differently ({_differences(expected, found)}); "
+        raise ExtractError(f"{storage.shown(path)} was extracted differently ({_differences(expected, found)}); "
                            "pass --overwrite to replace it, or choose another --out")
-    if path.exists() and _rows_in_shards(path):  # --overwrite keeps an old copy-layout file until the new replaces it
-        path.unlink()
+    if storage.exists(path) and _rows_in_shards(path):  # --overwrite keeps an old copy-layout file until replaced
+        storage.remove(path)
     manifest = store.read_manifest(parts)
-    if options.overwrite and parts.exists():
-        shutil.rmtree(parts)
+    if options.overwrite and storage.exists(parts):
+        storage.remove(parts)
     elif manifest is not None:
         if identity(manifest) != expected:
-            raise ExtractError(f"{parts} holds an unfinished extraction made differently "
+            raise ExtractError(f"{storage.shown(parts)} holds an unfinished extraction made differently "
                                f"({_differences(expected, identity(manifest))}); pass --overwrite to start again")
         return manifest["shard_size"]
     with store.writing(parts / "manifest.json"):
@@ -154,7 +155,7 @@ def _prepare(path: Path, expected: dict, options: ExtractOptions) -> int | None:
     return options.shard_size
 
 
-def _rows_in_shards(path: Path) -> bool:
+def _rows_in_shards(path: storage.Location) -> bool:
     """Whether a complete features file reads its rows from the shards beside it (the virtual layout), or cannot be
     read at all; either way it cannot outlive its shards being replaced."""
     try:
@@ -163,18 +164,17 @@ def _rows_in_shards(path: Path) -> bool:
         return True
 
 
-def extract_split(split: Split, backbone: Backbone, runner, path: Path) -> dict:
+def extract_split(split: Split, backbone: Backbone, runner, path: storage.Location) -> dict:
     """Extract one split to ``path``, resuming an unfinished run; the engine ``runner`` writes the shards still to do
     (``run(dataset, parts, shards, progress)``), counting images on the split's progress bar. Returns counts,
     timing and failures."""
     options = runner.options
-    path.parent.mkdir(parents=True, exist_ok=True)
     dataset = split_dataset(split, backbone, options)
     attrs = {**split_attrs(split, backbone, dataset, options), **runner.provenance}
     shard_size = _prepare(path, identity(attrs), options)
     if shard_size is None:
-        print(f"{split.name}: {path} is up to date ({len(split)} images); --overwrite to redo it")
-        return {"path": str(path), "skipped": True}
+        print(f"{split.name}: {storage.shown(path)} is up to date ({len(split)} images); --overwrite to redo it")
+        return {"path": os.fspath(path), "skipped": True}
     parts = store.parts_dir(path)
     sizes = [n * dataset.views for n in split.shard_sizes] if split.shard_sizes else None
     planned = plan_shards(len(dataset), shard_size, options.batch_size, sizes)
@@ -192,11 +192,11 @@ def extract_split(split: Split, backbone: Backbone, runner, path: Path) -> dict:
                          split.columns, split.unreadable)
     rate = remaining / seconds if seconds > 0 else float("nan")
     print(f"{split.name}: {counts['num_rows']} rows, {counts['num_failed']} failed, {remaining} views processed "
-          f"in {seconds:.1f}s ({rate:.1f} img/s) -> {path}")
+          f"in {seconds:.1f}s ({rate:.1f} img/s) -> {storage.shown(path)}")
     failed = store.load_failed(path)
     for failed_path, reason in failed[:20]:
         print(f"  skipped {failed_path}: {reason}")
     if len(failed) > 20:
-        print(f"  ... and {len(failed) - 20} more, all listed under failed/ in {path}")
-    return {"path": str(path), "skipped": False, "seconds": seconds, "images_per_second": rate, **counts,
+        print(f"  ... and {len(failed) - 20} more, all listed under failed/ in {storage.shown(path)}")
+    return {"path": os.fspath(path), "skipped": False, "seconds": seconds, "images_per_second": rate, **counts,
             "failed": failed}

@@ -27,10 +27,12 @@ import stat
 import sys
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
+
+from featx import storage
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "test")
@@ -41,6 +43,7 @@ TAR_TEXT_EXTENSIONS = (".cls", ".json", ".txt")  # label and metadata members, r
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 HF_METADATA = "metadata.csv"  # a Hugging Face imagefolder's per-split table (file_name + columns)
 PATH_COLUMNS = ("image_path", "filepath", "file_path", "file_name", "filename", "image", "img_path")  # polars, HF
+TAR_READ_BLOCK = 8 << 20  # bytes per read while indexing a tar on object storage (its headers are spread through it)
 HF_ARROW = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `datasets`' save_to_disk writes
 
 
@@ -51,8 +54,9 @@ def split_name(name: str) -> str | None:
 
 
 class Member(NamedTuple):
-    """Where an image's bytes are inside a (tar) file: read with ``pread``, no unpacking. ``problem``: why the
-    sample cannot be read (no image member, cut short with its file), raised on reading."""
+    """Where an image's bytes are inside a (tar) file: read by range (``pread`` on disk, a ranged GET on object
+    storage), no unpacking. ``problem``: why the sample cannot be read (no image member, cut short with its file),
+    raised on reading."""
 
     file: str
     offset: int
@@ -63,11 +67,74 @@ class Member(NamedTuple):
         """The member's bytes; a member cut short by a truncated file is an error."""
         if self.problem:
             raise ValueError(self.problem)
-        with open(self.file, "rb") as f:
-            data = os.pread(f.fileno(), self.size, self.offset)
+        data = storage.read_bytes(self.file, self.offset, self.size)
         if len(data) != self.size:
-            raise EOFError(f"truncated: {len(data)} of {self.size} bytes in {Path(self.file).name}")
+            raise EOFError(f"truncated: {len(data)} of {self.size} bytes in {storage.name(self.file)}")
         return io.BytesIO(data)
+
+
+class ListedPath:
+    """A folder or file under a prefix on object storage, answered from one listing of the prefix
+    (``storage.listing``; no request per file): the few pathlib methods the folder sources use."""
+
+    def __init__(self, url: str):
+        self.url, self.rel = url.rstrip("/"), ""
+        self.files = frozenset(storage.listing(url))
+        self.folders = frozenset(str(p) for f in self.files for p in PurePosixPath(f).parents if str(p) != ".")
+
+    def __truediv__(self, name: str) -> "ListedPath":
+        child = ListedPath.__new__(ListedPath)
+        child.url, child.files, child.folders = self.url, self.files, self.folders
+        child.rel = f"{self.rel}/{name}" if self.rel else name
+        return child
+
+    def __fspath__(self) -> str:
+        return f"{self.url}/{self.rel}" if self.rel else self.url
+
+    __str__ = __fspath__
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ListedPath) and os.fspath(self) == os.fspath(other)
+
+    def __hash__(self) -> int:
+        return hash(os.fspath(self))
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.rel).name if self.rel else storage.name(self.url)
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    def iterdir(self) -> list["ListedPath"]:
+        prefix = f"{self.rel}/" if self.rel else ""
+        names = {p[len(prefix):].split("/")[0] for p in self.files | self.folders if p.startswith(prefix)}
+        return [self / name for name in sorted(names) if name]
+
+    def is_dir(self) -> bool:
+        return not self.rel and bool(self.files) or self.rel in self.folders
+
+    def is_file(self) -> bool:
+        return self.rel in self.files
+
+    def exists(self) -> bool:
+        return self.is_dir() or self.is_file()
+
+    def relative_to(self, other: "ListedPath") -> PurePosixPath:
+        return PurePosixPath(self.rel).relative_to(other.rel or ".")
+
+    def images(self) -> list["ListedPath"]:
+        """Image files under this folder, sorted; hidden files and folders skipped."""
+        prefix = f"{self.rel}/" if self.rel else ""
+        found = [p for p in self.files if p.startswith(prefix) and PurePosixPath(p).suffix.lower() in IMAGE_EXTENSIONS
+                 and not any(part.startswith(".") for part in p[len(prefix):].split("/"))]
+        return [self / p[len(prefix):] for p in sorted(found)]
+
+
+def location(data: str | os.PathLike) -> Path | ListedPath:
+    """``data`` as a folder or file the sources read: a local path, or a prefix on object storage (listed once)."""
+    return ListedPath(os.fspath(data)) if storage.is_url(data) else Path(data)
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -85,6 +152,8 @@ def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None
     once: a link to a directory already walked or in ``seen`` (a loop, or a second way to the same images) is
     not followed, and is added to ``skipped`` with why. ``seen`` holds (device, inode) pairs and grows.
     """
+    if isinstance(folder, ListedPath):
+        return folder.images()
     seen = set() if seen is None else seen
     seen.add(directory_key(folder))
     found = []
@@ -120,6 +189,8 @@ def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None
 
 def directory_key(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the directory ``path`` leads to: the same for every link to it."""
+    if isinstance(path, ListedPath):
+        return None
     try:
         info = path.stat()
     except OSError:
@@ -248,24 +319,28 @@ def _relative(unreadable: list[tuple[Path, str]], root: Path) -> tuple[tuple[str
     return tuple((folder.relative_to(root).as_posix(), reason) for folder, reason in unreadable)
 
 
-def _manifest_rows(path: Path) -> tuple[list[str], list[dict], int]:
+def _manifest_rows(path: storage.Location) -> tuple[list[str], list[dict], int]:
     """(columns, rows, number of the first data row as a user counts it: 2 under a CSV header, 0 in Parquet). A CSV
     may start with a UTF-8 byte-order mark (Excel's "CSV UTF-8")."""
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
+    if storage.name(path).lower().endswith(".csv"):
+        with storage.open_input(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             return list(reader.fieldnames or []), list(reader), 2
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    with storage.open_input(path) as f:
+        table = pq.read_table(f)
     return table.column_names, table.to_pylist(), 0
 
 
-def manifest(path: Path, root: Path | None = None, label_key: str = "label", path_key: str = "path") -> list[Split]:
-    """Splits of a CSV or Parquet manifest: ``path_key`` (relative to ``root``, default the manifest's folder, or
-    absolute; without a ``path`` column, the common names of other tools are read, with a note), optional
-    ``label_key`` column (class names, or integers) and ``split`` (train/val/test and their aliases)."""
+def manifest(path: storage.Location, root: storage.Location | None = None, label_key: str = "label",
+             path_key: str = "path") -> list[Split]:
+    """Splits of a CSV or Parquet manifest (a file, or a URL): ``path_key`` (relative to ``root``, default the
+    manifest's folder, or absolute, or URLs; without a ``path`` column, the common names of other tools are read,
+    with a note), optional ``label_key`` column (class names, or integers) and ``split`` (train/val/test and their
+    aliases)."""
     columns, rows, first = _manifest_rows(path)
+    root, path = root or storage.parent(path), storage.shown(path)
     if path_key == "path" and "path" not in columns:
         path_key = next((name for name in PATH_COLUMNS if name in columns), path_key)
         if path_key != "path":
@@ -278,7 +353,7 @@ def manifest(path: Path, root: Path | None = None, label_key: str = "label", pat
         raise ValueError(f"{path} has a header but no rows: nothing to read")
     table = [(number, str(row[path_key]), row.get(label_key), row.get("split") if "split" in columns else None)
              for number, row in enumerate(rows, start=first)]
-    return _table_splits(path, Path(root) if root else path.parent, table, label_key in columns, label_key)
+    return _table_splits(path, root, table, label_key in columns, label_key)
 
 
 def hf_imagefolder(root: Path, label_key: str = "label") -> list[Split]:
@@ -398,61 +473,72 @@ def _labels(where, values: list[tuple[int | str, object]], column: str, train: l
     return np.asarray([known.index(n) for n in parsed], np.int64), tuple(known)
 
 
-def tar_files(spec: str) -> list[Path]:
-    """The tar files a spec names: brace syntax (``train-{000000..000099}.tar``), a glob, a folder (an img2dataset
-    output folder too), or one file. Compressed tars are refused by name: their members cannot be read in place."""
+def tar_files(spec: str) -> list[storage.Location]:
+    """The tar files a spec names (on disk or at URLs): brace syntax (``train-{000000..000099}.tar``), a glob, a folder
+    (an img2dataset output folder too), or one file. Compressed tars are refused by name: their members cannot be
+    read in place."""
     from braceexpand import braceexpand
 
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".tar", *COMPRESSED_TARS)))
+    url = storage.is_url(spec)
+    if not spec.endswith((".tar", *COMPRESSED_TARS)) and not any(c in spec for c in "{*?[") \
+            and (url or Path(spec).is_dir()):  # a folder
+        files = [storage.join(spec, name) for name in storage.names(spec) if name.endswith((".tar", *COMPRESSED_TARS))]
     else:
-        files = [Path(f) for pattern in braceexpand(spec) for f in (sorted(glob.glob(pattern)) or [pattern])]
-    missing = [str(f) for f in files if not f.is_file()]
+        files = [f if url else Path(f) for pattern in braceexpand(spec)
+                 for f in (_matches(pattern) if any(c in pattern for c in "*?[") else [pattern])]
+    missing = [storage.shown(f) for f in files if not storage.is_file(f)]
     if missing:
         raise FileNotFoundError(f"tar shards not found: {', '.join(missing[:3])}" +
                                 (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    compressed = [f for f in files if f.name.endswith(COMPRESSED_TARS)]
+    compressed = [f for f in files if storage.name(f).endswith(COMPRESSED_TARS)]
     if compressed:
-        raise ValueError(f"{compressed[0]} is a compressed tar: featx reads tar members in place, which a compressed "
-                         f"tar does not allow; decompress it first (e.g. gunzip -c {compressed[0].name} > "
-                         f"{compressed[0].name.split('.')[0]}.tar)")
+        name = storage.name(compressed[0])
+        raise ValueError(f"{storage.shown(compressed[0])} is a compressed tar: featx reads tar members in place, which "
+                         f"a compressed tar does not allow; decompress it first (e.g. gunzip -c {name} > "
+                         f"{name.split('.')[0]}.tar)")
     return files
 
 
-def _index_tar(tar: Path) -> list[tuple[str, Member, dict[str, bytes]]]:
+def _matches(pattern: str) -> list[str]:
+    """Files matching a glob pattern (on disk or object storage), sorted; the pattern itself when none do (then
+    reported missing)."""
+    return (storage.glob(pattern) if storage.is_url(pattern) else sorted(glob.glob(pattern))) or [pattern]
+
+
+def _index_tar(tar: storage.Location) -> list[tuple[str, Member, dict[str, bytes]]]:
     """(key, image member, {".cls"/".txt"/".json": bytes}) of every sample, in the tar's order, read from its headers
-    and its small text members alone. A tar cut short keeps the samples before the cut; the sample at the cut fails
-    when it is read."""
+    and its small text members alone (streamed once, in large reads, on object storage). A tar cut short keeps the
+    samples before the cut; the sample at the cut fails when it is read."""
     samples: dict[str, dict] = {}
-    cut = ""
-    try:
-        with tarfile.open(tar, "r:") as archive:
-            for info in archive:
-                if not info.isfile():
-                    continue
-                folder, _, name = info.name.rpartition("/")
-                key, _, extension = name.partition(".")
-                sample = samples.setdefault(f"{folder}/{key}" if folder else key, {"texts": {}})
-                extension = "." + extension.lower()
-                if extension in TAR_IMAGE_EXTENSIONS and "image" not in sample:
-                    sample["image"] = Member(str(tar), info.offset_data, info.size)
-                elif extension in TAR_TEXT_EXTENSIONS:
-                    sample["texts"].setdefault(extension, archive.extractfile(info).read())
-    except (tarfile.ReadError, EOFError) as error:
-        cut = f"{tar.name} is cut short or damaged here ({error})"
-        print(f"featx: {tar} is cut short or damaged after {len(samples)} samples ({error}); the samples before "
-              "are read", file=sys.stderr)
+    cut, file = "", os.fspath(tar)
+    with storage.errors(tar), storage.open_input(tar, block_size=TAR_READ_BLOCK) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r:") as archive:
+                for info in archive:
+                    if not info.isfile():
+                        continue
+                    folder, _, name = info.name.rpartition("/")
+                    key, _, extension = name.partition(".")
+                    sample = samples.setdefault(f"{folder}/{key}" if folder else key, {"texts": {}})
+                    extension = "." + extension.lower()
+                    if extension in TAR_IMAGE_EXTENSIONS and "image" not in sample:
+                        sample["image"] = Member(file, info.offset_data, info.size)
+                    elif extension in TAR_TEXT_EXTENSIONS:
+                        sample["texts"].setdefault(extension, archive.extractfile(info).read())
+        except (tarfile.ReadError, EOFError) as error:
+            cut = f"{storage.name(tar)} is cut short or damaged here ({error})"
+            print(f"featx: {storage.shown(tar)} is cut short or damaged after {len(samples)} samples ({error}); the "
+                  "samples before are read", file=sys.stderr)
     indexed = []
     for number, (key, sample) in enumerate(samples.items()):
-        member = sample.get("image") or Member(str(tar), 0, 0, f"no image member (.jpg, .png, .webp) for {key}")
+        member = sample.get("image") or Member(file, 0, 0, f"no image member (.jpg, .png, .webp) for {key}")
         if cut and number == len(samples) - 1:
             member = member._replace(problem=cut)
         indexed.append((key, member, sample["texts"]))
     return indexed
 
 
-def _tar_label(tar: Path, key: str, texts: dict[str, bytes], label_key: str):
+def _tar_label(tar: storage.Location, key: str, texts: dict[str, bytes], label_key: str):
     """A sample's label: ``.cls`` when it has one; else ``.json``'s ``label_key``, or the ``.txt`` caption when
     ``label_key`` is ``txt``; None when it has none of these."""
     if ".cls" in texts:
@@ -465,7 +551,7 @@ def _tar_label(tar: Path, key: str, texts: dict[str, bytes], label_key: str):
     try:
         value = json.loads(texts[".json"])
     except ValueError:
-        raise ValueError(f"{tar}: {key}.json is not JSON") from None
+        raise ValueError(f"{storage.shown(tar)}: {key}.json is not JSON") from None
     return value.get(label_key) if isinstance(value, dict) else None
 
 
@@ -492,7 +578,7 @@ def tar_shards(spec: str, label_key: str = "label", labelled: bool = True) -> li
     for tar in tars:
         samples = _index_tar(tar)
         for key, member, found in samples:
-            paths.append(f"{tar.name}/{key}")
+            paths.append(f"{storage.name(tar)}/{key}")
             members.append(member)
             values.append(None if member.problem or not labelled else _tar_label(tar, key, found, label_key))
             texts["caption"].append(found.get(".txt", b"").decode("utf-8", "replace").strip())
@@ -511,23 +597,25 @@ def tar_shards(spec: str, label_key: str = "label", labelled: bool = True) -> li
         known, class_names = _labels(spec, [(paths[i], values[i]) for i in labelled_items], label_key,
                                      [True] * len(labelled_items))
         labels[labelled_items] = known
-    names = {split_name(tar.name.split("-")[0].split(".")[0]) for tar in tars}
+    names = {split_name(storage.name(tar).split("-")[0].split(".")[0]) for tar in tars}
     name = names.pop() if len(names) == 1 and None not in names else "all"
-    root = Path(os.path.commonpath([str(t.parent.resolve()) for t in tars]))
+    root = storage.parent(tars[0]) if storage.is_url(tars[0]) else \
+        Path(os.path.commonpath([str(t.parent.resolve()) for t in tars]))
     columns = tuple((column, tuple(values)) for column, values in texts.items() if any(values))
     return [Split(name, root, tuple(paths), labels, class_names, tuple(members), tuple(sizes), "webdataset", columns)]
 
 
-def detect(data: str) -> str:
+def detect(data: str, folder: Path | ListedPath | None = None) -> str:
     """The source ``data`` names: a CSV/Parquet file, tar shards (or an img2dataset folder), a Hugging Face
-    imagefolder, a folder of class folders, or of images."""
-    path = Path(data)
-    if path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq"):
-        return "manifest"
-    if path.name.endswith((".tar", *COMPRESSED_TARS)) or any(c in data for c in "{*?["):
-        return "webdataset"
+    imagefolder, a folder of class folders, or of images. ``folder``: ``data`` as a folder (``location``), when
+    already listed."""
+    named = _kind_by_name(data)
+    if named:
+        return named
+    path = folder or location(data)
     if not path.is_dir():
-        raise FileNotFoundError(f"data {data} does not exist (give a folder, a .csv/.parquet manifest or .tar shards)")
+        raise FileNotFoundError(f"data {storage.shown(data)} does not exist (give a folder, a .csv/.parquet manifest "
+                                "or .tar shards)")
     if any((path / name).is_file() for name in HF_ARROW):
         raise ValueError(f"{data} is a Hugging Face `datasets` folder (save_to_disk's Arrow files), which featx does "
                          "not read: write its images out as files (an ImageFolder, or a CSV with path and label "
@@ -543,24 +631,36 @@ def detect(data: str) -> str:
     return "unlabelled" if loose else "imagefolder"
 
 
+def _kind_by_name(data: str) -> str | None:
+    """``manifest`` or ``webdataset`` when ``data``'s name says so (no listing), else None."""
+    name = storage.name(data)
+    if PurePosixPath(name).suffix.lower() in (".csv", ".parquet", ".pq") and storage.is_file(data):
+        return "manifest"
+    if name.endswith((".tar", *COMPRESSED_TARS)) or any(c in data for c in "{*?["):
+        return "webdataset"
+    return None
+
+
 def discover(data: str | os.PathLike, source: str = "auto", root: str | os.PathLike | None = None,
              label_key: str = "label", path_key: str = "path") -> list[Split]:
-    """The splits of ``data`` read as ``source`` (``auto``: ``detect``). ``root``: the folder a manifest's
-    relative paths start from (default: the manifest's folder). ``label_key``: the manifest column, JSON key
-    (tars) or ``txt`` (tar captions as labels) that holds the label; ``path_key``: a manifest's column of paths."""
+    """The splits of ``data`` (a local path, or a URL: ``featx.storage``) read as ``source`` (``auto``:
+    ``detect``). ``root``: the folder a manifest's relative paths start from (default: the manifest's folder).
+    ``label_key``: the manifest column, JSON key (tars) or ``txt`` (tar captions as labels) that holds the label;
+    ``path_key``: a manifest's column of paths."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-    data = str(data)
-    if "://" in data:
-        raise ValueError(f"{data} is a URL; featx reads local files and folders: download the data first (for "
-                         "WebDataset shards, e.g. with `curl -O` or img2dataset), then give its folder")
-    kind = detect(data) if source == "auto" else source
+    data = os.fspath(data)
+    named, folder = _kind_by_name(data), None
+    if source == "auto" and not named:
+        folder = location(data)  # listed once
+    kind = (named or detect(data, folder)) if source == "auto" else source
     if kind == "manifest":
-        return manifest(Path(data), root, label_key, path_key)
-    if kind == "hf-imagefolder":
-        return hf_imagefolder(Path(data), label_key)
-    if kind == "webdataset" or (kind == "unlabelled" and detect(data) == "webdataset"):
+        return manifest(data if storage.is_url(data) else Path(data), root, label_key, path_key)
+    if kind == "webdataset" or (kind == "unlabelled" and (named or detect(data, folder)) == "webdataset"):
         return tar_shards(data, label_key, labelled=kind == "webdataset")
-    if not Path(data).is_dir():
-        raise FileNotFoundError(f"data folder {data} does not exist")
-    return unlabelled_folder(Path(data)) if kind == "unlabelled" else image_folder(Path(data))
+    folder = folder or location(data)
+    if kind == "hf-imagefolder":
+        return hf_imagefolder(folder, label_key)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {storage.shown(data)} does not exist")
+    return unlabelled_folder(folder) if kind == "unlabelled" else image_folder(folder)

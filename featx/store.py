@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from featx import storage
 from featx.sources import shown
 from featx.version import __version__
 
@@ -97,9 +99,9 @@ def writing(path: Path):
 
 
 def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
-    """The one-line error for a full device while writing ``path``."""
+    """The one-line error for a full device while writing ``path`` (a local file)."""
     size = f" (about {needed >> 20} MB needed)" if needed else ""
-    return NoSpaceError(f"no space left on {_mount_point(path.parent)} while writing {path}{size}; free space and "
+    return NoSpaceError(f"no space left on {_mount_point(Path(path).parent)} while writing {path}{size}; free space and "
                         "rerun to resume")
 
 
@@ -111,7 +113,11 @@ class BusyError(ValueError):
 def exclusive(folder: Path):
     """Create ``folder`` and hold an exclusive lock on it (flock on the directory itself: no lock file is left
     behind). A second featx process writing there (extract's output, a finetune run) fails at once instead of
-    mixing its files in."""
+    mixing its files in. Object storage has no locks: a folder there is not held (its objects still each appear
+    whole, so two writers of one shard leave one whole copy)."""
+    if storage.is_url(folder):
+        yield folder
+        return
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise BusyError(f"output {existing} exists and is not a folder; choose another --out")
@@ -137,10 +143,12 @@ SIGNATURES = {b"PK\x03\x04": "a zip archive (NumPy .npz?)", b"\x93NUMPY": "a Num
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
-    """Open a features file for reading; a file of another kind, a truncated or a non-HDF5 file is a ValueError
-    that says which."""
+    """Open a features file for reading (on disk, or on object storage by ranged reads); a file of another kind, a
+    truncated or a non-HDF5 file is a ValueError that says which."""
     try:
-        return h5py.File(path, "r")
+        return h5py.File(storage.open_input(path, block_size=CHUNK_BYTES) if storage.is_url(path) else path, "r")
+    except storage.StorageError:
+        raise
     except OSError as error:
         kind = _other_kind(path)
         if kind:
@@ -155,40 +163,20 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
 def _other_kind(path: str | os.PathLike) -> str | None:
     """What a file h5py could not open is, by its first bytes (``SIGNATURES``), or None."""
     try:
-        with open(path, "rb") as f:
-            start = f.read(8)
+        start = storage.read_bytes(path, 0, 8)
     except OSError:
         return None
     return next((what for magic, what in SIGNATURES.items() if start.startswith(magic)), None)
 
 
-def parts_dir(path: Path) -> Path:
+def parts_dir(path: storage.Location) -> storage.Location:
     """Folder holding the shards of an unfinished ``path``."""
-    return path.with_name(path.name + ".parts")
+    return storage.join(storage.parent(path), storage.name(path) + ".parts")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def commit_file(tmp: Path, path: Path) -> None:
-    """Make a closed file (or a folder of files) durable, then atomically give it its final name."""
-    for file in sorted(tmp.iterdir()) if tmp.is_dir() else [tmp]:
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_text(path: Path, text: str) -> None:
+def write_text(path: storage.Location, text: str) -> None:
     """Replace ``path``'s text atomically: a reader sees the old text or the new, never a part."""
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    commit_file(tmp, path)
+    storage.write_bytes(path, text.encode())
 
 
 def _row_chunks(dim: int, itemsize: int) -> int:
@@ -230,11 +218,7 @@ class ShardWriter:
         self.file.create_dataset("failed_items", data=np.asarray(self.failed_items, dtype=np.int64))
         self.file.create_dataset("failed_reasons", data=np.asarray(self.failed_reasons, dtype=object), dtype=STR)
         self.file.close()
-        try:
-            _tmp(self.path).write_bytes(self.buffer.getbuffer())
-            commit_file(_tmp(self.path), self.path)
-        finally:
-            _tmp(self.path).unlink(missing_ok=True)
+        storage.write_bytes(self.path, self.buffer.getbuffer())
 
     def abort(self) -> None:
         """Drop an unfinished shard."""
@@ -248,24 +232,23 @@ def _discard(file: h5py.File, tmp: Path) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def shard_path(parts: Path, shard: int) -> Path:
-    return parts / f"part-{shard:05d}.h5"
+def shard_path(parts: storage.Location, shard: int) -> storage.Location:
+    return storage.join(parts, f"part-{shard:05d}.h5")
 
 
-def write_manifest(parts: Path, manifest: dict) -> None:
+def write_manifest(parts: storage.Location, manifest: dict) -> None:
     """Record what the shards in ``parts`` are extracted from (checked before resuming)."""
-    parts.mkdir(parents=True, exist_ok=True)
-    write_text(parts / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    write_text(storage.join(parts, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def read_manifest(parts: Path) -> dict | None:
-    path = parts / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_manifest(parts: storage.Location) -> dict | None:
+    path = storage.join(parts, "manifest.json")
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None
 
 
-def finished_shards(parts: Path) -> set[int]:
-    """Numbers of the shards already committed in ``parts`` (leftover ``.tmp`` files are ignored)."""
-    return {int(p.name[5:10]) for p in parts.glob("part-*.h5")} if parts.is_dir() else set()
+def finished_shards(parts: storage.Location) -> set[int]:
+    """Numbers of the shards already committed in ``parts`` (an upload or a ``.tmp`` file cut short is not one)."""
+    return {int(name[5:10]) for name in storage.names(parts, "part-*.h5")}
 
 
 def damaged_shards(parts: Path) -> set[int]:
@@ -275,20 +258,22 @@ def damaged_shards(parts: Path) -> set[int]:
     for number in sorted(finished_shards(parts)):
         shard = shard_path(parts, number)
         try:
-            with h5py.File(shard, "r") as f:
+            with open_h5(shard) as f:
                 rows = {f[name].shape[0] for name in ("features", "items")}
                 f["features"][-1:], f["failed_items"][:], f["failed_reasons"][:]
                 if len(rows) != 1:
                     raise ValueError(f"features and items disagree: {sorted(rows)} rows")
+        except storage.StorageError:
+            raise
         except (OSError, KeyError, ValueError) as error:
             reason = str(error).split("(")[-1].rstrip(")") if "(" in str(error) else str(error)
-            print(f"featx: {shard} is damaged ({reason}); recomputing it", file=sys.stderr)
-            shard.unlink()
+            print(f"featx: {storage.shown(shard)} is damaged ({reason}); recomputing it", file=sys.stderr)
+            storage.remove(shard)
             damaged.add(number)
     return damaged
 
 
-def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
+def merge(parts: storage.Location, path: storage.Location, attrs: dict, paths: tuple[str, ...], labels: np.ndarray,
           compression: str | None = None, layout: str = "copy", columns: tuple = (), unreadable: tuple = ()) -> dict:
     """Write ``path`` from the committed shards of ``parts`` in shard order. ``copy``: every feature row is copied
     into ``path``, then ``parts`` is deleted. ``virtual``: ``features`` is an HDF5 virtual dataset over the shards,
@@ -297,28 +282,33 @@ def merge(parts: Path, path: Path, attrs: dict, paths: tuple[str, ...], labels: 
     Shards hold item ids (image index x ``attrs["views"]`` + view); ``paths``/``labels`` are the split's file
     list, which rows index through ``image_ids``, and ``columns`` ((name, per-image text) pairs: captions, JSON)
     are written per row under ``columns/``; ``unreadable`` ((folder, why) pairs) are recorded as failed too.
+    On object storage the file is built in a private scratch folder and uploaded whole.
     Returns counts.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
-    shards = sorted(parts.glob("part-*.h5"))
-    tmp = _tmp(path)
-    copied = sum(p.stat().st_size for p in shards) if layout == "copy" else 0
-    needed = copied + sum(map(len, paths)) * 2 + (1 << 20)
-    if shutil.disk_usage(path.parent).free < needed:  # HDF5 fails badly on a full device: check before
-        raise no_space(path, needed)
-    with contextlib.ExitStack() as stack, writing(tmp):
-        files = [stack.enter_context(h5py.File(p, "r")) for p in shards]
-        out = h5py.File(tmp, "w")
-        try:
-            counts = _merged(files, out, attrs, paths, labels, compression, layout, columns, unreadable)
-            out.close()
-        except BaseException:
-            _discard(out, tmp)
-            raise
-        commit_file(tmp, path)
+    sizes = storage.listing(parts)
+    shards = [storage.join(parts, name) for name in storage.names(parts, "part-*.h5")]
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="featx-merge-"))) \
+            if storage.is_url(path) else None
+        tmp = scratch / storage.name(path) if scratch else storage.local_path(path).with_name(storage.name(path) + ".tmp")
+        copied = sum(sizes[storage.name(p)] for p in shards) if layout == "copy" else 0
+        needed = copied + sum(map(len, paths)) * 2 + (1 << 20)
+        if shutil.disk_usage(tmp.parent).free < needed:  # HDF5 fails badly on a full device: check before
+            raise no_space(tmp, needed)
+        with writing(tmp):
+            files = [stack.enter_context(open_h5(p)) for p in shards]
+            out = h5py.File(tmp, "w")
+            try:
+                counts = _merged(files, out, attrs, paths, labels, compression, layout, columns, unreadable)
+                out.close()
+            except BaseException:
+                _discard(out, tmp)
+                raise
+            storage.put_file(tmp, path)
     if layout == "copy":
-        shutil.rmtree(parts)
+        storage.remove(parts)
     return counts
 
 
@@ -394,12 +384,12 @@ def _attr(value):
 
 def read_meta(path: str | os.PathLike) -> dict:
     """Attributes of a complete features file (``transform`` parsed); refuses unfinished ones."""
-    path = Path(path)
-    if not path.is_file():
-        if parts_dir(path).is_dir():
-            raise IncompleteFeaturesError(f"{path} is not finished ({len(finished_shards(parts_dir(path)))} shards "
-                                          "done); re-run `featx extract` with the same arguments to resume")
-        raise IncompleteFeaturesError(f"features file {path} does not exist; run `featx extract` first")
+    path = path if storage.is_url(path) else Path(path)
+    if not storage.is_file(path):
+        if storage.exists(parts_dir(path)):
+            raise IncompleteFeaturesError(f"{storage.shown(path)} is not finished ({len(finished_shards(parts_dir(path)))}"
+                                          " shards done); re-run `featx extract` with the same arguments to resume")
+        raise IncompleteFeaturesError(f"features file {storage.shown(path)} does not exist; run `featx extract` first")
     with open_h5(path) as f:
         meta = {k: _attr(v) for k, v in f.attrs.items()}
         missing = [k for k in ("features", "labels", "paths", "image_ids") if k not in f]
@@ -452,14 +442,14 @@ class FeatureSet:
 
 def load_failed(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(path, reason) of every file that could not be decoded."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return list(zip(f["failed/paths"].asstr()[:], f["failed/reasons"].asstr()[:]))
 
 
 def load(path: str | os.PathLike) -> FeatureSet:
     """Read a whole features file: arrays plus metadata."""
     meta = read_meta(path)
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         arrays = f["features"][:], f["labels"][:], list(f["paths"].asstr()[:]), f["image_ids"][:]
         hashes = f["content_hash"][:] if "content_hash" in f else None
         columns = {name: list(f["columns"][name].asstr()[:]) for name in f.get("columns", {})}
@@ -469,7 +459,7 @@ def load(path: str | os.PathLike) -> FeatureSet:
 def iter_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (features, labels) blocks of at most ``rows`` rows, for files larger than memory."""
     read_meta(path)
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         features, labels = f["features"], f["labels"]
         for start in range(0, features.shape[0], rows):
             yield features[start:start + rows], labels[start:start + rows]
