@@ -15,7 +15,7 @@ import textwrap
 
 import fire
 
-from featx import api, flags
+from featx import api, flags, storage
 from featx import backbones as backbone_registry
 from featx.engines import EngineError
 from featx.extract import ExtractError
@@ -140,12 +140,12 @@ def info(path):
     Args:
         path: a features file (from `featx extract`), a head folder (`featx fit-head`) or a finetune run folder.
     """
-    from pathlib import Path
-
     from featx import store
 
-    path = Path(path)
-    if (path / "head.json").is_file():
+    path = storage.location(path)
+    if storage.is_url(path):
+        print(store.summary(path))
+    elif (path / "head.json").is_file():
         from featx.heads import describe
 
         print(describe(path))
@@ -223,7 +223,10 @@ def extra_flags(command: str) -> dict[str, object]:
 def overview() -> str:
     """``featx --help``."""
     lines = [f"featx {__version__}: cache frozen-backbone image features in HDF5, fit heads, fine-tune.", "",
-             "usage: featx COMMAND ARGS [flags]     featx COMMAND --help     featx --version", "", "commands:"]
+             "usage: featx COMMAND ARGS [flags]     featx COMMAND --help     featx --version", "",
+             "Files and folders may be URLs (s3://, http(s)://, any fsspec scheme): credentials from the standard",
+             "chain (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL); --storage_options JSON for anything else.", "",
+             "commands:"]
     for name, function in COMMANDS.items():
         lines += textwrap.wrap(flags.first_sentence(function), flags.WIDTH, initial_indent=f"  {name:<16}",
                                subsequent_indent=" " * 18)
@@ -239,6 +242,8 @@ def run(argv: list[str]) -> None:
         print(f"featx {__version__}")
         return
     command, args = argv[0], flags.normalise(argv[1:])
+    args, storage_options = flags.take(args, "storage_options")
+    storage.configure(storage_options)
     if command not in COMMANDS:
         close = flags.closest(command, COMMANDS)
         hint = f"did you mean {close}?" if close else f"commands: {', '.join(COMMANDS)}"

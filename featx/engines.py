@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from featx import storage
 from featx.backbones import Backbone, BackboneSpec
 from featx.decode import ImageFiles
 from featx.devices import QUANTIZED, resolve_device
@@ -96,7 +97,7 @@ class ShardWorker:
 
     def run_shard(self, dataset: ImageFiles, parts: str, number: int, batches: list[list[int]]) -> int:
         """Write shard ``number``; returns how many items it held."""
-        self.engine.run(dataset, Path(parts), {number: batches})
+        self.engine.run(dataset, storage.location(parts), {number: batches})
         return sum(len(b) for b in batches)
 
 
@@ -196,7 +197,8 @@ class RayEngine:
                 while todo and len(running) < self.count:
                     number, actor = todo.pop(0), self._actor()
                     attempts[number] += 1
-                    running[actor.run_shard.remote(dataset_ref, str(parts), number, shards[number])] = (number, actor)
+                    running[actor.run_shard.remote(dataset_ref, os.fspath(parts), number, shards[number])] = \
+                        (number, actor)
                 (done,), _ = ray.wait(list(running), num_returns=1)
                 number, actor = running.pop(done)
                 try:

@@ -150,7 +150,7 @@ def _prepare(path: storage.Location, expected: dict, options: ExtractOptions) ->
             raise ExtractError(f"{storage.shown(parts)} holds an unfinished extraction made differently "
                                f"({_differences(expected, identity(manifest))}); pass --overwrite to start again")
         return manifest["shard_size"]
-    with store.writing(parts / "manifest.json"):
+    with store.writing(storage.join(parts, "manifest.json")):
         store.write_manifest(parts, {**expected, "shard_size": options.shard_size})
     return options.shard_size
 

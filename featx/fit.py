@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from featx import store
+from featx import storage, store
 from featx.heads import Head, load_head, make_head
 from featx.metrics import (classification_metrics, not_held_out, summary_line, times_seen, write_metrics,
                            write_predictions)
 
 
-def _resolve_val(train: Path, val: str | None) -> Path | None:
+def _resolve_val(train: storage.Location, val: str | None) -> storage.Location | None:
     if val in (None, "none", "None"):
         return None
     if val == "auto":
-        beside = train.with_name("val.h5")
-        return beside if beside.is_file() and beside != train else None
-    return Path(val)
+        beside = storage.join(storage.parent(train), "val.h5")
+        return beside if beside != train and storage.is_file(beside) else None
+    return storage.location(val)
 
 
 def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "logreg",
@@ -34,7 +33,7 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
     streams features from the file block by block; others load them. Saves to ``out`` (default
     ``heads/<backbone>/<head>``).
     """
-    train = Path(train)
+    train = storage.location(train)
     meta = store.read_meta(train)
     store.require_labels(meta, train, "fit-head")
     val_path = _resolve_val(train, val)
@@ -46,7 +45,8 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
         y, groups = f["labels"][:], f["image_ids"][:]
         seen = [file["content_hash"][:] if "content_hash" in file else None for file in (f, v) if file is not None]
         seen = None if any(hashes is None for hashes in seen) else np.concatenate(seen)  # all it fits or selects on
-        estimator.set_source(meta, seen, train=train.resolve(), val=val_path.resolve() if val_path else None)
+        estimator.set_source(meta, seen, train=storage.absolute(train),
+                             val=storage.absolute(val_path) if val_path else None)
         X_val = None if v is None else v["features"] if head == "linear" else v["features"][:]
         try:
             estimator.fit(X, y, X_val, None if v is None else v["labels"][:], groups=groups)
@@ -55,12 +55,13 @@ def fit_head(train: str | os.PathLike, val: str | None = "auto", head: str = "lo
             if v is not None:
                 store.require_finite(val_path, v["features"])
             raise
-    out = Path(out) if out else Path("heads") / meta["backbone"] / head
-    for stale in out.glob("eval-*"):  # reports of the head this one replaces
-        shutil.rmtree(stale)
-    estimator.save(out)
-    where = f"on {val_path}" if val_path else "on a 20% stratified hold-out of train"
-    print(f"{head}: {estimator.fit_summary(where)} -> {out}")
+    out = storage.location(out) if out else Path("heads") / meta["backbone"] / head
+    for stale in sorted({key.split("/")[0] for key in storage.listing(out) if key.startswith("eval-")}):
+        storage.remove(storage.join(out, stale))  # reports of the head this one replaces
+    with storage.local_output(out) as folder:
+        estimator.save(folder)
+    where = f"on {storage.shown(val_path)}" if val_path else "on a 20% stratified hold-out of train"
+    print(f"{head}: {estimator.fit_summary(where)} -> {storage.shown(out)}")
     return estimator
 
 
@@ -77,14 +78,15 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os
     metrics = classification_metrics(data.labels, scores, data.class_names)
     seen = times_seen(estimator.seen_, data.content_hash)  # by content: a copy of a seen image is seen
     if seen is None:  # a head or file from an older featx: by file
-        seen = len(data.labels) if str(Path(features).resolve()) in set(estimator.fitted_on_.values()) else 0
+        seen = len(data.labels) if storage.absolute(features) in set(estimator.fitted_on_.values()) else 0
     metrics.update(held_out=seen == 0, seen_in_fitting=seen, far_rows=int(estimator.far_rows(data.features).sum()),
-                   features=str(features), head=str(head))
-    folder = Path(out) if out else Path(head) / f"eval-{meta['split']}"
-    write_metrics(metrics, folder, f"{estimator.kind} on {meta['split']}: accuracy {metrics['accuracy']:.3f}")
-    write_predictions(folder / "predictions.csv", data.paths, data.labels, scores, data.class_names)
+                   features=storage.shown(features), head=str(head))
+    out = storage.location(out) if out else Path(head) / f"eval-{meta['split']}"
+    with storage.local_output(out) as folder:
+        write_metrics(metrics, folder, f"{estimator.kind} on {meta['split']}: accuracy {metrics['accuracy']:.3f}")
+        write_predictions(folder / "predictions.csv", data.paths, data.labels, scores, data.class_names)
     note = "" if seen == 0 else f" ({not_held_out(seen, len(data.labels))})"
-    print(f"{estimator.kind} on {features}: {summary_line(metrics)}{note} -> {folder}")
+    print(f"{estimator.kind} on {storage.shown(features)}: {summary_line(metrics)}{note} -> {storage.shown(out)}")
     if metrics["far_rows"]:
         print(f"featx: warning: {metrics['far_rows']} of {len(data.labels)} rows of {features} lie far outside the "
               "features the head was fitted on (|standardised value| > 1e6): their predictions say nothing; were "

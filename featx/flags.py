@@ -29,6 +29,24 @@ def normalise(argv: list[str]) -> list[str]:
     return out
 
 
+def take(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """``argv`` without the flag ``--name`` (``--name=v`` or ``--name v``, before a bare ``--``), and its value."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return rest + argv[i:], value
+        if arg == f"--{name}" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(f"--{name}="):
+            value = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, value
+
+
 def parse_script_args(parser) -> object:
     """Parse a job's or benchmark's arguments as the CLI takes flags: ``--a_b`` or ``--a-b``, and ``--mirror``
     (default $FEATX_MIRROR), which is passed on to featx through $FEATX_MIRROR."""

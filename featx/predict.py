@@ -23,21 +23,21 @@ from featx.finetuning import RUN_FILE, load_finetuned
 from featx.heads import load_head
 from featx.heads.base import check_positive
 from featx.metrics import load_seen, not_held_out, seen_rows
-from featx.sources import IMAGE_EXTENSIONS, list_images, shown
+from featx.sources import IMAGE_EXTENSIONS, folder_at, list_images, shown
 
 
 def collect_images(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[Path, str]]]:
-    """Image files named directly, plus every image under the folders named; and the folders that could not be
-    read, with why."""
+    """Image files named directly, plus every image under the folders named (on disk or at URLs); and the folders
+    that could not be read, with why."""
     files, unreadable = [], []
     for item in inputs:
-        path = Path(item)
+        path = folder_at(item)  # a folder or file on disk, or at a URL (listed once)
         if path.is_dir():
             files.extend(str(p) for p in list_images(path, unreadable=unreadable))
         elif path.is_file() or path.suffix.lower() in IMAGE_EXTENSIONS:
             files.append(str(path))  # a missing file is reported as a failure, like an undecodable one
         else:
-            raise FileNotFoundError(f"{item} is neither an image file nor a folder")
+            raise FileNotFoundError(f"{shown(item)} is neither an image file nor a folder")
     return files, unreadable
 
 

@@ -99,6 +99,9 @@ class ListedPath:
     def __hash__(self) -> int:
         return hash(os.fspath(self))
 
+    def __lt__(self, other: "ListedPath") -> bool:
+        return os.fspath(self) < os.fspath(other)
+
     @property
     def name(self) -> str:
         return PurePosixPath(self.rel).name if self.rel else storage.name(self.url)
@@ -132,15 +135,15 @@ class ListedPath:
         return [self / p[len(prefix):] for p in sorted(found)]
 
 
-def location(data: str | os.PathLike) -> Path | ListedPath:
+def folder_at(data: str | os.PathLike) -> Path | ListedPath:
     """``data`` as a folder or file the sources read: a local path, or a prefix on object storage (listed once)."""
     return ListedPath(os.fspath(data)) if storage.is_url(data) else Path(data)
 
 
 def shown(path: str | os.PathLike) -> str:
     """A path as text that prints and stores as UTF-8: the bytes of a file name that are not UTF-8 (kept by Python
-    as surrogates, so the file still opens) are written ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    as surrogates, so the file still opens) are written ``\\xNN``; a URL is shown without its secrets."""
+    return storage.shown(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def list_images(folder: Path, seen: set | None = None, skipped: list[str] | None = None,
@@ -607,12 +610,12 @@ def tar_shards(spec: str, label_key: str = "label", labelled: bool = True) -> li
 
 def detect(data: str, folder: Path | ListedPath | None = None) -> str:
     """The source ``data`` names: a CSV/Parquet file, tar shards (or an img2dataset folder), a Hugging Face
-    imagefolder, a folder of class folders, or of images. ``folder``: ``data`` as a folder (``location``), when
+    imagefolder, a folder of class folders, or of images. ``folder``: ``data`` as a folder (``folder_at``), when
     already listed."""
     named = _kind_by_name(data)
     if named:
         return named
-    path = folder or location(data)
+    path = folder or folder_at(data)
     if not path.is_dir():
         raise FileNotFoundError(f"data {storage.shown(data)} does not exist (give a folder, a .csv/.parquet manifest "
                                 "or .tar shards)")
@@ -652,13 +655,13 @@ def discover(data: str | os.PathLike, source: str = "auto", root: str | os.PathL
     data = os.fspath(data)
     named, folder = _kind_by_name(data), None
     if source == "auto" and not named:
-        folder = location(data)  # listed once
+        folder = folder_at(data)  # listed once
     kind = (named or detect(data, folder)) if source == "auto" else source
     if kind == "manifest":
         return manifest(data if storage.is_url(data) else Path(data), root, label_key, path_key)
     if kind == "webdataset" or (kind == "unlabelled" and (named or detect(data, folder)) == "webdataset"):
         return tar_shards(data, label_key, labelled=kind == "webdataset")
-    folder = folder or location(data)
+    folder = folder or folder_at(data)
     if kind == "hf-imagefolder":
         return hf_imagefolder(folder, label_key)
     if not folder.is_dir():

