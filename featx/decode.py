@@ -244,6 +244,8 @@ class ImageFiles(torch.utils.data.Dataset):
             return self.fetched.pop(image)
         try:
             return bytes_hash(read_bytes(self._source(image)))
+        except storage.StorageUnavailable:
+            raise
         except (OSError, ValueError):
             return 0
 
@@ -267,6 +269,8 @@ class ImageFiles(torch.utils.data.Dataset):
                 return item, data, ""
             draft = self.transform.resize if self.transform.draft else None
             return item, self.transform(load_rgb(path, draft)), ""
+        except storage.StorageUnavailable:  # no image can be read until the user acts: stop, record nothing
+            raise
         except Exception as error:  # noqa: BLE001 - every decode failure is recorded, none is fatal
             return item, None, f"{type(error).__name__}: {error}".strip()
 

@@ -34,6 +34,11 @@ class StorageError(OSError):
     """Object storage refused or could not be reached: one line naming the URL and what to do."""
 
 
+class StorageUnavailable(StorageError):
+    """No request can succeed until the user acts (server unreachable, credentials, access, bucket): a run stops,
+    where a single missing object would only be recorded as failed."""
+
+
 def configure(storage_options: dict | str | None) -> None:
     """fsspec options for every URL this process opens (a dict, or its JSON: ``{"s3": {"anon": true}}`` per
     protocol, or options for every protocol); ``FEATX_STORAGE_OPTIONS`` holds the same JSON."""
@@ -134,7 +139,11 @@ def errors(location: Location, doing: str = "reading"):
     except StorageError:
         raise
     except Exception as error:  # noqa: BLE001 - every client error becomes one line; none is lost
-        raise StorageError(f"{shown(location)}: {explain(error, doing)}") from None
+        message = f"{shown(location)}: {explain(error, doing)}"
+        raise (StorageError if message.endswith(MISSING) else StorageUnavailable)(message) from None
+
+
+MISSING = "(it may have been deleted or moved)"
 
 
 def explain(error: BaseException, doing: str) -> str:
@@ -151,7 +160,7 @@ def explain(error: BaseException, doing: str) -> str:
         return (f"access denied while {doing} ({_first_clause(text)}): check the credentials (AWS_ACCESS_KEY_ID, "
                 "AWS_PROFILE) and that they may do this")
     if isinstance(error, FileNotFoundError) or "404" in text or "NoSuchKey" in text:
-        return f"not found while {doing} (it may have been deleted or moved)"
+        return f"not found while {doing} {MISSING}"
     if any(s in text for s in ("Could not connect", "Cannot connect", "Connection refused", "connect timeout",
                                "Connect timeout", "Name or service not known", "EndpointConnectionError")) \
             or kind in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"):
@@ -281,8 +290,12 @@ def remove(location: Location) -> None:
             path.unlink(missing_ok=True)
         return
     fs, path = filesystem(os.fspath(location))
-    with errors(location, "deleting"), contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=True)
+    with errors(location, "deleting"):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # a folder's own marker, on stores that keep one (SeaweedFS)
+            fs.rm_file(path)
+        fs.invalidate_cache(path)
 
 
 def commit_file(tmp: Path, path: Path) -> None:

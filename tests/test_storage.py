@@ -194,3 +194,68 @@ def test_http_tar_and_a_manifest_of_http_images(http_server, photos, tmp_path):
     assert status == 0, err
     features = store.load(tmp_path / "urls/resnet18/all.h5")
     assert features.paths == [f"{base}/{p.name}" for p in train] and not features.failed
+
+
+def _extract_command(data, out) -> list[str]:
+    return [sys.executable, "-m", "featx", "extract", str(data), "--out", str(out), *SMALL, "--shard_size", "4",
+            "--batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def slow_photos(tmp_path_factory) -> Path:
+    """Enough images (6 shards of 4) that a run can be stopped between its shards."""
+    return make_image_folder(tmp_path_factory.mktemp("slow") / "data", splits=("train",), per_class=12, size=(64, 64))
+
+
+def _committed(s3, prefix: str) -> list[str]:
+    return sorted(k for k in s3.client().find(prefix) if k.rsplit("/", 1)[-1].startswith("part-"))
+
+
+def test_kill_9_during_an_s3_extract_then_rerun_equals_a_clean_run(s3, slow_photos, tmp_path):
+    bucket = s3.bucket("killed")
+    data = upload(s3, slow_photos, f"{bucket}/data")
+    clean = subprocess.run(_extract_command(data, f"{bucket}/clean"), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    parts = "killed/f/resnet18/train.h5.parts"
+    process = subprocess.Popen(_extract_command(data, f"{bucket}/f"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    sigkill_when(process, lambda: len(_committed(s3, parts)) >= 2)
+    left = _committed(s3, parts)
+    assert 2 <= len(left) < 6, left  # stopped between shards
+    for key in left:  # every object listed is a whole shard
+        with store.open_h5(f"s3://{key}") as f:
+            assert f["features"].shape[0] == f["items"].shape[0] == 4
+    rerun = subprocess.run(_extract_command(data, f"{bucket}/f"), capture_output=True, text=True)
+    assert rerun.returncode == 0 and "resuming" in rerun.stdout, rerun.stderr[-2000:]
+    same_features(f"{bucket}/f/resnet18/train.h5", f"{bucket}/clean/resnet18/train.h5", tol=0)
+    assert len(set(store.load(f"{bucket}/f/resnet18/train.h5").paths)) == 24  # no duplicate rows
+    assert not s3.client().exists(parts)
+
+
+def test_the_server_going_away_is_one_line_and_the_rerun_resumes(s3, tmp_path):
+    bucket = s3.bucket("outage")
+    photos = make_image_folder(tmp_path / "data", splits=("train",), per_class=100, size=(64, 64))  # 50 shards
+    data = upload(s3, photos, f"{bucket}/data")
+    clean = subprocess.run(_extract_command(data, tmp_path / "clean"), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    process = subprocess.Popen(_extract_command(data, f"{bucket}/f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    parts = "outage/f/resnet18/train.h5.parts"
+    deadline = time.monotonic() + 120
+    while len(_committed(s3, parts)) < 1 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    s3.stop()
+    stopped = time.monotonic()
+    try:
+        out, err = process.communicate(timeout=60)
+        assert time.monotonic() - stopped < 30  # seconds, not minutes of retries
+    finally:
+        s3.start()
+    if process.returncode == 0:
+        pytest.fail("the run finished before the server went away; make the data larger")
+    one_line_error(process.returncode, err, "cannot be reached")
+    rerun = subprocess.run(_extract_command(data, f"{bucket}/f"), capture_output=True, text=True)
+    assert rerun.returncode == 0 and "resuming" in rerun.stdout, rerun.stderr[-2000:]
+    resumed = store.load(f"{bucket}/f/resnet18/train.h5")
+    assert not resumed.failed  # nothing recorded as failed while the server was away
+    same_features(f"{bucket}/f/resnet18/train.h5", tmp_path / "clean/resnet18/train.h5")
