@@ -15,7 +15,7 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.demo-installed
-	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,timm,clip,hf,s3,http]'
 	touch $@
 
 setup: $(VENV)/.installed

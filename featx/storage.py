@@ -153,6 +153,8 @@ def explain(error: BaseException, doing: str) -> str:
     if kind == "NoCredentialsError" or "Unable to locate credentials" in text:
         return ("no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or pass "
                 "--storage_options '{\"s3\": {\"anon\": true}}' for a public bucket")
+    if kind == "ProfileNotFound":
+        return f"{text}: name a profile in ~/.aws/config (AWS_PROFILE), or unset AWS_PROFILE"
     if "bucket does not exist" in text or "NoSuchBucket" in text:
         return "the bucket does not exist: create it, or check the name and AWS_ENDPOINT_URL"
     if isinstance(error, PermissionError) or any(s in text for s in ("AccessDenied", "Access Denied", "Forbidden",

@@ -1,6 +1,7 @@
 """Shared fixtures: the real mirror (../shared), tiny synthetic ImageFolder trees, a private featx cache for the
-session, and local Ray clusters. What CI must have (the mirror, Ray, root and setpriv) fails there instead of
-skipping: ``FEATX_REQUIRE_MIRROR``, ``FEATX_REQUIRE_RAY``, ``FEATX_REQUIRE_PRIVILEGES`` (``.ci/run`` sets them)."""
+session, local Ray clusters and an S3 server. What CI must have (the mirror, Ray, the S3 server, root and setpriv)
+fails there instead of skipping: ``FEATX_REQUIRE_MIRROR``, ``FEATX_REQUIRE_RAY``, ``FEATX_REQUIRE_S3``,
+``FEATX_REQUIRE_PRIVILEGES`` (``.ci/run`` sets them)."""
 
 from __future__ import annotations
 
@@ -279,7 +280,8 @@ class S3Server:
             self.process = subprocess.Popen(
                 [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.folder / 'data'}", "-s3",
                  f"-s3.port={s3}", f"-s3.config={self.folder / 's3.json'}", f"-master.port={master}",
-                 f"-volume.port={volume}", f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16"],
+                 f"-volume.port={volume}", f"-filer.port={filer}", "-master.volumeSizeLimitMB=32",
+                 "-volume.max=400"],  # a bucket is a collection with volumes of its own: room for many
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.process.poll() is None:
