@@ -62,19 +62,32 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_pipeline_roles_depend_only_downward():
-    """sources -> decode -> embed -> store/shards -> engines -> runner: no role imports one above it."""
-    order = ["featx.devices", "featx.mirror", "featx.sources", "featx.decode", "featx.backbones", "featx.runtimes",
-             "featx.embed", "featx.store", "featx.options", "featx.shards", "featx.engines", "featx.extract"]
+    """storage -> sources -> decode -> embed -> store/shards -> engines -> runner: no role imports one above it."""
+    order = ["featx.storage", "featx.devices", "featx.mirror", "featx.sources", "featx.decode", "featx.backbones",
+             "featx.runtimes", "featx.embed", "featx.store", "featx.options", "featx.shards", "featx.engines",
+             "featx.extract"]
     graph = import_graph()
 
     def role(module: str) -> int | None:  # a role's package holds its submodules (featx.backbones.timm_models)
         return next((rank for rank, name in enumerate(order) if module == name or module.startswith(name + ".")), None)
 
-    assert "featx.backbones.hf_models" in graph and role("featx.backbones.hf_models") == 4
+    assert "featx.backbones.hf_models" in graph and role("featx.backbones.hf_models") == 5
     for module, targets in graph.items():
         if role(module) is not None:
             above = {t for t in targets if role(t) is not None and role(t) > role(module)}
             assert not above, (module, above)
+
+
+def test_only_storage_knows_object_storage():
+    """fsspec and its filesystems (s3fs, aiohttp) are imported by ``featx.storage`` alone: every other module asks it,
+    so a new scheme (gcs, azure) needs no change elsewhere."""
+    clients = {"fsspec", "s3fs", "aiohttp", "botocore", "boto3", "gcsfs", "adlfs"}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            used = {name.split(".")[0] for name in names} & clients
+            assert not used or module_name(path) == "featx.storage", (module_name(path), used)
 
 
 def test_every_module_says_what_it_holds():
