@@ -33,6 +33,7 @@ _GLOBAL_RNG = threading.Lock()  # AugmentTransform reseeds torch's global genera
 READERS = ("auto", "threads", "pipeline", "processes")  # see read_batches
 READ_AHEAD = 2  # batches whose bytes are read while the device works (threads reader, GPU)
 REMOTE_READS = 16  # reads in flight for images on object storage (latency-bound: many GETs at once)
+TAR_GAP = 64 << 10  # tar members at most this far apart are fetched in one ranged read (headers, labels between)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIL_FILTERS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # interpolations PIL has by name
@@ -227,6 +228,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.remote = storage.is_url(root) or any(storage.is_url(m.file) for m in members or () if m) or \
             any(storage.is_url(p) for p in paths)
         self.fetched: dict[int, int] = {}  # image -> content hash of bytes fetched over the network, not yet asked for
+        self.prefetched: dict[int, bytes] = {}  # image -> its bytes, fetched ahead of decoding (``fetch``)
 
     @property
     def decoder(self) -> str:
@@ -255,9 +257,44 @@ class ImageFiles(torch.utils.data.Dataset):
         where = None if member else storage.join(self.root, self.paths[image])
         if not self.remote:
             return member.read() if member else where
-        data = member.read() if member else io.BytesIO(storage.read_bytes(where))
+        data = self.prefetched.pop(image, None)
+        data = io.BytesIO(data) if data is not None else member.read() if member else \
+            io.BytesIO(storage.read_bytes(where))
         self.fetched[image] = bytes_hash(data.getvalue())
         return data
+
+    def fetch_groups(self, items: list[int]) -> list[list[int]]:
+        """The images of ``items`` grouped as they are best fetched from object storage: neighbouring members of one
+        tar together (one ranged read), every other image alone."""
+        groups: list[list[int]] = []
+        for image in sorted({item // self.views for item in items}):
+            member = self.members[image] if self.members else None
+            last = self.members[groups[-1][-1]] if groups and member else None
+            if last and not (member.problem or last.problem) and member.file == last.file \
+                    and 0 <= member.offset - (last.offset + last.size) <= TAR_GAP:
+                groups[-1].append(image)
+            else:
+                groups.append([image])
+        return groups
+
+    def fetch(self, images: list[int]) -> None:
+        """Fetch the bytes of ``images`` (a group of ``fetch_groups``) ahead of decoding, into ``prefetched``. An
+        image that cannot be fetched is left out: decoding reads it again and records why it failed."""
+        members = [self.members[image] for image in images] if self.members else [None]
+        try:
+            if members[0] is None:
+                self.prefetched[images[0]] = storage.read_bytes(storage.join(self.root, self.paths[images[0]]))
+                return
+            start = members[0].offset
+            data = storage.read_bytes(members[0].file, start, members[-1].offset + members[-1].size - start)
+        except storage.StorageUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - recorded when the image is decoded
+            return
+        for image, member in zip(images, members):
+            piece = data[member.offset - start:member.offset - start + member.size]
+            if len(piece) == member.size:  # a cut-short tar is read, and reported, member by member
+                self.prefetched[image] = piece
 
     def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str]:
         image = item // self.views
@@ -339,8 +376,9 @@ def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int | N
     (``dataset.encoded``), ``auto`` uses threads that only read bytes, ``READ_AHEAD`` batches ahead of the device."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if reader in ("threads", "pipeline") or (reader == "auto" and (device.type == "cpu" or dataset.encoded)):
-        threads = max(workers, REMOTE_READS if dataset.remote else 1)  # remote: threads mostly wait on the network
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(max(workers, 1)) as pool, ThreadPoolExecutor(REMOTE_READS) as network:
+            if dataset.remote:  # bytes fetched READ_AHEAD batches ahead, while the model and decoding run
+                batches = _fetched_ahead(dataset, batches, network)
             if device.type == "cpu" and reader != "pipeline":
                 for batch in batches:
                     yield collate(list(pool.map(dataset.__getitem__, batch)))
@@ -355,6 +393,25 @@ def read_batches(dataset: ImageFiles, batches: list[list[int]], workers: int | N
         return
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                            pin_memory=device.type == "cuda", worker_init_fn=_single_threaded)
+
+
+def _fetched_ahead(dataset: ImageFiles, batches: list[list[int]], network: ThreadPoolExecutor
+                   ) -> Iterator[list[int]]:
+    """``batches`` in order, each once its images' bytes are fetched (``ImageFiles.fetch``), fetching running
+    ``READ_AHEAD`` batches ahead; a store that cannot be reached stops the run here."""
+    pending: deque = deque()
+    for batch in batches:
+        pending.append((batch, [network.submit(dataset.fetch, group) for group in dataset.fetch_groups(batch)]))
+        if len(pending) > READ_AHEAD:
+            yield _when_fetched(*pending.popleft())
+    for batch, futures in pending:
+        yield _when_fetched(batch, futures)
+
+
+def _when_fetched(batch: list[int], futures: list) -> list[int]:
+    for future in futures:
+        future.result()  # raises what stopped the fetch
+    return batch
 
 
 def _single_threaded(_worker_id: int) -> None:

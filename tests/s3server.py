@@ -28,7 +28,7 @@ class S3Server:
         self.ports = [_free_with_grpc() for _ in range(4)]  # s3, master, volume, filer
         self.endpoint = f"http://127.0.0.1:{self.ports[0]}"
         self.process: subprocess.Popen | None = None
-        (folder / "data").mkdir(exist_ok=True)
+        (folder / "data").mkdir(parents=True, exist_ok=True)
         config = {"identities": [
             {"name": "admin", "credentials": [{"accessKey": S3_ADMIN[0], "secretKey": S3_ADMIN[1]}],
              "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
@@ -49,7 +49,8 @@ class S3Server:
             self.process = subprocess.Popen(
                 [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.folder / 'data'}", "-s3",
                  f"-s3.port={s3}", f"-s3.config={self.folder / 's3.json'}", f"-master.port={master}",
-                 f"-volume.port={volume}", f"-filer.port={filer}", "-master.volumeSizeLimitMB=32",
+                 f"-volume.port={volume}", f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                 "-master.telemetry=false", "-master.volumeSizeLimitMB=32",
                  "-volume.max=400"],  # a bucket is a collection with volumes of its own: room for many
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60

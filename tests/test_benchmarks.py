@@ -8,13 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_image_folder, missing, ray_problem
+from conftest import REPO, make_image_folder, missing, ray_problem, s3_problem
 
 BENCHMARKS = {  # script -> tiny arguments (DATA is the tiny folder)
     "bench_extract": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8",
                       "--runtimes"],
     "bench_families": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1"],
     "bench_finetune": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8"],
+    "bench_objstore": ["--data", "DATA", "--backbone", "resnet18", "--weights", "none", "--repeats", "1",
+                       "--list_objects", "300"],
     "bench_heads": ["--rows", "2000", "--dims", "64", "--dtypes", "float32", "--logreg_max_rows", "2000"],
     "bench_export": ["--rows", "2000", "--dim", "64"],
     "bench_scale": ["--data", "DATA", "--copies", "1", "--backbone", "resnet18", "--merge_rows", "20000",
@@ -39,6 +41,8 @@ def test_every_benchmark_is_smoke_tested():
 def test_benchmark_runs_on_a_tiny_set(name, tiny, mirror, tmp_path):
     if name == "bench_scale" and ray_problem():  # it times the Ray engine too
         missing(ray_problem(), "FEATX_REQUIRE_RAY")
+    if name == "bench_objstore" and s3_problem():  # it starts an S3 server
+        missing(s3_problem(), "FEATX_REQUIRE_S3")
     committed = {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()}
     argv = [str(tiny) if arg == "DATA" else arg for arg in BENCHMARKS[name]]
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *argv, "--out", str(tmp_path),
