@@ -265,12 +265,15 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def fetch_groups(self, items: list[int]) -> list[list[int]]:
         """The images of ``items`` grouped as they are best fetched from object storage: neighbouring members of one
-        tar together (one ranged read), every other image alone."""
+        tar together (one ranged read), the files together (fetched concurrently, ``storage.read_many``)."""
+        images = sorted({item // self.views for item in items})
+        if not self.members:
+            return [images]
         groups: list[list[int]] = []
-        for image in sorted({item // self.views for item in items}):
-            member = self.members[image] if self.members else None
-            last = self.members[groups[-1][-1]] if groups and member else None
-            if last and not (member.problem or last.problem) and member.file == last.file \
+        for image in images:
+            member = self.members[image]
+            last = self.members[groups[-1][-1]] if groups else None
+            if member and last and not (member.problem or last.problem) and member.file == last.file \
                     and 0 <= member.offset - (last.offset + last.size) <= TAR_GAP:
                 groups[-1].append(image)
             else:
@@ -283,7 +286,10 @@ class ImageFiles(torch.utils.data.Dataset):
         members = [self.members[image] for image in images] if self.members else [None]
         try:
             if members[0] is None:
-                self.prefetched[images[0]] = storage.read_bytes(storage.join(self.root, self.paths[images[0]]))
+                found = storage.read_many([storage.join(self.root, self.paths[image]) for image in images])
+                self.prefetched.update((i, data) for i, data in zip(images, found) if isinstance(data, bytes))
+                return
+            if members[0].problem:  # read (and its problem raised) when decoded
                 return
             start = members[0].offset
             data = storage.read_bytes(members[0].file, start, members[-1].offset + members[-1].size - start)

@@ -22,9 +22,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 Location = str | os.PathLike
-# Fail within seconds, not minutes: object stores' clients retry connection errors many times by default.
-FAST_FAILING = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
-                                         "retries": {"max_attempts": 2, "mode": "standard"}}}}
+# s3fs as featx uses it: failing within seconds, not minutes (its client retries connection errors many times by
+# default), and one GET per whole file (with max_concurrency > 1 it asks each file's size first: twice the requests).
+CLIENT_DEFAULTS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
+                                            "retries": {"max_attempts": 2, "mode": "standard"}},
+                          "max_concurrency": 1}}
 CLIENT_RETRIES = 2  # s3fs' own retries of a request, on top of the client's
 SECRET_QUERY = re.compile(r"(signature|credential|token|secret|password|key|sig)$", re.IGNORECASE)
 _options: dict = {}
@@ -106,11 +108,11 @@ def absolute(location: Location) -> str:
     return shown(location) if is_url(location) else str(local_path(location).resolve())
 
 def filesystem(url: str):
-    """(fsspec filesystem, path in it) for ``url``, with the configured options and quick failure."""
+    """(fsspec filesystem, path in it) for ``url``, with featx's client defaults and the configured options."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
-    options = {**FAST_FAILING.get(protocol, {}), **_all_options().get(protocol, {}),
+    options = {**CLIENT_DEFAULTS.get(protocol, {}), **_all_options().get(protocol, {}),
                **{k: v for k, v in _all_options().items() if not isinstance(v, dict)}}
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
@@ -139,11 +141,17 @@ def errors(location: Location, doing: str = "reading"):
     except StorageError:
         raise
     except Exception as error:  # noqa: BLE001 - every client error becomes one line; none is lost
-        message = f"{shown(location)}: {explain(error, doing)}"
-        raise (StorageError if message.endswith(MISSING) else StorageUnavailable)(message) from None
+        raise storage_error(location, error, doing) from None
 
 
 MISSING = "(it may have been deleted or moved)"
+
+
+def storage_error(location: Location, error: BaseException, doing: str) -> StorageError:
+    """``error`` as one line naming ``location``: a ``StorageError`` for a missing object, else
+    ``StorageUnavailable``."""
+    message = f"{shown(location)}: {explain(error, doing)}"
+    return (StorageError if message.endswith(MISSING) else StorageUnavailable)(message)
 
 
 def explain(error: BaseException, doing: str) -> str:
@@ -236,6 +244,34 @@ def read_bytes(location: Location, start: int | None = None, size: int | None = 
         if start is None:
             return fs.cat_file(path)
         return fs.cat_file(path, start=start, end=start + size)
+
+
+def read_many(locations: list[Location]) -> list[bytes | StorageError]:
+    """The bytes of many files, fetched concurrently (on object storage: all requests in flight at once, from one
+    event loop); a file that is not there gives its ``StorageError`` in its place. A store that cannot be reached
+    raises ``StorageUnavailable``."""
+    if not locations or not is_url(locations[0]):
+        return [_read_or_error(location) for location in locations]
+    fs, _ = filesystem(os.fspath(locations[0]))
+    paths = [filesystem(os.fspath(location))[1] for location in locations]
+    with errors(locations[0]):
+        found = fs.cat(paths, on_error="return")
+    results = []
+    for location, path in zip(locations, paths):
+        value = found.get(path, FileNotFoundError(path))
+        if isinstance(value, Exception):
+            value = storage_error(location, value, "reading")
+            if isinstance(value, StorageUnavailable):
+                raise value
+        results.append(value)
+    return results
+
+
+def _read_or_error(location: Location) -> bytes | StorageError:
+    try:
+        return read_bytes(location)
+    except OSError as error:
+        return StorageError(f"{shown(location)}: {error}")
 
 
 def open_input(location: Location, block_size: int | None = None):

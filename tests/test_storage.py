@@ -340,3 +340,31 @@ def test_no_secret_reaches_any_output(s3, photos, http_server, tmp_path):
         if file.name != "urls.csv":  # the user's own input
             assert not any(secret in file.read_bytes() for secret in secrets), file
     assert len(written) > 10
+
+
+@pytest.mark.ray
+@pytest.mark.real_data
+def test_ray_workers_read_and_write_s3_themselves_and_match_local(s3, ray_cluster, hymenoptera, hymenoptera_features,
+                                                                  mobilenet_weights, tmp_path):
+    """The ants/bees set on S3, extracted on the two-node cluster (its nodes started with the S3 credentials in their
+    environment) from S3 to S3 with the real MobileNetV2: the local engine's features from local files, and the
+    same held-out logreg accuracy."""
+    from featx.backbones import BackboneSpec
+    from featx.engines import RayOptions
+    from featx.extract import extract
+    from featx.fit import fit_head
+    from featx.options import ExtractOptions
+
+    bucket = s3.bucket("ray")
+    data = upload(s3, hymenoptera, f"{bucket}/hymenoptera")
+    summaries = extract(data, BackboneSpec("mobilenet_v2", str(mobilenet_weights)), f"{bucket}/features",
+                        options=ExtractOptions(batch_size=32, shard_size=64, device="cpu"), engine="ray",
+                        ray_options=RayOptions(ray_cluster.address))
+    for split in ("train", "val"):
+        remote, local = store.load(summaries[split]["path"]), store.load(hymenoptera_features / f"{split}.h5")
+        assert remote.paths == local.paths and np.array_equal(remote.labels, local.labels)
+        assert np.abs(remote.features - local.features).max() <= 1e-5
+        np.testing.assert_array_equal(remote.content_hash, local.content_hash)
+    head = fit_head(f"{bucket}/features/mobilenet_v2/train.h5", "auto", "logreg", tmp_path / "head")
+    assert head.fitted_on_["val"] == f"{bucket}/features/mobilenet_v2/val.h5"  # val.h5 beside train, on S3
+    assert head.selection_["val_accuracy"] == pytest.approx(0.9608, abs=1e-4)
