@@ -222,6 +222,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, root: storage.Location, paths: tuple[str, ...], transform: EvalTransform, views: int = 1,
                  augment: AugmentTransform | None = None, encoded: bool = False,
                  members: tuple[Member | None, ...] | None = None):
+        root = os.fspath(root) if storage.is_url(root) else root  # a URL as text (not a listing) crosses to workers
         self.root, self.paths, self.transform, self.views, self.augment = root, paths, transform, views, augment
         self.encoded = encoded and augment is None  # augmentation (PIL crops) always decodes with PIL
         self.members = members

@@ -79,6 +79,11 @@ def test_image_folder_on_s3_equals_local_and_every_command_reads_it(s3, photos, 
     status, out, err = cli("evaluate", head, f"{remote}/val.h5", "--out", f"{bucket}/reports/knn")
     assert status == 0, err
     assert s3.client().isfile("folders/reports/knn/metrics.json")
+    status, out, err = cli("predict", head, f"{data}/val", "--out", tmp_path / "predictions.csv")
+    assert status == 0, err
+    predicted = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in predicted) == [
+        f"{data}/{p}" for p in sorted(store.load(local / "val.h5").paths)]  # each image, by its URL
     assert cli("export-features", f"{remote}/val.h5", f"{bucket}/emb.parquet")[0] == 0
     import pyarrow.parquet as pq
 
