@@ -17,6 +17,7 @@ Split names are canonical: ``validation``, ``valid`` and ``dev`` are read as ``v
 
 from __future__ import annotations
 
+import bisect
 import csv
 import glob
 import hashlib
@@ -28,7 +29,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -79,14 +80,22 @@ class ListedPath:
 
     def __init__(self, url: str):
         self.url, self.rel = url.rstrip("/"), ""
-        self.files = frozenset(storage.listing(url))
-        self.folders = frozenset(str(p) for f in self.files for p in PurePosixPath(f).parents if str(p) != ".")
+        self.keys = tuple(sorted(storage.listing(url)))  # sorted: what is under a folder is one range of them
+        self.folders = frozenset(folder for key in self.keys for folder in _parents(key))
 
     def __truediv__(self, name: str) -> "ListedPath":
         child = ListedPath.__new__(ListedPath)
-        child.url, child.files, child.folders = self.url, self.files, self.folders
+        child.url, child.keys, child.folders = self.url, self.keys, self.folders
         child.rel = f"{self.rel}/{name}" if self.rel else name
         return child
+
+    def _under(self) -> Iterator[str]:
+        """The keys under this folder, relative to it, in order."""
+        prefix = f"{self.rel}/" if self.rel else ""
+        for key in self.keys[bisect.bisect_left(self.keys, prefix):]:
+            if not key.startswith(prefix):
+                return
+            yield key[len(prefix):]
 
     def __fspath__(self) -> str:
         return f"{self.url}/{self.rel}" if self.rel else self.url
@@ -111,15 +120,14 @@ class ListedPath:
         return PurePosixPath(self.name).suffix
 
     def iterdir(self) -> list["ListedPath"]:
-        prefix = f"{self.rel}/" if self.rel else ""
-        names = {p[len(prefix):].split("/")[0] for p in self.files | self.folders if p.startswith(prefix)}
-        return [self / name for name in sorted(names) if name]
+        return [self / name for name in sorted({key.split("/")[0] for key in self._under()})]
 
     def is_dir(self) -> bool:
-        return not self.rel and bool(self.files) or self.rel in self.folders
+        return not self.rel and bool(self.keys) or self.rel in self.folders
 
     def is_file(self) -> bool:
-        return self.rel in self.files
+        found = bisect.bisect_left(self.keys, self.rel)
+        return found < len(self.keys) and self.keys[found] == self.rel
 
     def exists(self) -> bool:
         return self.is_dir() or self.is_file()
@@ -129,10 +137,15 @@ class ListedPath:
 
     def images(self) -> list["ListedPath"]:
         """Image files under this folder, sorted; hidden files and folders skipped."""
-        prefix = f"{self.rel}/" if self.rel else ""
-        found = [p for p in self.files if p.startswith(prefix) and PurePosixPath(p).suffix.lower() in IMAGE_EXTENSIONS
-                 and not any(part.startswith(".") for part in p[len(prefix):].split("/"))]
-        return [self / p[len(prefix):] for p in sorted(found)]
+        return [self / key for key in self._under() if os.path.splitext(key)[1].lower() in IMAGE_EXTENSIONS
+                and not key.startswith(".") and "/." not in key]
+
+
+def _parents(key: str) -> Iterator[str]:
+    """``a/b/c.jpg`` -> ``a/b``, ``a``."""
+    while "/" in key:
+        key = key.rpartition("/")[0]
+        yield key
 
 
 def folder_at(data: str | os.PathLike) -> Path | ListedPath:
