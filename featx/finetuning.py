@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from featx import checkpoints, store
+from featx import checkpoints, storage, store
 from featx.backbones import POOLS, classifier_layer, classifier_layer_name, create_model, replace_classifier
 from featx.decode import READERS, AugmentTransform, EvalTransform, ImageFiles, read_batches, sequential_batches
 from featx.devices import autocast, resolve_device, resolve_precision
@@ -445,7 +445,7 @@ def prepare(data: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = N
     record = {"kind": "finetune", "config": asdict(cfg), "backbone": cfg.backbone, "num_classes": len(class_names),
               "class_names": class_names, "transform": transform.describe(), "weights_source": weights.source,
               "weights_sha256": weights.sha256, "frozen_parameters": len(frozen),
-              "data": {"root": str(Path(data).resolve()), "train": train.fingerprint(), "val": val.fingerprint()},
+              "data": {"root": storage.absolute(data), "train": train.fingerprint(), "val": val.fingerprint()},
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **head_report}
     return Training(model, optimizer, scheduler, scaler, loaders, amp, class_names, record)
 

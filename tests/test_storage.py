@@ -5,6 +5,7 @@ the server goes away, one-line errors, and no secret in anything featx writes or
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -373,3 +374,19 @@ def test_ray_workers_read_and_write_s3_themselves_and_match_local(s3, ray_cluste
     head = fit_head(f"{bucket}/features/mobilenet_v2/train.h5", "auto", "logreg", tmp_path / "head")
     assert head.fitted_on_["val"] == f"{bucket}/features/mobilenet_v2/val.h5"  # val.h5 beside train, on S3
     assert head.selection_["val_accuracy"] == pytest.approx(0.9608, abs=1e-4)
+
+
+def test_finetune_reads_its_images_from_s3(s3, photos, tmp_path):
+    bucket = s3.bucket("finetune")
+    data = upload(s3, photos, f"{bucket}/photos")
+    from test_lose_nothing import FINETUNE
+
+    status, out, err = cli("finetune", data, *FINETUNE, "--out", tmp_path / "run")
+    assert status == 0, err
+    record = json.loads((tmp_path / "run/run.json").read_text())
+    assert record["data"]["root"] == data
+    local = cli("finetune", photos, *FINETUNE, "--out", tmp_path / "local")
+    assert local[0] == 0, local[2]
+    assert json.loads((tmp_path / "local/run.json").read_text())["data"]["train"] == record["data"]["train"]
+    history = [json.loads((tmp_path / name / "history.json").read_text()) for name in ("run", "local")]
+    assert history[0][-1]["train_loss"] == pytest.approx(history[1][-1]["train_loss"], rel=1e-5)  # same images
