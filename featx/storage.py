@@ -28,6 +28,7 @@ CLIENT_DEFAULTS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout"
                                             "retries": {"max_attempts": 2, "mode": "standard"}},
                           "max_concurrency": 1}}
 CLIENT_RETRIES = 2  # s3fs' own retries of a request, on top of the client's
+EXTRAS = {"s3": "'featx[s3]'", "http": "'featx[http]'", "https": "'featx[http]'"}  # what a scheme needs installed
 SECRET_QUERY = re.compile(r"(signature|credential|token|secret|password|key|sig)$", re.IGNORECASE)
 _options: dict = {}
 
@@ -45,19 +46,23 @@ def configure(storage_options: dict | str | None) -> None:
     """fsspec options for every URL this process opens (a dict, or its JSON: ``{"s3": {"anon": true}}`` per
     protocol, or options for every protocol); ``FEATX_STORAGE_OPTIONS`` holds the same JSON."""
     global _options
-    if isinstance(storage_options, str):
+    _options = _parsed(storage_options, "--storage_options")
+
+
+def _parsed(options: dict | str | None, what: str) -> dict:
+    if isinstance(options, str):
         try:
-            storage_options = json.loads(storage_options)
+            options = json.loads(options)
         except ValueError:
-            raise ValueError("--storage_options must be JSON, e.g. '{\"s3\": {\"anon\": true}}'") from None
-    if storage_options is not None and not isinstance(storage_options, dict):
-        raise ValueError(f"--storage_options must be a JSON object, got {type(storage_options).__name__}")
-    _options = dict(storage_options or {})
+            raise ValueError(f"{what} must be JSON, e.g. '{{\"s3\": {{\"anon\": true}}}}'") from None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(options).__name__}")
+    return dict(options or {})
 
 
 def is_url(location: Location) -> bool:
     """Whether ``location`` is a URL (a local path otherwise; ``file://`` counts as local)."""
-    text = os.fspath(location) if not isinstance(location, str) else location
+    text = os.fspath(location)
     return "://" in text and not text.startswith("file://")
 
 
@@ -107,6 +112,7 @@ def absolute(location: Location) -> str:
     """A location as recorded in provenance: an absolute local path, or the URL shown without secrets."""
     return shown(location) if is_url(location) else str(local_path(location).resolve())
 
+
 def filesystem(url: str):
     """(fsspec filesystem, path in it) for ``url``, with featx's client defaults and the configured options."""
     import fsspec
@@ -117,8 +123,9 @@ def filesystem(url: str):
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as error:
-        raise StorageError(f"{shown(url)}: reading {protocol}:// needs {error.name or 'its fsspec package'}: pip "
-                           f"install 'featx[{'s3' if protocol == 's3' else 'http'}]'") from None
+        extra = EXTRAS.get(protocol, "the fsspec package it names")
+        raise StorageError(f"{shown(url)}: {protocol}:// needs a package not installed here ({error}): pip install "
+                           f"{extra}") from None
     except ValueError as error:
         raise StorageError(f"{shown(url)}: {error}") from None
     if hasattr(fs, "retries"):
@@ -127,7 +134,7 @@ def filesystem(url: str):
 
 
 def _all_options() -> dict:
-    return _options or json.loads(os.environ.get("FEATX_STORAGE_OPTIONS") or "{}")
+    return _options or _parsed(os.environ.get("FEATX_STORAGE_OPTIONS"), "FEATX_STORAGE_OPTIONS")
 
 
 @contextlib.contextmanager

@@ -390,3 +390,20 @@ def test_finetune_reads_its_images_from_s3(s3, photos, tmp_path):
     assert json.loads((tmp_path / "local/run.json").read_text())["data"]["train"] == record["data"]["train"]
     history = [json.loads((tmp_path / name / "history.json").read_text()) for name in ("run", "local")]
     assert history[0][-1]["train_loss"] == pytest.approx(history[1][-1]["train_loss"], rel=1e-5)  # same images
+
+
+def test_locations_join_and_show_as_a_user_expects():
+    from featx import storage
+
+    assert storage.join("s3://b/data/", "train", "a.jpg") == "s3://b/data/train/a.jpg"
+    assert storage.join("s3://b/data", "https://h/x.jpg") == "https://h/x.jpg"  # a full URL in a manifest row
+    assert storage.join("/data", "train/a.jpg") == Path("/data/train/a.jpg")
+    assert storage.parent("s3://b/f/train.h5") == "s3://b/f" and storage.name("s3://b/f/train.h5") == "train.h5"
+    assert storage.shown("https://me:pw@h:8/x.jpg?X-Amz-Signature=s&X-Amz-Date=1&token=t&v") == \
+        "https://h:8/x.jpg?X-Amz-Signature=REDACTED&X-Amz-Date=1&token=REDACTED&v"
+    assert storage.shown("/local/p?x=1") == "/local/p?x=1" and not storage.is_url("file:///tmp/x")
+    for bad in ("{x", "[1]"):
+        with pytest.raises(ValueError, match="--storage_options must be"):
+            storage.configure(bad)
+    with pytest.raises(storage.StorageError, match="gs:// needs a package not installed here"):
+        storage.filesystem("gs://bucket/x")
