@@ -108,6 +108,7 @@ def extract(data, backbone="resnet18", weights="DEFAULT", out="features", *, mir
 
 
 def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror=None, trust_pickle=False,
+             engine="local", ray_address=None, ray_workers=2, ray_cpus_per_worker=1, ray_gpus_per_worker=0,
              **recipe) -> dict:
     """Fine-tune a backbone end to end with a new head (at --head_lr_mult x the lr), or train from scratch.
 
@@ -123,6 +124,12 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         overwrite: replace the run already in OUT (without it, featx refuses to touch it).
         mirror: offline mirror for the weights (default: $FEATX_MIRROR).
         trust_pickle: let --probe load an older featx's pickled logreg head (model.joblib); it can run code.
+        engine: local (this process), or ray (DDP over --ray_workers processes on Ray Train: gloo on CPUs, NCCL on
+            GPUs; the same global batch and order, each worker taking its part; pip install 'featx[ray]').
+        ray_address: the Ray cluster to join: HOST:PORT, auto, ray://host:port (default: a local Ray instance).
+        ray_workers: DDP workers (default 2).
+        ray_cpus_per_worker: CPU cores each worker gets (its torch and decode threads).
+        ray_gpus_per_worker: GPUs each worker gets (default 0).
         backbone: torchvision backbone name, timm:NAME[.TAG], open_clip:ARCH[/PRETRAINED] or hf:REPO_OR_FOLDER.
         weights: DEFAULT, a torchvision weights name, a state-dict or .safetensors file, or none.
         pool: default, cls or mean (timm: and hf: backbones; see `featx extract --help`).
@@ -155,6 +162,7 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         path_key: the manifest column that holds the image paths (default path; image_path, file_name, image ...
             are read with a note when there is no path column).
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
+        sync_bn: --engine ray: BatchNorm statistics over the global batch (default: each worker's own).
     """
     from featx.finetuning import FinetuneConfig  # scikit-learn and the heads, only when fine-tuning
     from featx.finetuning import finetune as run_finetune
@@ -162,8 +170,13 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
     unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"finetune has no flag {', '.join(unknown)}; `featx finetune --help` lists them")
+    ray_options = None
+    if engine == "ray":
+        from featx.ray_training import RayTrainOptions
+
+        ray_options = RayTrainOptions(ray_address, ray_workers, ray_cpus_per_worker, ray_gpus_per_worker)
     return run_finetune(data, out, FinetuneConfig(**recipe), mirror=mirror, trust_pickle=trust_pickle, resume=resume,
-                        overwrite=overwrite)
+                        overwrite=overwrite, engine=engine, ray_options=ray_options)
 
 
 def embed_images(images: list, backbone: str = "resnet18", weights: str = "DEFAULT", *, mirror: str | None = None,

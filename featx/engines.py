@@ -101,7 +101,8 @@ class ShardWorker:
         return sum(len(b) for b in batches)
 
 
-def _connect(ray_options: RayOptions):
+def connect(ray_options: RayOptions):
+    """Ray, joined to ``ray_options.address`` (None: a private local instance), after a quick reachability check."""
     import ray
 
     if ray_options.address not in (None, "auto"):
@@ -158,7 +159,7 @@ class RayEngine:
         if options.precision in QUANTIZED:
             raise ValueError(f"--precision {options.precision} runs on the local engine (its graph is calibrated "
                              "on your images in this process); leave out --engine ray")
-        self.ray = _connect(ray_options)
+        self.ray = connect(ray_options)
         self.provenance: dict = {}
         count, resources = _placement(self.ray, ray_options, options.device)
         self.worker = self.ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)

@@ -9,6 +9,7 @@ with the same steps and weights.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -46,7 +47,8 @@ RUN_FILE = "run.json"
 FAILED_FILE = "failed.json"  # images of the run that could not be decoded, and why
 # what --overwrite deletes: the run's own files, nothing else in its folder
 RUN_OUTPUTS = (RUN_FILE, checkpoints.POINTER, checkpoints.FOLDER, "history.json", "curves.png", "metrics.json",
-               "confusion.png", SEEN_FILE, FAILED_FILE)
+               "confusion.png", SEEN_FILE, FAILED_FILE, "ray-train")
+ENGINES = ("local", "ray")  # who runs fit: this process, or DDP workers on Ray Train (featx.ray_training)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class FinetuneConfig:
     label_key: str = "label"  # the manifest column, tar JSON key, or txt (tar captions) holding the label
     path_key: str = "path"  # the manifest column holding the image paths
     seed: int = 0
+    sync_bn: bool = False  # --engine ray: BatchNorm statistics over the global batch (default: per worker)
 
     def __post_init__(self):
         self._check_types()
@@ -280,14 +283,41 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 
 
 # --- the loop -------------------------------------------------------------------------------------------
+class Workers:
+    """Who trains: this process alone. ``featx.ray_training.DDPWorkers`` is one of several DDP workers instead; the
+    loop below is the same for both, and asks this object only where they differ: each worker's part of a batch,
+    the whole validation split's predictions, the totals of the training statistics, who writes the checkpoint
+    (the chief), and where it is reported."""
+
+    rank, world, chief = 0, 1, True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as the training step runs it (DDP among workers)."""
+        return model
+
+    def gather(self, logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every worker's validation predictions, joined."""
+        return logits, labels
+
+    def total(self, values: list[float]) -> list[float]:
+        """Sums over the workers."""
+        return values
+
+    def committed(self, record: dict, folder: Path) -> None:
+        """An epoch's checkpoint ``folder`` is committed with ``record``'s metrics."""
+
+
+LOCAL = Workers()
+
+
 class ImageLoaders:
     """The batches a run trains and evaluates on, as (normalised inputs, labels) on the device. An epoch's order and
     augmentation are a function of (seed, epoch) alone, so a resumed run sees the batches it would have seen."""
 
     def __init__(self, train: Split, val: Split, transform: EvalTransform, cfg: FinetuneConfig,
-                 device: torch.device, channels_last: bool):
+                 device: torch.device, channels_last: bool, workers: Workers = LOCAL):
         self.train_split, self.val_split, self.transform, self.cfg = train, val, transform, cfg
-        self.device, self.channels_last = device, channels_last
+        self.device, self.channels_last, self.workers = device, channels_last, workers
         self.mean, self.std = channel_stats(transform, device)
         self.failed: dict[str, str] = {}  # path -> why it could not be decoded
 
@@ -296,12 +326,19 @@ class ImageLoaders:
         cfg = self.cfg
         augment = AugmentTransform(self.transform.crop, interpolation=self.transform.interpolation,
                                    seed=cfg.seed * 10_007 + epoch)
-        batches = epoch_batches(len(self.train_split), cfg.batch_size, cfg.seed, epoch)
+        batches = self._parts(epoch_batches(len(self.train_split), cfg.batch_size, cfg.seed, epoch))
         return Batches(self._batches(self.train_split, batches, augment), len(batches))
 
     def val(self):
-        """The validation batches, in order, with the eval transform."""
-        return self._batches(self.val_split, sequential_batches(len(self.val_split), self.cfg.batch_size * 2))
+        """The validation batches, in order, with the eval transform (this worker's part of each)."""
+        return self._batches(self.val_split,
+                             self._parts(sequential_batches(len(self.val_split), self.cfg.batch_size * 2)))
+
+    def _parts(self, batches: list[list[int]]) -> list[list[int]]:
+        """This worker's part of each batch (every ``world``-th image from its ``rank``); a last batch smaller than
+        the number of workers is left out, so that every worker takes the same number of steps."""
+        rank, world = self.workers.rank, self.workers.world
+        return [batch[rank::world] for batch in batches if len(batch) >= world]
 
     def content_hashes(self) -> np.ndarray:
         """The content hashes of every training and validation image: what the run sees in fitting or selection."""
@@ -353,7 +390,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         seen += len(labels)
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "train_examples_per_second": seen / seconds, "train_seconds": seconds, "steps": steps}
+            "train_examples_per_second": seen / seconds, "train_seconds": seconds, "steps": steps, "examples": seen}
 
 
 @torch.inference_mode()
@@ -371,9 +408,10 @@ def predict(model: nn.Module, loader, amp: torch.dtype | None) -> tuple[np.ndarr
     return torch.cat(logits).numpy(), np.concatenate(labels), sum(map(len, labels)) / seconds
 
 
-def evaluate(model: nn.Module, loader, amp: torch.dtype | None) -> dict:
-    """Validation loss, accuracy and examples/s of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader, amp: torch.dtype | None, workers: Workers = LOCAL) -> dict:
+    """Validation loss, accuracy and examples/s of ``model`` on ``loader`` (every worker's part of it)."""
     logits, labels, rate = predict(model, loader, amp)
+    logits, labels = workers.gather(logits, labels)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     return {"val_loss": loss, "val_accuracy": float(np.mean(logits.argmax(1) == labels)),
             "eval_examples_per_second": rate}
@@ -381,29 +419,53 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None) -> dict:
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
         loaders: ImageLoaders, epochs: int, amp: torch.dtype | None, out: Path, config: dict,
-        progress: checkpoints.Progress) -> checkpoints.Progress:
-    """Train from ``progress`` to ``epochs``: after each epoch, evaluate and commit a checkpoint to ``out``. A fresh
-    run (no history) first scores the untrained model: epoch 0 is a candidate for the best model too."""
+        progress: checkpoints.Progress, workers: Workers = LOCAL) -> checkpoints.Progress:
+    """Train from ``progress`` to ``epochs``: after each epoch, evaluate and commit a checkpoint to ``out`` (the
+    chief worker writes it). A fresh run (no history) first scores the untrained model: epoch 0 is a candidate for
+    the best model too."""
+    trained_model = workers.wrap(model)
     if not progress.history:
-        progress.history = [{"epoch": 0, "steps": 0, **evaluate(model, loaders.val(), amp)}]
+        progress.history = [{"epoch": 0, "steps": 0, **evaluate(model, loaders.val(), amp, workers)}]
         progress.best_accuracy = progress.history[0]["val_accuracy"]
-        checkpoints.save(out, progress, model, optimizer, scheduler, scaler, config, improved=True)
-        print(f"epoch 0: val accuracy {progress.best_accuracy:.4f} (before training)")
+        _commit(out, progress, model, optimizer, scheduler, scaler, config, True, workers)
     while progress.epoch < epochs:
-        trained = train_one_epoch(model, optimizer, scheduler, scaler, loaders.train(progress.epoch + 1), amp,
-                                  f"epoch {progress.epoch + 1}")
+        trained = _totals(train_one_epoch(trained_model, optimizer, scheduler, scaler,
+                                          loaders.train(progress.epoch + 1), amp, f"epoch {progress.epoch + 1}"),
+                          workers)
         progress.epoch += 1
         progress.step += trained.pop("steps")
-        record = {"epoch": progress.epoch, "steps": progress.step, **trained, **evaluate(model, loaders.val(), amp),
+        scores = evaluate(model, loaders.val(), amp, workers)
+        record = {"epoch": progress.epoch, "steps": progress.step, **trained, **scores,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
         progress.history.append(record)
         improved = record["val_accuracy"] > progress.best_accuracy
         progress.best_accuracy = max(progress.best_accuracy, record["val_accuracy"])
-        checkpoints.save(out, progress, model, optimizer, scheduler, scaler, config, improved)
+        _commit(out, progress, model, optimizer, scheduler, scaler, config, improved, workers)
+    return progress
+
+
+def _totals(trained: dict, workers: Workers) -> dict:
+    """One epoch's training statistics over every worker: losses and accuracies weighted by examples."""
+    examples = trained.pop("examples")
+    loss, correct, examples = workers.total([trained["train_loss"] * examples, trained["train_accuracy"] * examples,
+                                             float(examples)])
+    return {**trained, "train_loss": loss / max(examples, 1), "train_accuracy": correct / max(examples, 1),
+            "train_examples_per_second": examples / trained["train_seconds"]}
+
+
+def _commit(out: Path, progress: checkpoints.Progress, model, optimizer, scheduler, scaler, config: dict,
+            improved: bool, workers: Workers) -> None:
+    """The chief commits the epoch's checkpoint and says so; every worker reports it."""
+    folder = checkpoints.save(out, progress, model, optimizer, scheduler, scaler, config, improved) \
+        if workers.chief else None
+    record = progress.history[-1]
+    if workers.chief and progress.epoch == 0:
+        print(f"epoch 0: val accuracy {progress.best_accuracy:.4f} (before training)")
+    elif workers.chief:
         print(f"epoch {progress.epoch}: loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
               f"val acc {record['val_accuracy']:.4f}, {record['train_examples_per_second']:.1f} train ex/s, "
               f"{record['eval_examples_per_second']:.1f} eval ex/s")
-    return progress
+    workers.committed(record, folder)
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -477,18 +539,46 @@ def same_data(out: Path, data: dict) -> None:
 
 
 def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = None,
-             trust_pickle: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+             trust_pickle: bool = False, resume: bool = False, overwrite: bool = False, engine: str = "local",
+             ray_options=None) -> dict:
     """``featx finetune``: train ``cfg``'s recipe on ``data`` into the run folder ``out``; returns the metrics of the
     best-by-val model. A folder that holds a run is continued with ``resume``, replaced with ``overwrite``, and
-    otherwise refused."""
+    otherwise refused. ``engine``: ``local`` (this process) or ``ray`` (DDP workers on Ray Train, as
+    ``ray_options``, a ``featx.ray_training.RayTrainOptions``, say)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
     out = Path(out)
     training = prepare(data, cfg, mirror, trust_pickle)
-    with store.exclusive(out):  # a second finetune into this folder stops at once
-        return _train_in(out, training, cfg, resume, overwrite)
+    if engine == "ray":
+        from featx.ray_training import RayTrainOptions, check_request
+
+        ray_options = ray_options or RayTrainOptions()
+        check_request(cfg, ray_options, len(training.loaders.train_split))
+        training.record["engine"] = {"name": "ray", **asdict(ray_options)}
+    with store.exclusive(out):  # a second finetune into this folder, on either engine, stops at once
+        return _train_in(out, training, cfg, resume, overwrite, lambda progress: _fit_on(
+            engine, data, out, training, cfg, progress, ray_options, mirror, trust_pickle))
 
 
-def _train_in(out: Path, training: Training, cfg: FinetuneConfig, resume: bool, overwrite: bool) -> dict:
-    """``finetune``'s body, with the run folder locked. A refused command changes nothing in it."""
+def _fit_on(engine: str, data, out: Path, training: Training, cfg: FinetuneConfig, progress, ray_options, mirror,
+            trust_pickle: bool) -> checkpoints.Progress:
+    """``fit`` in this process, or on Ray Train's workers (which resume from ``out`` themselves)."""
+    if engine == "local":
+        return fit(training.model, training.optimizer, training.scheduler, training.scaler, training.loaders,
+                   cfg.epochs, training.amp, out, asdict(cfg), progress)
+    from featx.ray_training import train_on_ray
+
+    train_on_ray(data, out, cfg, ray_options, mirror, trust_pickle)
+    return checkpoints.restore(out, training.model, training.optimizer, training.scheduler, training.scaler,
+                               resumable(out, cfg))
+
+
+def _train_in(out: Path, training: Training, cfg: FinetuneConfig, resume: bool, overwrite: bool,
+              run_fit) -> dict:
+    """``finetune``'s body, with the run folder locked; ``run_fit(progress)`` trains. A refused command changes
+    nothing in the folder."""
     model, optimizer, scheduler, scaler = training.model, training.optimizer, training.scheduler, training.scaler
     if resume:
         same_data(out, training.record["data"])
@@ -510,8 +600,7 @@ def _train_in(out: Path, training: Training, cfg: FinetuneConfig, resume: bool, 
     elif resume:
         print(f"nothing to resume in {out}; starting fresh")
     start = time.perf_counter()
-    progress = fit(model, optimizer, scheduler, scaler, training.loaders, cfg.epochs, training.amp, out, asdict(cfg),
-                   progress or checkpoints.Progress())
+    progress = run_fit(progress or checkpoints.Progress())
     plot_history(progress.history, out / "curves.png", f"{cfg.backbone} ({cfg.init}, head {cfg.head_init}, "
                                                          f"freeze {cfg.freeze})")
     model.load_state_dict(checkpoints.best_weights(out))

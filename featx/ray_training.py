@@ -1,0 +1,131 @@
+"""The Ray training engine: ``featx finetune --engine ray`` runs ``finetuning.fit``, the local loop itself, in N worker
+processes with DDP (Ray Train's ``TorchTrainer``: gloo on CPUs, NCCL on GPUs). What differs from one process lives in
+``DDPWorkers``: each worker's part of every batch (the global batch and its seeded order stay the local run's), the
+validation predictions gathered from every worker, the chief writing each epoch's checkpoint into the run folder, and
+every worker reporting it to Ray Train. A worker that dies restarts the group (``FailureConfig``): the workers resume
+from the run folder's committed checkpoint, so no epoch counts twice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from featx import checkpoints
+from featx.engines import EngineError, RayOptions, connect
+from featx.finetuning import FinetuneConfig, Workers, fit, prepare, resumable
+
+TRAIN_FOLDER = "ray-train"  # Ray Train's own records of the run (its copies of the reported checkpoints)
+
+
+@dataclass(frozen=True)
+class RayTrainOptions:
+    """Where and how wide to train: ``address`` (None: a local Ray instance), ``workers`` DDP processes, each with
+    ``cpus_per_worker`` cores and ``gpus_per_worker`` GPUs; a failed worker group restarts up to ``max_failures``
+    times."""
+
+    address: str | None = None
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    max_failures: int = 3
+
+    def __post_init__(self):
+        for name in ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures"):
+            value, least = getattr(self, name), 1 if name in ("workers", "cpus_per_worker") else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"--ray_{name} must be an integer of at least {least}, got {value!r}")
+
+
+class DDPWorkers(Workers):
+    """One of ``world`` DDP workers of a Ray Train run (``finetuning.Workers``)."""
+
+    def __init__(self, rank: int, world: int, sync_bn: bool):
+        self.rank, self.world, self.chief, self.sync_bn = rank, world, rank == 0, sync_bn
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.sync_bn:  # BatchNorm statistics over the global batch (the modules are replaced in place)
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device = next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def gather(self, logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, (logits, labels))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def total(self, values: list[float]) -> list[float]:
+        summed = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(summed)
+        return summed.tolist()
+
+    def committed(self, record: dict, folder: Path | None) -> None:
+        from ray import train
+
+        metrics = {key: value for key, value in record.items() if isinstance(value, (int, float))}
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(str(folder)) if folder else None)
+
+
+def _train_worker(config: dict) -> None:
+    """One worker's run: the recipe built as the driver built it (same seed, same weights), resumed from the run
+    folder's committed checkpoint when there is one, then ``fit`` on its part of the batches."""
+    from ray import train
+
+    torch.set_num_threads(config["threads"])
+    cfg, out = FinetuneConfig(**config["cfg"]), Path(config["out"])
+    context = train.get_context()
+    training = prepare(config["data"], cfg, config["mirror"], config["trust_pickle"])
+    workers = DDPWorkers(context.get_world_rank(), context.get_world_size(), cfg.sync_bn)
+    training.loaders.workers = workers
+    progress = checkpoints.restore(out, training.model, training.optimizer, training.scheduler, training.scaler,
+                                   resumable(out, cfg)) or checkpoints.Progress()
+    fit(training.model, training.optimizer, training.scheduler, training.scaler, training.loaders, cfg.epochs,
+        training.amp, out, asdict(cfg), progress, workers)
+
+
+def check_request(cfg: FinetuneConfig, options: RayTrainOptions, train_images: int) -> None:
+    """Refuse, before anything is written, what cannot run: more workers than a batch (or the ``train_images``)
+    holds (each worker takes its part of every global batch), a cluster that does not answer, or one with fewer
+    CPUs or GPUs than the workers ask for."""
+    if options.workers > min(cfg.batch_size, train_images):
+        raise ValueError(f"--ray_workers {options.workers} is more than a batch holds (--batch_size {cfg.batch_size}, "
+                         f"{train_images} training images): each worker takes its part of every batch; use fewer "
+                         "workers or a larger batch")
+    ray = connect(RayOptions(options.address))
+    resources = ray.cluster_resources()
+    asked = {"CPU": options.workers * options.cpus_per_worker, "GPU": options.workers * options.gpus_per_worker}
+    short = [f"{need} {kind}s ({options.workers} workers x {need // options.workers}) but the cluster has "
+             f"{int(resources.get(kind, 0))}" for kind, need in asked.items() if need > resources.get(kind, 0)]
+    if short:
+        raise ValueError(f"--engine ray asks for {'; '.join(short)}; use fewer --ray_workers or a larger cluster")
+
+
+def train_on_ray(data: str | os.PathLike, out: Path, cfg: FinetuneConfig, options: RayTrainOptions,
+                 mirror: str | None = None, trust_pickle: bool = False) -> None:
+    """Run ``cfg`` on ``options.workers`` Ray Train workers (``check_request`` passed) into the run folder ``out`` (a
+    path every node sees), which ``finetune`` has prepared; returns once the last epoch is committed."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    per_worker = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if options.gpus_per_worker
+                                                     else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"data": os.fspath(data), "out": str(out.resolve()), "cfg": asdict(cfg), "mirror": mirror,
+                           "trust_pickle": trust_pickle, "threads": options.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.gpus_per_worker > 0,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=TRAIN_FOLDER, storage_path=str(out.resolve()),
+                             failure_config=FailureConfig(max_failures=options.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    try:
+        trainer.fit()
+    except Exception as error:  # noqa: BLE001 - Ray's errors carry a remote traceback: one line of it
+        cause = " ".join(str(error).split())[-400:]
+        raise EngineError(f"training on Ray failed after {options.max_failures} restarts ({type(error).__name__}: "
+                          f"{cause}); the epochs committed in {out} stay: rerun with --resume") from None
