@@ -9,6 +9,8 @@ from the run folder's committed checkpoint, so no epoch counts twice.
 from __future__ import annotations
 
 import os
+import types
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,9 +51,14 @@ class DDPWorkers(Workers):
         self.rank, self.world, self.chief, self.sync_bn = rank, world, rank == 0, sync_bn
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        if self.sync_bn:  # BatchNorm statistics over the global batch (the modules are replaced in place)
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device = next(model.parameters()).device
+        if self.sync_bn and device.type == "cuda":  # BatchNorm statistics over the global batch
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (the modules are replaced in place)
+        elif self.sync_bn:  # PyTorch's SyncBatchNorm runs on GPUs only
+            warnings.filterwarnings("ignore", ".*all_reduce is deprecated", FutureWarning)  # its successor: no autograd
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.forward = types.MethodType(global_batch_norm, module)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def gather(self, logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +76,31 @@ class DDPWorkers(Workers):
 
         metrics = {key: value for key, value in record.items() if isinstance(value, (int, float))}
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(str(folder)) if folder else None)
+
+
+def global_batch_norm(self: nn.modules.batchnorm._BatchNorm, inputs: torch.Tensor) -> torch.Tensor:
+    """A BatchNorm layer's forward over the global batch of every worker, on CPUs (gloo): the per-channel sums and
+    sums of squares are all-reduced with autograd, so the statistics and their gradients are the whole batch's, as
+    one process computes them. Eval mode (and frozen layers) use the running statistics, as BatchNorm does."""
+    if not self.training:
+        return type(self).forward(self, inputs)
+    from torch.distributed.nn.functional import all_reduce
+
+    channels, dims = inputs.shape[1], [0, *range(2, inputs.dim())]
+    count = torch.tensor([inputs.numel() / channels], dtype=inputs.dtype)
+    sums = all_reduce(torch.cat([inputs.sum(dims), (inputs * inputs).sum(dims), count]))
+    total = sums[-1]
+    mean = sums[:channels] / total
+    var = sums[channels:2 * channels] / total - mean * mean
+    if self.track_running_stats:
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean, momentum)
+            self.running_var.lerp_(var * total / (total - 1), momentum)  # unbiased, as BatchNorm keeps it
+    shape = [1, channels] + [1] * (inputs.dim() - 2)
+    out = (inputs - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
 
 
 def _train_worker(config: dict) -> None:
