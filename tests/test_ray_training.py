@@ -46,14 +46,35 @@ def history(run) -> list[dict]:
     return checkpoints.load(run)[1]
 
 
+def test_two_workers_with_sync_bn_take_the_local_engines_steps(ray_cluster, tmp_path):
+    """No dropout, batches that split evenly, BatchNorm over the global batch: DDP on 2 workers is the same
+    arithmetic as one process, so an epoch's losses agree to float rounding (the step's gradients agree to 1e-8;
+    after that, rounding grows with each step of a net this far from converged)."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=8)  # 16 training images: 2 batches of 8
+    cfg = FinetuneConfig(backbone="resnet18", weights="none", resize=40, crop=32, epochs=1, batch_size=8,
+                         workers=0, device="cpu", lr=0.003, sync_bn=True)
+    finetune(data, tmp_path / "local", cfg)
+    finetune(data, tmp_path / "ray", cfg, engine="ray", ray_options=RayTrainOptions(ray_cluster.address, workers=2))
+    local, ray = history(tmp_path / "local"), history(tmp_path / "ray")
+    for mine, theirs in zip(ray, local):
+        if "train_loss" in theirs:  # epoch 0 is scored, not trained
+            assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4), (mine, theirs)
+        assert mine["val_accuracy"] == theirs["val_accuracy"]
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-2)  # an untrained net: large, sensitive
+
+
 def test_two_workers_train_as_the_local_engine_does(runs):
+    """Dropout masks and float rounding differ between one process and two, and 3 epochs at this learning rate
+    amplify them (measured: epochs within 6 points, the best model within 2, here and with BatchNorm per worker)."""
     (local_run, local), (ray_run, ray) = runs["local"], runs["ray"]
     local_history, ray_history = history(local_run), history(ray_run)
     assert [h["epoch"] for h in ray_history] == list(range(EPOCHS + 1))
     assert ray_history[0]["val_accuracy"] == local_history[0]["val_accuracy"]  # the same untrained model
     for mine, theirs in zip(ray_history[1:], local_history[1:]):
-        assert abs(mine["val_accuracy"] - theirs["val_accuracy"]) <= 0.02, (mine, theirs)
-    assert abs(ray["accuracy"] - local["accuracy"]) <= 0.01
+        assert abs(mine["val_accuracy"] - theirs["val_accuracy"]) <= 0.07, (mine, theirs)
+    assert abs(ray["accuracy"] - local["accuracy"]) <= 0.02
     assert ray_history[1]["train_loss"] == pytest.approx(local_history[1]["train_loss"], rel=0.05)
     assert local["accuracy"] == pytest.approx(0.9542, abs=1e-4)  # the README's figure
     record = json.loads((ray_run / "run.json").read_text())
@@ -76,7 +97,7 @@ def _kill_a_worker_mid_epoch(cluster, run, killed: list) -> None:
 
 def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_cluster, hymenoptera,
                                                                      mobilenet_weights, tmp_path):
-    """BatchNorm per worker (the default) this time: the best model within a point of the local engine's."""
+    """BatchNorm per worker (the default) this time: the best model within 2 points of the local engine's."""
     run, killed = tmp_path / "run", []
     killer = threading.Thread(target=_kill_a_worker_mid_epoch, args=(ray_cluster, run, killed))
     killer.start()
@@ -85,7 +106,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_c
     killer.join()
     assert killed, "no training worker was found to kill"
     assert [h["epoch"] for h in history(run)] == list(range(EPOCHS + 1))  # each epoch once
-    assert abs(metrics["accuracy"] - runs["local"][1]["accuracy"]) <= 0.01
+    assert abs(metrics["accuracy"] - runs["local"][1]["accuracy"]) <= 0.02
 
 
 def test_the_ray_run_folder_works_with_predict_export_and_resume(runs, hymenoptera, mobilenet_weights, tmp_path):
