@@ -5,6 +5,7 @@ The few blocks that cannot run here are listed in ``NOT_RUN_HERE`` with why; any
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -65,3 +66,6 @@ def test_every_readme_command_runs(mirror, tmp_path):
     assert (tmp_path / "predictions.csv").is_file() and (tmp_path / "sheet.png").is_file()
     assert (tmp_path / "runs" / "ft" / "curves.png").is_file()
     assert "# needs: ray" in cannot or (tmp_path / "features-ray" / "mobilenet_v2" / "val.h5").is_file()
+    assert "# needs: ray" in cannot or json.loads((tmp_path / "runs/ft-ray/run.json").read_text())["engine"]["name"] \
+        == "ray"
+    assert "# needs: s3" in cannot or (tmp_path / "s3-data").is_dir()
