@@ -198,6 +198,18 @@ class RayCluster:
                 found += [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
         return found
 
+    def kill_worker(self, actor: str) -> int | None:
+        """SIGKILL one of this cluster's worker processes whose command line names ``actor`` (a Ray actor class);
+        its process id, or None when there is none."""
+        import psutil
+
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(actor in part for part in process.cmdline()):
+                    process.send_signal(signal.SIGKILL)
+                    return process.pid
+        return None
+
 
 @pytest.fixture(scope="module")  # stopped before other modules run (README's own cluster)
 def ray_cluster(tmp_path_factory):

@@ -3,8 +3,6 @@ kills, bad images, failing workers, the missing-GPU error, and the no-copy layou
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,7 +10,6 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 from conftest import REPO, make_image_folder, remember_runtime, sigkill_when
 from test_faults import cli, one_line_error
@@ -57,12 +54,9 @@ def _kill_a_worker_mid_job(cluster, parts, killed: list) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(parts.glob("part-*.h5")):
         time.sleep(0.02)
-    for process in cluster.processes():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if any("ShardWorker" in part for part in process.cmdline()):
-                process.send_signal(signal.SIGKILL)
-                killed.append(process.pid)
-                return
+    pid = cluster.kill_worker("ShardWorker")
+    if pid:
+        killed.append(pid)
 
 
 def test_a_worker_killed_mid_job_is_rerun_without_duplicates(ray_cluster, tmp_path):

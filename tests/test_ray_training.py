@@ -4,15 +4,12 @@ folder read by predict, export and --resume, and the one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import threading
 import time
 from dataclasses import replace
 
 import numpy as np
-import psutil
 import torch
 import pytest
 from test_faults import cli, one_line_error
@@ -87,12 +84,9 @@ def _kill_a_worker_mid_epoch(cluster, run, killed: list) -> None:
     while time.monotonic() < deadline and (checkpoints.load(run) or ({"epoch": 0},))[0]["epoch"] < 1:
         time.sleep(0.1)
     time.sleep(2)
-    for process in cluster.processes():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if any("TrainWorker" in part for part in process.cmdline()):
-                process.send_signal(signal.SIGKILL)
-                killed.append(process.pid)
-                return
+    pid = cluster.kill_worker("TrainWorker")
+    if pid:
+        killed.append(pid)
 
 
 def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_cluster, hymenoptera,
