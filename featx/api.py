@@ -127,9 +127,9 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         engine: local (this process), or ray (DDP over --ray_workers processes on Ray Train: gloo on CPUs, NCCL on
             GPUs; the same global batch and order, each worker taking its part; pip install 'featx[ray]').
         ray_address: the Ray cluster to join: HOST:PORT, auto, ray://host:port (default: a local Ray instance).
-        ray_workers: DDP workers (default 2).
+        ray_workers: DDP workers.
         ray_cpus_per_worker: CPU cores each worker gets (its torch and decode threads).
-        ray_gpus_per_worker: GPUs each worker gets (default 0).
+        ray_gpus_per_worker: GPUs each worker gets.
         backbone: torchvision backbone name, timm:NAME[.TAG], open_clip:ARCH[/PRETRAINED] or hf:REPO_OR_FOLDER.
         weights: DEFAULT, a torchvision weights name, a state-dict or .safetensors file, or none.
         pool: default, cls or mean (timm: and hf: backbones; see `featx extract --help`).
