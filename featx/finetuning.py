@@ -315,9 +315,10 @@ class ImageLoaders:
     augmentation are a function of (seed, epoch) alone, so a resumed run sees the batches it would have seen."""
 
     def __init__(self, train: Split, val: Split, transform: EvalTransform, cfg: FinetuneConfig,
-                 device: torch.device, channels_last: bool, workers: Workers = LOCAL):
+                 device: torch.device, channels_last: bool):
         self.train_split, self.val_split, self.transform, self.cfg = train, val, transform, cfg
-        self.device, self.channels_last, self.workers = device, channels_last, workers
+        self.device, self.channels_last = device, channels_last
+        self.workers = LOCAL  # whose part of each batch to read (a training engine sets its own)
         self.mean, self.std = channel_stats(transform, device)
         self.failed: dict[str, str] = {}  # path -> why it could not be decoded
 
