@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 from PIL import Image
 
@@ -164,19 +166,24 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         seed: seed of the head, the shuffling, the augmentation and the hold-out.
         sync_bn: --engine ray: BatchNorm statistics over the global batch (default: each worker's own).
     """
-    from featx.finetuning import FinetuneConfig  # scikit-learn and the heads, only when fine-tuning
+    from featx.finetuning import FinetuneConfig, LocalEngine  # scikit-learn and the heads: only to fine-tune
     from featx.finetuning import finetune as run_finetune
 
     unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"finetune has no flag {', '.join(unknown)}; `featx finetune --help` lists them")
-    ray_options = None
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be local or ray; got {engine!r}")
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
     if engine == "ray":
-        from featx.ray_training import RayTrainOptions
+        from featx.ray_training import RayEngine, RayTrainOptions
 
-        ray_options = RayTrainOptions(ray_address, ray_workers, ray_cpus_per_worker, ray_gpus_per_worker)
+        training_engine = RayEngine(RayTrainOptions(ray_address, ray_workers, ray_cpus_per_worker, ray_gpus_per_worker))
+    else:
+        training_engine = LocalEngine()
     return run_finetune(data, out, FinetuneConfig(**recipe), mirror=mirror, trust_pickle=trust_pickle, resume=resume,
-                        overwrite=overwrite, engine=engine, ray_options=ray_options)
+                        overwrite=overwrite, engine=training_engine)
 
 
 def embed_images(images: list, backbone: str = "resnet18", weights: str = "DEFAULT", *, mirror: str | None = None,

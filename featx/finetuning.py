@@ -9,7 +9,6 @@ with the same steps and weights.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -48,7 +47,6 @@ FAILED_FILE = "failed.json"  # images of the run that could not be decoded, and 
 # what --overwrite deletes: the run's own files, nothing else in its folder
 RUN_OUTPUTS = (RUN_FILE, checkpoints.POINTER, checkpoints.FOLDER, "history.json", "curves.png", "metrics.json",
                "confusion.png", SEEN_FILE, FAILED_FILE, "ray-train")
-ENGINES = ("local", "ray")  # who runs fit: this process, or DDP workers on Ray Train (featx.ray_training)
 
 
 @dataclass(frozen=True)
@@ -539,41 +537,35 @@ def same_data(out: Path, data: dict) -> None:
                          f"{made_on.get('root')}); resume it on the same DATA, or choose another --out")
 
 
-def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = None,
-             trust_pickle: bool = False, resume: bool = False, overwrite: bool = False, engine: str = "local",
-             ray_options=None) -> dict:
-    """``featx finetune``: train ``cfg``'s recipe on ``data`` into the run folder ``out``; returns the metrics of the
-    best-by-val model. A folder that holds a run is continued with ``resume``, replaced with ``overwrite``, and
-    otherwise refused. ``engine``: ``local`` (this process) or ``ray`` (DDP workers on Ray Train, as
-    ``ray_options``, a ``featx.ray_training.RayTrainOptions``, say)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    if engine == "ray" and importlib.util.find_spec("ray") is None:
-        raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
-    out = Path(out)
-    training = prepare(data, cfg, mirror, trust_pickle)
-    if engine == "ray":
-        from featx.ray_training import RayTrainOptions, check_request
+class LocalEngine:
+    """The training engine that runs ``fit`` in this process. Another engine (``featx.ray_training.RayEngine``) has
+    the same two methods."""
 
-        ray_options = ray_options or RayTrainOptions()
-        check_request(cfg, ray_options, len(training.loaders.train_split))
-        training.record["engine"] = {"name": "ray", **asdict(ray_options)}
-    with store.exclusive(out):  # a second finetune into this folder, on either engine, stops at once
-        return _train_in(out, training, cfg, resume, overwrite, lambda progress: _fit_on(
-            engine, data, out, training, cfg, progress, ray_options, mirror, trust_pickle))
+    name = "local"
 
+    def check(self, training: Training, cfg: FinetuneConfig) -> None:
+        """Refuse, before the run folder is touched, what this engine cannot run."""
 
-def _fit_on(engine: str, data, out: Path, training: Training, cfg: FinetuneConfig, progress, ray_options, mirror,
-            trust_pickle: bool) -> checkpoints.Progress:
-    """``fit`` in this process, or on Ray Train's workers (which resume from ``out`` themselves)."""
-    if engine == "local":
+    def fit(self, data, out: Path, training: Training, cfg: FinetuneConfig, progress: checkpoints.Progress,
+            mirror: str | None, trust_pickle: bool) -> checkpoints.Progress:
+        """Train ``training`` from ``progress`` to ``cfg.epochs``, committing each epoch into ``out``."""
         return fit(training.model, training.optimizer, training.scheduler, training.scaler, training.loaders,
                    cfg.epochs, training.amp, out, asdict(cfg), progress)
-    from featx.ray_training import train_on_ray
 
-    train_on_ray(data, out, cfg, ray_options, mirror, trust_pickle)
-    return checkpoints.restore(out, training.model, training.optimizer, training.scheduler, training.scaler,
-                               resumable(out, cfg))
+
+def finetune(data: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig, mirror: str | None = None,
+             trust_pickle: bool = False, resume: bool = False, overwrite: bool = False,
+             engine: LocalEngine = LocalEngine()) -> dict:
+    """``featx finetune``: train ``cfg``'s recipe on ``data`` into the run folder ``out``; returns the metrics of the
+    best-by-val model. A folder that holds a run is continued with ``resume``, replaced with ``overwrite``, and
+    otherwise refused. ``engine`` runs the training: this process (``LocalEngine``), or DDP workers on Ray Train
+    (``featx.ray_training.RayEngine``)."""
+    out = Path(out)
+    training = prepare(data, cfg, mirror, trust_pickle)
+    engine.check(training, cfg)
+    with store.exclusive(out):  # a second finetune into this folder, on either engine, stops at once
+        return _train_in(out, training, cfg, resume, overwrite,
+                         lambda progress: engine.fit(data, out, training, cfg, progress, mirror, trust_pickle))
 
 
 def _train_in(out: Path, training: Training, cfg: FinetuneConfig, resume: bool, overwrite: bool,

@@ -20,7 +20,7 @@ from torch import nn
 
 from featx import checkpoints
 from featx.engines import EngineError, RayOptions, connect
-from featx.finetuning import FinetuneConfig, Workers, fit, prepare, resumable
+from featx.finetuning import FinetuneConfig, Training, Workers, fit, prepare, resumable
 
 TRAIN_FOLDER = "ray-train"  # Ray Train's own records of the run (its copies of the reported checkpoints)
 
@@ -118,6 +118,27 @@ def _train_worker(config: dict) -> None:
                                    resumable(out, cfg)) or checkpoints.Progress()
     fit(training.model, training.optimizer, training.scheduler, training.scaler, training.loaders, cfg.epochs,
         training.amp, out, asdict(cfg), progress, workers)
+
+
+class RayEngine:
+    """The training engine that runs ``fit`` on Ray Train's workers (``finetuning.finetune``'s ``engine``)."""
+
+    name = "ray"
+
+    def __init__(self, options: RayTrainOptions = RayTrainOptions()):
+        self.options = options
+
+    def check(self, training: Training, cfg: FinetuneConfig) -> None:
+        """Refuse what cannot run (``check_request``), and record the engine in the run's ``run.json``."""
+        check_request(cfg, self.options, len(training.loaders.train_split))
+        training.record["engine"] = {"name": self.name, **asdict(self.options)}
+
+    def fit(self, data, out: Path, training: Training, cfg: FinetuneConfig, progress: checkpoints.Progress,
+            mirror: str | None, trust_pickle: bool) -> checkpoints.Progress:
+        """Train on the workers, which resume from ``out`` themselves; then the run's committed progress."""
+        train_on_ray(data, out, cfg, self.options, mirror, trust_pickle)
+        return checkpoints.restore(out, training.model, training.optimizer, training.scheduler, training.scaler,
+                                   resumable(out, cfg))
 
 
 def check_request(cfg: FinetuneConfig, options: RayTrainOptions, train_images: int) -> None:

@@ -16,7 +16,7 @@ from test_faults import cli, one_line_error
 
 from featx import checkpoints
 from featx.finetuning import FinetuneConfig, finetune
-from featx.ray_training import RayTrainOptions
+from featx.ray_training import RayEngine, RayTrainOptions
 
 pytestmark = [pytest.mark.ray, pytest.mark.real_data]
 EPOCHS = 3
@@ -34,9 +34,13 @@ def runs(ray_cluster, hymenoptera, mobilenet_weights, tmp_path_factory) -> dict:
     as one process computes it); run folders and best-model metrics."""
     folder = tmp_path_factory.mktemp("runs")
     local = finetune(hymenoptera, folder / "local", recipe(mobilenet_weights))
-    ray = finetune(hymenoptera, folder / "ray", replace(recipe(mobilenet_weights), sync_bn=True), engine="ray",
-                   ray_options=RayTrainOptions(ray_cluster.address, workers=2))
+    ray = finetune(hymenoptera, folder / "ray", replace(recipe(mobilenet_weights), sync_bn=True),
+                   engine=on_ray(ray_cluster))
     return {"local": (folder / "local", local), "ray": (folder / "ray", ray)}
+
+
+def on_ray(cluster) -> RayEngine:
+    return RayEngine(RayTrainOptions(cluster.address, workers=2))
 
 
 def history(run) -> list[dict]:
@@ -53,7 +57,7 @@ def test_two_workers_with_sync_bn_take_the_local_engines_steps(ray_cluster, tmp_
     cfg = FinetuneConfig(backbone="resnet18", weights="none", resize=40, crop=32, epochs=1, batch_size=8,
                          workers=0, device="cpu", lr=0.003, sync_bn=True)
     finetune(data, tmp_path / "local", cfg)
-    finetune(data, tmp_path / "ray", cfg, engine="ray", ray_options=RayTrainOptions(ray_cluster.address, workers=2))
+    finetune(data, tmp_path / "ray", cfg, engine=on_ray(ray_cluster))
     local, ray = history(tmp_path / "local"), history(tmp_path / "ray")
     for mine, theirs in zip(ray, local):
         if "train_loss" in theirs:  # epoch 0 is scored, not trained
@@ -95,8 +99,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_c
     run, killed = tmp_path / "run", []
     killer = threading.Thread(target=_kill_a_worker_mid_epoch, args=(ray_cluster, run, killed))
     killer.start()
-    metrics = finetune(hymenoptera, run, recipe(mobilenet_weights), engine="ray",
-                       ray_options=RayTrainOptions(ray_cluster.address, workers=2))
+    metrics = finetune(hymenoptera, run, recipe(mobilenet_weights), engine=on_ray(ray_cluster))
     killer.join()
     assert killed, "no training worker was found to kill"
     assert [h["epoch"] for h in history(run)] == list(range(EPOCHS + 1))  # each epoch once
