@@ -85,12 +85,21 @@ def test_two_workers_train_as_the_local_engine_does(runs):
 def _kill_a_worker_mid_epoch(cluster, run, killed: list) -> None:
     """SIGKILL one of the cluster's training workers once epoch 1 is committed (so, during epoch 2)."""
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and (checkpoints.load(run) or ({"epoch": 0},))[0]["epoch"] < 1:
+    while time.monotonic() < deadline and _epochs_done(run) < 1:
         time.sleep(0.1)
     time.sleep(2)
-    pid = cluster.kill_worker("TrainWorker")
-    if pid:
-        killed.append(pid)
+    while time.monotonic() < deadline and not killed and _epochs_done(run) < EPOCHS:  # under load, found later
+        pid = cluster.kill_worker("TrainWorker")
+        if pid:
+            killed.append(pid)
+        time.sleep(0.2)
+
+
+def _epochs_done(run) -> int:
+    try:
+        return json.loads((run / "history.json").read_text())[-1]["epoch"]
+    except (OSError, ValueError, IndexError, KeyError):  # not written yet, or being replaced
+        return 0
 
 
 def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_cluster, hymenoptera,

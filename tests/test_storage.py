@@ -203,9 +203,9 @@ def test_http_tar_and_a_manifest_of_http_images(http_server, photos, tmp_path):
     assert features.paths == [f"{base}/{p.name}" for p in train] and not features.failed
 
 
-def _extract_command(data, out) -> list[str]:
-    return [sys.executable, "-m", "featx", "extract", str(data), "--out", str(out), *SMALL, "--shard_size", "4",
-            "--batch_size", "2"]
+def _extract_command(data, out, shard_size: int = 4) -> list[str]:
+    return [sys.executable, "-m", "featx", "extract", str(data), "--out", str(out), *SMALL, "--shard_size",
+            str(shard_size), "--batch_size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +214,10 @@ def many_photos(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("many") / "data", splits=("train",), per_class=100, size=(64, 64))
 
 
-def _committed(s3, prefix: str) -> list[str]:
-    return sorted(k for k in s3.client().find(prefix) if k.rsplit("/", 1)[-1].startswith("part-"))
+def _committed(s3, prefix: str, client=None) -> list[str]:
+    client = client or s3.client()
+    client.invalidate_cache()
+    return sorted(k for k in client.find(prefix) if k.rsplit("/", 1)[-1].startswith("part-"))
 
 
 def test_kill_9_during_an_s3_extract_then_rerun_equals_a_clean_run(s3, many_photos, tmp_path):
@@ -244,12 +246,12 @@ def test_the_server_going_away_is_one_line_and_the_rerun_resumes(s3, many_photos
     data = upload(s3, many_photos, f"{bucket}/data")
     clean = subprocess.run(_extract_command(data, tmp_path / "clean"), capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr[-2000:]
-    process = subprocess.Popen(_extract_command(data, f"{bucket}/f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    parts = "outage/f/resnet18/train.h5.parts"
+    process = subprocess.Popen(_extract_command(data, f"{bucket}/f", shard_size=2), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # 100 shards: the server goes away among them
+    parts, client = "outage/f/resnet18/train.h5.parts", s3.client()
     deadline = time.monotonic() + 120
-    while len(_committed(s3, parts)) < 1 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.02)
+    while len(_committed(s3, parts, client)) < 1 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
     s3.stop()
     stopped = time.monotonic()
     try:
@@ -260,7 +262,7 @@ def test_the_server_going_away_is_one_line_and_the_rerun_resumes(s3, many_photos
     if process.returncode == 0:
         pytest.fail("the run finished before the server went away; make the data larger")
     one_line_error(process.returncode, err, "cannot be reached")
-    rerun = subprocess.run(_extract_command(data, f"{bucket}/f"), capture_output=True, text=True)
+    rerun = subprocess.run(_extract_command(data, f"{bucket}/f", shard_size=2), capture_output=True, text=True)
     assert rerun.returncode == 0 and "resuming" in rerun.stdout, rerun.stderr[-2000:]
     resumed = store.load(f"{bucket}/f/resnet18/train.h5")
     assert not resumed.failed  # nothing recorded as failed while the server was away
