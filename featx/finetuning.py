@@ -44,9 +44,10 @@ SCHEDULES = ("constant", "step", "cosine")
 AMPS = ("auto", "none", "bf16", "fp16")  # autocast in training: auto is bf16 on CUDA, none (float32) on CPU
 RUN_FILE = "run.json"
 FAILED_FILE = "failed.json"  # images of the run that could not be decoded, and why
+TRAIN_FOLDER = "ray-train"  # Ray Train's own records of a run on --engine ray (its copies of the checkpoints)
 # what --overwrite deletes: the run's own files, nothing else in its folder
 RUN_OUTPUTS = (RUN_FILE, checkpoints.POINTER, checkpoints.FOLDER, "history.json", "curves.png", "metrics.json",
-               "confusion.png", SEEN_FILE, FAILED_FILE, "ray-train")
+               "confusion.png", SEEN_FILE, FAILED_FILE, TRAIN_FOLDER)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,7 @@ from torch import nn
 
 from featx import checkpoints
 from featx.engines import EngineError, RayOptions, connect
-from featx.finetuning import FinetuneConfig, Training, Workers, fit, prepare, resumable
-
-TRAIN_FOLDER = "ray-train"  # Ray Train's own records of the run (its copies of the reported checkpoints)
+from featx.finetuning import TRAIN_FOLDER, FinetuneConfig, Training, Workers, fit, prepare, resumable
 
 
 @dataclass(frozen=True)

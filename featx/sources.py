@@ -129,9 +129,6 @@ class ListedPath:
         found = bisect.bisect_left(self.keys, self.rel)
         return found < len(self.keys) and self.keys[found] == self.rel
 
-    def exists(self) -> bool:
-        return self.is_dir() or self.is_file()
-
     def relative_to(self, other: "ListedPath") -> PurePosixPath:
         return PurePosixPath(self.rel).relative_to(other.rel or ".")
 
