@@ -1,7 +1,7 @@
 """featx: cache frozen-backbone image features in HDF5, fit heads on them, compare with fine-tuning.
 
-Python API: ``featx.extract`` and ``featx.finetune`` (the commands, same flags), ``featx.embed_images``,
-``featx.load``, ``featx.to_dataframe`` (``featx.api``).
+Python API: ``featx.extract``, ``featx.finetune`` and ``featx.compare`` (the commands, same flags),
+``featx.embed_images``, ``featx.load``, ``featx.to_dataframe`` (``featx.api``).
 
 The modules, in pipeline order (each imports only modules above it in its group or in earlier groups):
 
@@ -15,10 +15,12 @@ The modules, in pipeline order (each imports only modules above it in its group 
 - heads: ``heads`` (logreg, linear, knn, zeroshot) -> ``metrics`` -> ``fit`` (fit-head, evaluate);
 - fine-tuning: ``checkpoints`` -> ``finetuning``;
 - out: ``predict``, ``export`` (models), ``export_features`` (Parquet, npy, pandas);
+- compare: ``leakage`` (near copies) -> ``report`` (tables, figures, report.html) -> ``compare`` (the runner);
 - entry points: ``api``, ``flags`` -> ``cli``.
 """
 
 from featx.api import embed_images, extract, finetune, load, to_dataframe
+from featx.compare import compare
 from featx.version import __version__
 
-__all__ = ["embed_images", "extract", "finetune", "load", "to_dataframe", "__version__"]
+__all__ = ["compare", "embed_images", "extract", "finetune", "load", "to_dataframe", "__version__"]

@@ -17,6 +17,7 @@ import fire
 
 from featx import api, flags, storage
 from featx import backbones as backbone_registry
+from featx.compare import compare
 from featx.engines import EngineError
 from featx.extract import ExtractError
 from featx.version import __version__
@@ -203,7 +204,7 @@ def as_command(function):
 
 COMMANDS = {"extract": as_command(api.extract), "fit-head": fit_head, "evaluate": evaluate, "predict": predict,
             "export": export, "finetune": as_command(api.finetune), "export-features": export_features, "info": info,
-            "backbones": backbones}
+            "backbones": backbones, "compare": as_command(compare)}
 USER_ERRORS = (ValueError, OSError, ExtractError, pickle.UnpicklingError, EngineError)
 
 

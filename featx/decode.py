@@ -252,6 +252,10 @@ class ImageFiles(torch.utils.data.Dataset):
         except (OSError, ValueError):
             return 0
 
+    def original(self, image: int) -> Image.Image:
+        """Image ``image`` decoded to RGB as it is, with no transform (thumbnails, copies for calibration)."""
+        return load_rgb(self._source(image))
+
     def _source(self, image: int) -> Path | io.BytesIO:
         """Image ``image``'s file, or its bytes (read from its tar, or fetched from object storage)."""
         member = self.members[image] if self.members else None

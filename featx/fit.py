@@ -70,21 +70,13 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os
     """Metrics of a saved head on a features file, written as ``metrics.json`` + ``confusion.png``."""
     estimator = load_head(head, trust_pickle)
     data = store.load(features)
-    meta = data.meta
-    store.require_labels(meta, features, "evaluate")
-    estimator.check_features(meta, f"features file {features}")
-    store.require_finite(features, data.features)
-    scores = estimator.decision_function(data.features)
-    metrics = classification_metrics(data.labels, scores, data.class_names)
-    seen = times_seen(estimator.seen_, data.content_hash)  # by content: a copy of a seen image is seen
-    if seen is None:  # a head or file from an older featx: by file
-        seen = len(data.labels) if storage.absolute(features) in set(estimator.fitted_on_.values()) else 0
-    metrics.update(held_out=seen == 0, seen_in_fitting=seen, far_rows=int(estimator.far_rows(data.features).sum()),
-                   features=storage.shown(features), head=str(head))
-    out = storage.location(out) if out else Path(head) / f"eval-{meta['split']}"
+    metrics, scores = score(estimator, data, features)
+    metrics["head"] = str(head)
+    out = storage.location(out) if out else Path(head) / f"eval-{data.meta['split']}"
     with storage.local_output(out) as folder:
-        write_metrics(metrics, folder, f"{estimator.kind} on {meta['split']}: accuracy {metrics['accuracy']:.3f}")
+        write_metrics(metrics, folder, f"{estimator.kind} on {data.meta['split']}: accuracy {metrics['accuracy']:.3f}")
         write_predictions(folder / "predictions.csv", data.paths, data.labels, scores, data.class_names)
+    seen = metrics["seen_in_fitting"]
     note = "" if seen == 0 else f" ({not_held_out(seen, len(data.labels))})"
     print(f"{estimator.kind} on {storage.shown(features)}: {summary_line(metrics)}{note} -> {storage.shown(out)}")
     if metrics["far_rows"]:
@@ -92,3 +84,19 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, out: str | os
               "features the head was fitted on (|standardised value| > 1e6): their predictions say nothing; were "
               "they extracted the same way?", file=sys.stderr)
     return metrics
+
+
+def score(estimator: Head, data: store.FeatureSet, features: str | os.PathLike) -> tuple[dict, np.ndarray]:
+    """A fitted head's metrics on the loaded features file ``features`` (``evaluate``'s, and whether each image
+    was held out: by content, so a copy of a seen image is seen) and its logits [N, C]."""
+    store.require_labels(data.meta, features, "evaluate")
+    estimator.check_features(data.meta, f"features file {features}")
+    store.require_finite(features, data.features)
+    scores = estimator.decision_function(data.features)
+    metrics = classification_metrics(data.labels, scores, data.class_names)
+    seen = times_seen(estimator.seen_, data.content_hash)
+    if seen is None:  # a head or file from an older featx: by file
+        seen = len(data.labels) if storage.absolute(features) in set(estimator.fitted_on_.values()) else 0
+    metrics.update(held_out=seen == 0, seen_in_fitting=seen, far_rows=int(estimator.far_rows(data.features).sum()),
+                   features=storage.shown(features))
+    return metrics, scores

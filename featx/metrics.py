@@ -42,9 +42,9 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, class_names: 
     return metrics
 
 
-def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> Path:
-    """Write the confusion matrix of ``metrics`` as a PNG, ``title`` (default: the accuracy) above it and in its
-    ``Title`` text chunk."""
+def plot_confusion(metrics: dict, path, title: str = ""):
+    """Write the confusion matrix of ``metrics`` as a PNG to ``path`` (a path or a binary file), ``title``
+    (default: the accuracy) above it and in its ``Title`` text chunk."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and open figures are left alone
 
     matrix, names = np.asarray(metrics["confusion_matrix"]), metrics["class_names"]
@@ -62,8 +62,8 @@ def plot_confusion(metrics: dict, path: str | os.PathLike, title: str = "") -> P
     title = title or f"accuracy {metrics['accuracy']:.3f}"
     axes.set_title(textwrap.fill(title, 36), fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100, metadata={"Title": title})  # the PNG says what it shows, for tools and tests
-    return Path(path)
+    figure.savefig(path, dpi=100, format="png", metadata={"Title": title})  # the PNG says what it shows
+    return path
 
 
 def write_metrics(metrics: dict, folder: str | os.PathLike, title: str = "") -> Path:
@@ -139,3 +139,4 @@ def summary_line(metrics: dict) -> str:
     if "top5_accuracy" in metrics:
         line += f", top-5 {metrics['top5_accuracy']:.4f}"
     return f"{line} on {metrics['num_examples']} examples"
+

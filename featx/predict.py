@@ -189,21 +189,26 @@ def write_records(records: list[dict], out: str | os.PathLike) -> Path:
     return out
 
 
-def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, columns: int = 6) -> Path:
-    """PNG grid of at most ``limit`` images: mistakes first, then the least confident predictions; each titled
-    with prediction (probability) and true class (green right, red wrong), its file name below."""
+def contact_sheet(records: list[dict], out, limit: int = 48, columns: int = 6, confident_mistakes: bool = False,
+                  load=load_rgb):
+    """PNG grid of at most ``limit`` images: mistakes first (the least confident of them first, or with
+    ``confident_mistakes`` the most), then the least confident predictions; each titled with prediction
+    (probability) and true class (green right, red wrong), its file name below. ``load`` reads a record's
+    ``path`` as a PIL image; ``out``: a path or a binary file."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     decoded = [r for r in records if "predicted" in r]
     wrong = [r for r in decoded if r["true"] and r["true"] != r["predicted"]]
-    chosen = sorted(decoded, key=lambda r: (r not in wrong, r["probability"]))[:limit]
+    sign = -1 if confident_mistakes else 1
+    chosen = sorted(decoded, key=lambda r: (r not in wrong, sign * r["probability"] if r in wrong
+                                            else r["probability"]))[:limit]
     rows = max(1, -(-len(chosen) // columns))
     figure = Figure(figsize=(2.4 * columns, 2.9 * rows + 0.4))
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, record in zip(axes.flat, chosen):
-        image = load_rgb(record["path"])
+        image = load(record["path"])
         image.thumbnail((224, 224))
         axis.imshow(image)
         title = f"{record['predicted']} ({record['probability']:.2f})"
@@ -215,8 +220,9 @@ def contact_sheet(records: list[dict], out: str | os.PathLike, limit: int = 48, 
         name = shown(Path(record["path"]).name)
         axis.text(0.5, -0.03, name if len(name) <= 28 else name[:12] + "..." + name[-13:], transform=axis.transAxes,
                   ha="center", va="top", fontsize=7)
-    figure.suptitle(f"{len(wrong)} mistakes of {len(decoded)} images; showing {len(chosen)}: mistakes first, then "
+    order = "the most confident mistakes first" if confident_mistakes else "mistakes first"
+    figure.suptitle(f"{len(wrong)} mistakes of {len(decoded)} images; showing {len(chosen)}: {order}, then "
                     "the least confident", fontsize=10)
     figure.tight_layout()
-    figure.savefig(out, dpi=80)
-    return Path(out)
+    figure.savefig(out, dpi=80, format="png")
+    return out

@@ -84,6 +84,11 @@ class Head(ClassifierMixin, BaseEstimator):
         """Logits [N, C]; ``softmax`` of them is ``predict_proba``."""
         raise NotImplementedError
 
+    def fixed_params(self) -> dict:
+        """Parameters of a new head of this kind whose grid is only what this fitted head chose, refitting
+        nothing: ``fit(X, y, X, y)`` then trains it on all of X with no selection (``featx compare``'s draws)."""
+        raise NotImplementedError
+
     def predict_proba(self, X) -> np.ndarray:
         return softmax(self.decision_function(X), axis=1)
 

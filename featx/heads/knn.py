@@ -72,6 +72,9 @@ class KNNHead(Head):
         self.state_ = {"reference": torch.from_numpy(X), "targets": targets}
         return self
 
+    def fixed_params(self) -> dict:
+        return {**self.get_params(), "ks": (self.selection_["chosen"],), "refit": False}
+
     def to_torch(self) -> nn.Module:
         return CosineKNN(self.state_["reference"], self.state_["targets"], len(self.classes_),
                          self.selection_["chosen"], self.temperature)

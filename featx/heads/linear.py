@@ -202,6 +202,10 @@ class LinearHead(Head):
         return [{"lr": lr, "weight_decay": wd, "val_accuracy": c / count, "val_loss": l / count}
                 for (lr, wd), c, l in zip(grid, correct, losses)]
 
+    def fixed_params(self) -> dict:
+        chosen = self.selection_["chosen"]
+        return {**self.get_params(), "lrs": (chosen["lr"],), "weight_decays": (chosen["weight_decay"],)}
+
     def scaled(self, X) -> np.ndarray:
         return (np.asarray(X, np.float32) - self.state_["mean"].numpy()) / self.state_["std"].numpy()
 

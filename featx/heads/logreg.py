@@ -67,6 +67,9 @@ class LogRegHead(Head):
             self.pipeline_.fit(X, y)
         return self
 
+    def fixed_params(self) -> dict:
+        return {**self.get_params(), "Cs": (self.selection_["chosen"],), "refit": False}
+
     def decision_function(self, X) -> np.ndarray:
         logits = self.pipeline_.decision_function(np.asarray(X, np.float32))
         return np.stack([np.zeros_like(logits), logits], 1) if logits.ndim == 1 else logits

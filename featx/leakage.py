@@ -1,0 +1,92 @@
+"""Near-duplicate leakage: held-out images whose nearest training image is a re-encoded, resized or cropped copy.
+
+Exact copies are caught by content hash (``featx.metrics.seen_rows``); near copies are not. On cached features,
+each held-out image's nearest training image (cosine) is compared with a threshold calibrated on the user's own
+images: some training images are re-encoded, halved and cropped, embedded by the same backbone, and the threshold
+is the ``COPY_QUANTILE`` of those copies' cosines to their originals (so about 95 % of such copies are caught),
+raised above the ``DISTINCT_QUANTILE`` of distinct training images' nearest-neighbour cosines when that is higher
+(so distinct images are not flagged).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+COPY_QUANTILE = 0.05
+DISTINCT_QUANTILE = 0.99
+CALIBRATION_IMAGES = 24
+JPEG_QUALITY = 40
+CROP_KEEPS = 0.85
+
+
+def _reencoded(image: Image.Image) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def _halved(image: Image.Image) -> Image.Image:
+    return image.resize((max(1, image.width // 2), max(1, image.height // 2)), Image.BICUBIC)
+
+
+def _cropped(image: Image.Image) -> Image.Image:
+    margin = (1 - CROP_KEEPS) / 2
+    return image.crop((round(image.width * margin), round(image.height * margin),
+                       round(image.width * (1 - margin)), round(image.height * (1 - margin))))
+
+
+COPIES: dict[str, Callable[[Image.Image], Image.Image]] = {
+    f"JPEG quality {JPEG_QUALITY}": _reencoded, "half size": _halved, f"{CROP_KEEPS:.0%} centre crop": _cropped}
+
+
+def normalised(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    features = np.asarray(features, np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def nearest(train: np.ndarray, held: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For each held-out row, the index of its nearest training row and their cosine similarity."""
+    train, held = normalised(train), normalised(held)
+    index, cosine = np.zeros(len(held), np.int64), np.zeros(len(held), np.float32)
+    for start in range(0, len(held), rows):
+        similarity = held[start:start + rows] @ train.T
+        index[start:start + rows] = similarity.argmax(1)
+        cosine[start:start + rows] = similarity.max(1)
+    return index, cosine
+
+
+def calibrate(train: np.ndarray, images: list[Image.Image], rows: np.ndarray,
+              embed: Callable[[list[Image.Image]], np.ndarray]) -> dict:
+    """The threshold for this backbone: ``images`` are the training images at ``rows`` of ``train`` (their cached
+    features); ``embed`` gives features of PIL images as the extraction made them."""
+    train = normalised(train)
+    copies = {name: (normalised(embed([make(image) for image in images])) * train[rows]).sum(1)
+              for name, make in COPIES.items()}
+    similarity = train @ train.T
+    np.fill_diagonal(similarity, -1.0)
+    distinct = similarity.max(1)
+    distinct = distinct[distinct < 1 - 1e-6]  # exact copies inside train are not distinct images
+    copy_cut = float(np.quantile(np.concatenate(list(copies.values())), COPY_QUANTILE))
+    distinct_cut = float(np.quantile(distinct, DISTINCT_QUANTILE)) if len(distinct) else -1.0
+    return {"threshold": max(copy_cut, distinct_cut + 1e-3) if distinct_cut >= copy_cut else copy_cut,
+            "copies_quantile": copy_cut, "distinct_quantile": distinct_cut, "overlap": distinct_cut >= copy_cut,
+            "calibration_images": len(images),
+            "copy_cosine_min": {name: float(values.min()) for name, values in copies.items()},
+            "copy_cosine_median": {name: float(np.median(values)) for name, values in copies.items()}}
+
+
+def describe(calibration: dict) -> str:
+    """The threshold in words, for the report."""
+    text = (f"cosine ≥ {calibration['threshold']:.3f}: the {COPY_QUANTILE:.0%} quantile of the cosines between "
+            f"{calibration['calibration_images']} of your training images and their copies ("
+            f"{', '.join(COPIES)}) is {calibration['copies_quantile']:.3f}; {DISTINCT_QUANTILE:.0%} of distinct "
+            f"training images' nearest neighbours lie below {calibration['distinct_quantile']:.3f}")
+    if calibration["overlap"]:
+        text += " (the two overlap: the threshold is set above the distinct images, so some near copies are missed)"
+    return text
