@@ -214,6 +214,10 @@ def extra_flags(command: str) -> dict[str, object]:
         from featx.finetuning import FinetuneConfig
 
         return {name: field.default for name, field in FinetuneConfig.__dataclass_fields__.items()}
+    if command == "compare":
+        from featx.compare import recipe_flags
+
+        return recipe_flags()
     if command == "fit-head":
         from featx.heads import HEADS
 
@@ -252,7 +256,7 @@ def run(argv: list[str]) -> None:
     function, extra = COMMANDS[command], extra_flags(command)
     before_separator = args[:args.index("--")] if "--" in args else args
     if "-h" in before_separator or "--help" in before_separator:
-        print(flags.help_page(command, function, extra))
+        print(flags.help_page(command, function, extra, api.finetune if command == "compare" else None))
         return
     positional, known = flags.signature_flags(function)
     flags.check(command, positional, {**known, **extra}, args)

@@ -11,6 +11,7 @@ recipes asked for. ``featx.report`` writes the files.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from featx import api, leakage, storage, store
 from featx.backbones import BackboneSpec, folder_name
-from featx.decode import ImageFiles
+from featx.decode import EvalTransform, ImageFiles
 from featx.sources import Split, discover
 from featx.version import __version__
 
@@ -30,6 +31,10 @@ RECIPES = {  # --finetune: FinetuneConfig changes; lp-ft starts from this backbo
     "finetune": {}, "lp-ft": {"head_init": "probe"}, "frozen": {"freeze": "backbone"},
     "scratch": {"init": "scratch", "head_lr_mult": 1.0},
 }
+# FinetuneConfig fields that are not compare's recipe flags: set by compare, by each recipe, or Ray-only
+SHARED_WITH_EXTRACT = ("device", "workers", "resize", "crop", "pool")  # recipe flags that extraction takes too
+SET_BY_COMPARE = ("backbone", "weights", "probe", "seed", "source", "label_key", "path_key", "init", "head_init",
+                  "reuse", "freeze", "sync_bn")
 TIMING_KEYS = ("images_per_second", "fit_seconds", "label_efficiency_seconds")  # what a rerun measures anew
 
 
@@ -146,9 +151,19 @@ def check_shots(shots: list, train: Split) -> None:
                          f" {counts[smallest]} training images); use at most {counts[smallest]}, or all")
 
 
+def recipe_flags() -> dict:
+    """The fine-tuning recipe's flags compare takes for its ``--finetune`` rows (name -> default): finetune's,
+    less what compare sets itself or takes as its own flag (``--batch_size`` serves both)."""
+    from featx.finetuning import FinetuneConfig
+
+    own = inspect.signature(compare).parameters
+    return {name: field.default for name, field in FinetuneConfig.__dataclass_fields__.items()
+            if name not in SET_BY_COMPARE and name not in own}
+
+
 def compare(data, backbones=None, heads="logreg,linear,knn", shots="1,2,4,8,16,all", repeats=5, finetune=None,
-            out="compare", *, split="auto", finetune_epochs=3, bootstrap=1000, seed=0, mirror=None, batch_size=64,
-            source="auto", root=None, label_key="label", path_key="path") -> dict:
+            out="compare", *, split="auto", bootstrap=1000, seed=0, mirror=None, batch_size=64, source="auto",
+            root=None, label_key="label", path_key="path", **recipe) -> dict:
     """Rank backbones x heads (and fine-tuning recipes) on your labelled images, with confidence intervals, label
     efficiency and near-duplicate leakage; writes OUT/report.html and its tables and figures.
 
@@ -164,14 +179,14 @@ def compare(data, backbones=None, heads="logreg,linear,knn", shots="1,2,4,8,16,a
         shots: training images per class for the label-efficiency draws, and all.
         repeats: seeded draws per number of shots.
         finetune: fine-tuning recipes to add as rows: finetune (new head at 10x lr), lp-ft (from the logreg
-            head), frozen (head only), scratch.
+            head), frozen (head only), scratch; each takes `featx finetune`'s recipe flags (--epochs, --lr,
+            --batch_size ...), and its score is held out only where DATA has a test split (val picks its epoch).
         out: output folder (local).
         split: the held-out split scored: auto (test, else val), val or test.
-        finetune_epochs: epochs of each fine-tuning recipe.
         bootstrap: bootstrap resamples of the held-out images for the 95 % intervals.
         seed: seed of the draws, the resamples and the fine-tuning; recorded in every output.
         mirror: offline mirror for weights (default: $FEATX_MIRROR).
-        batch_size: images per extraction batch.
+        batch_size: images per batch, extracting and fine-tuning.
         source: how to read DATA: auto, imagefolder, manifest, webdataset.
         root: the folder a manifest's relative paths start from.
         label_key: the manifest column or tar JSON key holding the label.
@@ -184,8 +199,10 @@ def compare(data, backbones=None, heads="logreg,linear,knn", shots="1,2,4,8,16,a
     heads = _choices(heads, list(HEADS), "--heads")
     recipes = _choices(finetune, list(RECIPES), "--finetune")
     shots = parse_shots(shots)
-    repeats, bootstrap, finetune_epochs = (_count(repeats, "--repeats"), _count(bootstrap, "--bootstrap", 100),
-                                           _count(finetune_epochs, "--finetune_epochs"))
+    repeats, bootstrap = _count(repeats, "--repeats"), _count(bootstrap, "--bootstrap", 100)
+    unknown = sorted(set(recipe) - set(recipe_flags()))
+    if unknown:
+        raise ValueError(f"compare has no flag {', '.join(unknown)}; `featx compare --help` lists them")
     _count(seed, "--seed", 0)
     if split not in ("auto", "val", "test"):
         raise ValueError(f"--split must be auto, val or test; got {split!r}")
@@ -207,9 +224,9 @@ def compare(data, backbones=None, heads="logreg,linear,knn", shots="1,2,4,8,16,a
     out = Path(out)
     settings = {"data": storage.shown(data), "held_out_split": held, "heads": heads, "finetune": recipes,
                 "shots": shots, "repeats": repeats, "bootstrap": bootstrap, "seed": seed,
-                "finetune_epochs": finetune_epochs, "featx_version": __version__}
+                "finetune_recipe": recipe, "featx_version": __version__}
     extract_options = dict(mirror=mirror, batch_size=batch_size, source=source, root=root, label_key=label_key,
-                           path_key=path_key)
+                           path_key=path_key, **{k: recipe[k] for k in SHARED_WITH_EXTRACT if k in recipe})
     results = [_backbone(data, candidate, out, held, heads, recipes, settings, extract_options, splits)
                for candidate in candidates]
     board = leaderboard(results, splits[held], settings)
@@ -247,7 +264,7 @@ def _backbone(data, candidate: Candidate, out: Path, held: str, heads: list[str]
     efficiency = label_efficiency(rows, train, test, settings)
     seconds = time.perf_counter() - start
     images = ImageFiles(splits["train"].root, splits["train"].paths, None, members=splits["train"].members)
-    calibration = _calibration(candidate, train, images, settings["seed"], extract_options["mirror"])
+    calibration = _calibration(candidate, train, images, settings["seed"], extract_options)
     return {"candidate": candidate, "rows": rows, "train": train, "test": test, "label_efficiency": efficiency,
             "label_efficiency_seconds": seconds, "calibration": calibration, "splits": splits}
 
@@ -276,16 +293,17 @@ def _finetuned(data, candidate: Candidate, recipe: str, out: Path, test: store.F
     changes = dict(RECIPES[recipe])
     if recipe == "lp-ft":
         changes["probe"] = str(out / "heads" / candidate.folder / "logreg")
-    config = FinetuneConfig(backbone=candidate.name, weights=candidate.weights, epochs=settings["finetune_epochs"],
-                            seed=settings["seed"], source=extract_options["source"],
-                            label_key=extract_options["label_key"], path_key=extract_options["path_key"], **changes)
+    config = FinetuneConfig(**{**settings["finetune_recipe"], **changes}, backbone=candidate.name,
+                            weights=candidate.weights, seed=settings["seed"], source=extract_options["source"],
+                            batch_size=extract_options["batch_size"],
+                            label_key=extract_options["label_key"], path_key=extract_options["path_key"])
     start = time.perf_counter()
     finetune(data, run, config, mirror=extract_options["mirror"], resume=True)
     seconds = time.perf_counter() - start
     root = test.meta["data_root"]
     images = [storage.join(root, path) for path in test.paths]
     records = predict(run, [os.fspath(image) for image in images], batch_size=extract_options["batch_size"],
-                      mirror=extract_options["mirror"])
+                      mirror=extract_options["mirror"], device=extract_options.get("device", "auto"))
     names = list(test.class_names)
     predicted = np.asarray([names.index(r["predicted"]) for r in records])
     scores = np.asarray([r["logits"] for r in records])
@@ -331,8 +349,9 @@ def label_efficiency(rows: list[dict], train: store.FeatureSet, test: store.Feat
     return results
 
 
-def _calibration(candidate: Candidate, train: store.FeatureSet, images: ImageFiles, seed: int, mirror) -> dict:
-    """``leakage.calibrate`` on some of this backbone's training images."""
+def _calibration(candidate: Candidate, train: store.FeatureSet, images: ImageFiles, seed: int,
+                 extract_options: dict) -> dict:
+    """``leakage.calibrate`` on some of this backbone's training images, embedded as they were extracted."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(train.paths), min(leakage.CALIBRATION_IMAGES, len(train.paths)), replace=False))
     index = {path: i for i, path in enumerate(images.paths)}
@@ -341,7 +360,10 @@ def _calibration(candidate: Candidate, train: store.FeatureSet, images: ImageFil
     weights = source if source and Path(source).is_file() else candidate.weights
 
     def embed(pictures):
-        return api.embed_images(pictures, candidate.name, weights, mirror=mirror)
+        return api.embed_images(pictures, candidate.name, weights, mirror=extract_options["mirror"],
+                                device=extract_options.get("device", "auto"),
+                                pool=extract_options.get("pool", "default"),
+                                transform=EvalTransform.from_dict(train.meta["transform"]))
 
     return leakage.calibrate(train.features, originals, rows, embed)
 

@@ -155,9 +155,12 @@ def signature_flags(function) -> tuple[list[str], dict[str, object]]:
     return positional, flags
 
 
-def help_page(command: str, function, extra: dict[str, object]) -> str:
-    """The ``--help`` text: usage, description, arguments, and every flag with its default."""
+def help_page(command: str, function, extra: dict[str, object], extra_documented_by=None) -> str:
+    """The ``--help`` text: usage, description, arguments, and every flag with its default (the ``extra`` flags
+    described by ``extra_documented_by``'s docstring where ``function``'s does not)."""
     description, entries = documented(function)
+    if extra_documented_by is not None:
+        entries = {**documented(extra_documented_by)[1], **entries}
     positional, flags = signature_flags(function)
     flags = {**flags, **extra}
     usage = " ".join(p.upper() for p in positional)

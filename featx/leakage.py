@@ -66,8 +66,9 @@ def calibrate(train: np.ndarray, images: list[Image.Image], rows: np.ndarray,
     """The threshold for this backbone: ``images`` are the training images at ``rows`` of ``train`` (their cached
     features); ``embed`` gives features of PIL images as the extraction made them."""
     train = normalised(train)
-    copies = {name: (normalised(embed([make(image) for image in images])) * train[rows]).sum(1)
-              for name, make in COPIES.items()}
+    embedded = normalised(embed([make(image) for make in COPIES.values() for image in images]))
+    cosines = (embedded.reshape(len(COPIES), len(images), -1) * train[rows]).sum(2)
+    copies = dict(zip(COPIES, cosines))
     similarity = train @ train.T
     np.fill_diagonal(similarity, -1.0)
     distinct = similarity.max(1)
