@@ -147,8 +147,8 @@ def check_shots(shots: list, train: Split) -> None:
     smallest = int(counts.argmin())
     too_many = [s for s in shots if s != ALL and s > counts[smallest]]
     if too_many:
-        raise ValueError(f"--shots {too_many[0]} is more than the smallest class holds ({train.class_names[smallest]}:"
-                         f" {counts[smallest]} training images); use at most {counts[smallest]}, or all")
+        raise ValueError(f"--shots {too_many[0]} is more than the smallest class ({train.class_names[smallest]}: "
+                         f"{counts[smallest]} training images) holds; use at most {counts[smallest]}, or all")
 
 
 def recipe_flags() -> dict:

@@ -2,10 +2,10 @@
 
 Exact copies are caught by content hash (``featx.metrics.seen_rows``); near copies are not. On cached features,
 each held-out image's nearest training image (cosine) is compared with a threshold calibrated on the user's own
-images: some training images are re-encoded, halved and cropped, embedded by the same backbone, and the threshold
-is the ``COPY_QUANTILE`` of those copies' cosines to their originals (so about 95 % of such copies are caught),
-raised above the ``DISTINCT_QUANTILE`` of distinct training images' nearest-neighbour cosines when that is higher
-(so distinct images are not flagged).
+images: some training images are re-encoded, halved and cropped and embedded by the same backbone, and the
+threshold lies halfway between the ``COPY_QUANTILE`` of those copies' cosines to their originals (nearly every such
+copy lies above it) and the ``DISTINCT_QUANTILE`` of distinct training images' nearest-neighbour cosines (nearly
+every distinct pair lies below it); where those two overlap, just above the distinct images.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def calibrate(train: np.ndarray, images: list[Image.Image], rows: np.ndarray,
     distinct = distinct[distinct < 1 - 1e-6]  # exact copies inside train are not distinct images
     copy_cut = float(np.quantile(np.concatenate(list(copies.values())), COPY_QUANTILE))
     distinct_cut = float(np.quantile(distinct, DISTINCT_QUANTILE)) if len(distinct) else -1.0
-    return {"threshold": max(copy_cut, distinct_cut + 1e-3) if distinct_cut >= copy_cut else copy_cut,
-            "copies_quantile": copy_cut, "distinct_quantile": distinct_cut, "overlap": distinct_cut >= copy_cut,
+    overlap = distinct_cut >= copy_cut
+    return {"threshold": distinct_cut + 1e-3 if overlap else (copy_cut + distinct_cut) / 2,
+            "copies_quantile": copy_cut, "distinct_quantile": distinct_cut, "overlap": overlap,
             "calibration_images": len(images),
             "copy_cosine_min": {name: float(values.min()) for name, values in copies.items()},
             "copy_cosine_median": {name: float(np.median(values)) for name, values in copies.items()}}
@@ -84,10 +85,12 @@ def calibrate(train: np.ndarray, images: list[Image.Image], rows: np.ndarray,
 
 def describe(calibration: dict) -> str:
     """The threshold in words, for the report."""
-    text = (f"cosine ≥ {calibration['threshold']:.3f}: the {COPY_QUANTILE:.0%} quantile of the cosines between "
-            f"{calibration['calibration_images']} of your training images and their copies ("
-            f"{', '.join(COPIES)}) is {calibration['copies_quantile']:.3f}; {DISTINCT_QUANTILE:.0%} of distinct "
-            f"training images' nearest neighbours lie below {calibration['distinct_quantile']:.3f}")
+    text = (f"cosine ≥ {calibration['threshold']:.3f}, halfway between {calibration['copies_quantile']:.3f} (the "
+            f"{COPY_QUANTILE:.0%} quantile of the cosines between {calibration['calibration_images']} of your training "
+            f"images and their copies: {', '.join(COPIES)}) and {calibration['distinct_quantile']:.3f} (the "
+            f"{DISTINCT_QUANTILE:.0%} quantile of distinct training images' nearest-neighbour cosines)")
     if calibration["overlap"]:
-        text += " (the two overlap: the threshold is set above the distinct images, so some near copies are missed)"
+        text = (f"cosine ≥ {calibration['threshold']:.3f}, just above the distinct training images' "
+                f"{calibration['distinct_quantile']:.3f}: their copies ({', '.join(COPIES)}) reach down to "
+                f"{calibration['copies_quantile']:.3f}, so some near copies are missed")
     return text

@@ -1,5 +1,6 @@
-"""The Python API equals the CLI: ``featx.extract`` and ``featx.finetune`` take every flag of their command, by the
-same name and with the same default (the lists derived from both signatures), and return what they wrote."""
+"""The Python API equals the CLI: ``featx.extract``, ``featx.finetune`` and ``featx.compare`` take every flag of
+their command, by the same name and with the same default (the lists derived from both signatures), and return what
+they wrote."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pytest
 import featx
 from featx import store
 from featx.cli import COMMANDS, extra_flags
+from featx.compare import recipe_flags
 from featx.finetuning import FinetuneConfig
 from featx.flags import signature_flags
 
 API = {"extract": (featx.extract, {}),
-       "finetune": (featx.finetune, {f.name: f.default for f in dataclasses.fields(FinetuneConfig)})}
+       "finetune": (featx.finetune, {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}),
+       "compare": (featx.compare, recipe_flags())}
 
 
 @pytest.mark.parametrize("command", sorted(API))

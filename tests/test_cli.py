@@ -18,7 +18,7 @@ from featx.flags import normalise
 
 ARGUMENTS = {"extract": ["data"], "fit-head": ["train.h5"], "evaluate": ["head", "val.h5"],
              "predict": ["head", "photos"], "export": ["head", "exported"], "finetune": ["data"],
-             "export-features": ["val.h5", "out.parquet"], "info": ["val.h5"], "backbones": []}
+             "export-features": ["val.h5", "out.parquet"], "info": ["val.h5"], "backbones": [], "compare": ["data"]}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -84,16 +84,20 @@ def test_jobs_take_both_spellings_and_the_mirror(mirror, tmp_path):
 
 @pytest.mark.slow
 def test_the_compare_job_runs_end_to_end(image_folder, tmp_path):
-    """jobs/compare.py on a tiny folder, one epoch: every method has a row, the cached head's is its own evaluate."""
+    """jobs/compare.py on a tiny folder, one epoch: the logreg head and every fine-tuning recipe have a row; the
+    head's is its own `featx evaluate`."""
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "compare.py"), "--data", str(image_folder),
                              "--backbone", "resnet18", "--weights", "none", "--epochs", "1", "--out",
                              str(tmp_path / "compare")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "compare" / "comparison.json").read_text())
-    assert len(results) == 5 and all(0 <= r["accuracy"] <= 1 for r in results.values())
-    probe = json.loads((tmp_path / "compare" / "probe" / "eval" / "metrics.json").read_text())
-    assert results["cached features + logreg head"]["accuracy"] == probe["accuracy"]
-    assert (tmp_path / "compare" / "comparison.png").stat().st_size > 1000
+    board = json.loads((tmp_path / "compare" / "leaderboard.json").read_text())
+    rows = {row["model"]: row for row in board["leaderboard"]}
+    assert set(rows) == {"logreg", "finetune:finetune", "finetune:lp-ft", "finetune:frozen", "finetune:scratch"}
+    assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
+    head = tmp_path / "compare" / "heads" / "resnet18" / "logreg"
+    evaluate(head, tmp_path / "compare" / "features" / "resnet18" / "resnet18" / "val.h5", tmp_path / "eval")
+    assert rows["logreg"]["accuracy"] == json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"]
+    assert (tmp_path / "compare" / "report.html").stat().st_size > 1000
 
 
 def test_evaluate_writes_per_image_predictions_and_refit_drops_stale_reports(image_folder, tmp_path):
