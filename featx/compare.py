@@ -11,6 +11,7 @@ recipes asked for. ``featx.report`` writes the files.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from featx import api, leakage, storage, store
 from featx.backbones import BackboneSpec, folder_name
@@ -35,7 +37,7 @@ RECIPES = {  # --finetune: FinetuneConfig changes; lp-ft starts from this backbo
 SHARED_WITH_EXTRACT = ("device", "workers", "resize", "crop", "pool")  # recipe flags that extraction takes too
 SET_BY_COMPARE = ("backbone", "weights", "probe", "seed", "source", "label_key", "path_key", "init", "head_init",
                   "reuse", "freeze", "sync_bn")
-TIMING_KEYS = ("images_per_second", "fit_seconds", "label_efficiency_seconds")  # what a rerun measures anew
+TIMING_KEYS = ("images_per_second", "fit_seconds", "seconds")  # what a rerun measures anew
 
 
 @dataclass(frozen=True)
@@ -239,34 +241,48 @@ def _backbone(data, candidate: Candidate, out: Path, held: str, heads: list[str]
     """One backbone: its features (extracted or reused), its heads' rows, its label efficiency and its near-copy
     calibration."""
     from featx import fit
-    folder = out / "features" / candidate.folder
-    summaries = api.extract(data, candidate.name, candidate.weights, folder, splits=["train", held],
-                            **extract_options)
+
+    folder, seconds = out / "features" / candidate.folder, {}
+    with timed(seconds, "extraction"):
+        summaries = api.extract(data, candidate.name, candidate.weights, folder, splits=["train", held],
+                                **extract_options)
     files = {name: Path(summary["path"]) for name, summary in summaries.items()}
     train, test = store.load(files["train"]), store.load(files[held])
     rate = _extraction_rate(folder, summaries)
     size = sum(path.stat().st_size for path in files.values()) / 2**20
     rows = []
     for kind in heads:
-        start = time.perf_counter()
         params = {"mirror": extract_options["mirror"]} if kind == "zeroshot" else {}
-        estimator = fit.fit_head(files["train"], "none", kind, out / "heads" / candidate.folder / kind, **params)
-        seconds = time.perf_counter() - start
+        fitting = {}
+        with timed(fitting, "head_fits"):
+            estimator = fit.fit_head(files["train"], "none", kind, out / "heads" / candidate.folder / kind, **params)
         metrics, scores = fit.score(estimator, test, files[held])
         rows.append({"backbone": candidate.label, "model": kind, "kind": "head",
                      "chosen": estimator.selection_["chosen"], "images_per_second": rate,
-                     "feature_dim": int(train.features.shape[1]), "features_mb": size, "fit_seconds": seconds,
-                     "metrics": metrics, "predicted": scores.argmax(1), "probability": _softmax_max(scores),
-                     "estimator": estimator})
-    for recipe in recipes:
-        rows.append(_finetuned(data, candidate, recipe, out, test, files[held], settings, extract_options))
-    start = time.perf_counter()
-    efficiency = label_efficiency(rows, train, test, settings)
-    seconds = time.perf_counter() - start
-    images = ImageFiles(splits["train"].root, splits["train"].paths, None, members=splits["train"].members)
-    calibration = _calibration(candidate, train, images, settings["seed"], extract_options)
+                     "feature_dim": int(train.features.shape[1]), "features_mb": size,
+                     "fit_seconds": fitting["head_fits"], "metrics": metrics, "predicted": scores.argmax(1),
+                     "probability": _softmax_max(scores), "estimator": estimator})
+    seconds["head_fits"] = sum(row["fit_seconds"] for row in rows)
+    with timed(seconds, "finetune"):
+        rows += [_finetuned(data, candidate, recipe, out, test, files[held], settings, extract_options)
+                 for recipe in recipes]
+    with timed(seconds, "label_efficiency"):
+        efficiency = label_efficiency(rows, train, test, settings)
+    with timed(seconds, "near_copies"):
+        images = ImageFiles(splits["train"].root, splits["train"].paths, None, members=splits["train"].members)
+        calibration = _calibration(candidate, train, images, settings["seed"], extract_options)
     return {"candidate": candidate, "rows": rows, "train": train, "test": test, "label_efficiency": efficiency,
-            "label_efficiency_seconds": seconds, "calibration": calibration, "splits": splits}
+            "seconds": seconds, "calibration": calibration, "splits": splits}
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, phase: str):
+    """Add the block's wall time to ``seconds[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def _extraction_rate(folder: Path, summaries: dict) -> float | None:
@@ -297,9 +313,9 @@ def _finetuned(data, candidate: Candidate, recipe: str, out: Path, test: store.F
                             weights=candidate.weights, seed=settings["seed"], source=extract_options["source"],
                             batch_size=extract_options["batch_size"],
                             label_key=extract_options["label_key"], path_key=extract_options["path_key"])
-    start = time.perf_counter()
-    finetune(data, run, config, mirror=extract_options["mirror"], resume=True)
-    seconds = time.perf_counter() - start
+    seconds = {}
+    with timed(seconds, "finetune"):
+        finetune(data, run, config, mirror=extract_options["mirror"], resume=True)
     root = test.meta["data_root"]
     images = [storage.join(root, path) for path in test.paths]
     records = predict(run, [os.fspath(image) for image in images], batch_size=extract_options["batch_size"],
@@ -311,7 +327,7 @@ def _finetuned(data, candidate: Candidate, recipe: str, out: Path, test: store.F
     seen = times_seen(load_seen(run), test.content_hash)
     metrics.update(held_out=seen == 0, seen_in_fitting=seen or 0, features=str(test_file))
     return {"backbone": candidate.label, "model": f"finetune:{recipe}", "kind": "finetune", "chosen": None,
-            "images_per_second": None, "feature_dim": None, "features_mb": None, "fit_seconds": seconds,
+            "images_per_second": None, "feature_dim": None, "features_mb": None, "fit_seconds": seconds["finetune"],
             "metrics": metrics, "predicted": predicted, "probability": _softmax_max(scores)}
 
 
@@ -333,19 +349,25 @@ def draws(labels: np.ndarray, shots: list, repeats: int, seed: int) -> list[tupl
 
 def label_efficiency(rows: list[dict], train: store.FeatureSet, test: store.FeatureSet, settings: dict) -> list[dict]:
     """Held-out accuracy of every head refitted on every draw, with the hyperparameters its full-train fit chose
-    (``Head.fixed_params``: a draw of one image per class leaves nothing to select on)."""
+    (``Head.fixed_params``: a draw of one image per class leaves nothing to select on). The draws are tiny: one
+    torch thread fits them 1.7x faster than two on 2 cores (waking a second thread costs more than its share)."""
     from featx.heads import make_head
-    results = []
-    for row in rows:
-        if row["kind"] != "head" or row["model"] == "zeroshot":  # zero-shot uses no labels
-            continue
-        params = row["estimator"].fixed_params()
-        for k, repeat, picked in draws(train.labels, settings["shots"], settings["repeats"], settings["seed"]):
-            X, y = train.features[picked], train.labels[picked]
-            head = make_head(row["model"], **params).fit(X, y, X, y)
-            results.append({"backbone": row["backbone"], "model": row["model"], "shots": k, "repeat": repeat,
-                            "train_images": len(picked),
-                            "accuracy": float(np.mean(head.predict(test.features) == test.labels))})
+
+    results, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for row in rows:
+            if row["kind"] != "head" or row["model"] == "zeroshot":  # zero-shot uses no labels
+                continue
+            params = row["estimator"].fixed_params()
+            for k, repeat, picked in draws(train.labels, settings["shots"], settings["repeats"], settings["seed"]):
+                X, y = train.features[picked], train.labels[picked]
+                head = make_head(row["model"], **params).fit(X, y, X, y)
+                results.append({"backbone": row["backbone"], "model": row["model"], "shots": k, "repeat": repeat,
+                                "train_images": len(picked),
+                                "accuracy": float(np.mean(head.predict(test.features) == test.labels))})
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 
@@ -399,7 +421,7 @@ def leaderboard(results: list[dict], held: Split, settings: dict) -> dict:
             "leaderboard": entries, "label_efficiency": summarise_efficiency(results, settings),
             "near_duplicates": near,
             "calibration": {r["candidate"].label: r["calibration"] for r in results},
-            "label_efficiency_seconds": sum(r["label_efficiency_seconds"] for r in results)}
+            "seconds": {phase: sum(r["seconds"][phase] for r in results) for phase in results[0]["seconds"]}}
 
 
 def summarise_efficiency(results: list[dict], settings: dict) -> list[dict]:

@@ -17,6 +17,8 @@ BENCHMARKS = {  # script -> tiny arguments (DATA is the tiny folder)
     "bench_finetune": ["--data", "DATA", "--backbones", "resnet18", "--repeats", "1", "--batch_size", "8"],
     "bench_objstore": ["--data", "DATA", "--backbone", "resnet18", "--weights", "none", "--repeats", "1",
                        "--list_objects", "300"],
+    "bench_compare": ["--data", "DATA", "--backbones", "resnet18=none", "--shots", "1,all", "--repeats", "1",
+                      "--draws", "2"],
     "bench_heads": ["--rows", "2000", "--dims", "64", "--dtypes", "float32", "--logreg_max_rows", "2000"],
     "bench_export": ["--rows", "2000", "--dim", "64"],
     "bench_scale": ["--data", "DATA", "--copies", "1", "--backbone", "resnet18", "--merge_rows", "20000",

@@ -177,6 +177,13 @@ class LinearHead(Head):
         """SGD for all heads at once; returns the stacked weights [H*K, D], biases [H*K] (standardised space)."""
         rng = np.random.default_rng(self.seed)
         sgd = GridSGD(self._grid(), len(self.classes_), mean.to(device), std.to(device))
+        if batch >= int(train_rows.sum()) and stream.block_rows >= stream.X.shape[0]:  # full batch, one block:
+            with contextlib.closing(_training_blocks(stream, train_rows, rng, device)) as blocks:  # read once
+                features, file_rows = next(blocks)
+                labels = targets[file_rows].to(device)
+                for epoch in range(epochs):  # a full-batch step does not depend on the rows' order
+                    sgd.step(features, labels, 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
+            return sgd.weight.cpu(), sgd.bias.cpu()
         # the cosine follows the rows seen: each epoch's shuffled blocks cut into a slightly different step count
         total_rows, rows_seen = epochs * int(train_rows.sum()), 0
         for _ in range(epochs):
