@@ -4,15 +4,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 from PIL import Image
 
 from featx.backbones import BackboneSpec, create_backbone
 from featx.decode import EvalTransform, collate, load_rgb, to_rgb
 from featx.embed import embedder_for
-from featx.engines import RayOptions
+from featx.engines import RayOptions, ray_available
 from featx.export_features import to_dataframe
 from featx.extract import extract as run_extract
 from featx.options import ExtractOptions
@@ -174,7 +172,7 @@ def finetune(data, out="runs/finetune", *, resume=False, overwrite=False, mirror
         raise ValueError(f"finetune has no flag {', '.join(unknown)}; `featx finetune --help` lists them")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be local or ray; got {engine!r}")
-    if engine == "ray" and importlib.util.find_spec("ray") is None:
+    if engine == "ray" and not ray_available():
         raise ValueError("--engine ray needs Ray: pip install 'featx[ray]'")
     if engine == "ray":
         from featx.ray_training import RayEngine, RayTrainOptions

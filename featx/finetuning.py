@@ -302,6 +302,9 @@ class Workers:
         """Sums over the workers."""
         return values
 
+    def next_batch(self, rows: int) -> None:
+        """The next training batch is a part of one of ``rows`` images (the global batch)."""
+
     def committed(self, record: dict, folder: Path) -> None:
         """An epoch's checkpoint ``folder`` is committed with ``record``'s metrics."""
 
@@ -326,19 +329,23 @@ class ImageLoaders:
         cfg = self.cfg
         augment = AugmentTransform(self.transform.crop, interpolation=self.transform.interpolation,
                                    seed=cfg.seed * 10_007 + epoch)
-        batches = self._parts(epoch_batches(len(self.train_split), cfg.batch_size, cfg.seed, epoch))
-        return Batches(self._batches(self.train_split, batches, augment), len(batches))
+        batches = self._whole(epoch_batches(len(self.train_split), cfg.batch_size, cfg.seed, epoch))
+        return Batches(self._batches(self.train_split, self._parts(batches), augment, [len(b) for b in batches]),
+                       len(batches))
 
     def val(self):
         """The validation batches, in order, with the eval transform (this worker's part of each)."""
         return self._batches(self.val_split,
-                             self._parts(sequential_batches(len(self.val_split), self.cfg.batch_size * 2)))
+                             self._parts(self._whole(sequential_batches(len(self.val_split), self.cfg.batch_size * 2))))
+
+    def _whole(self, batches: list[list[int]]) -> list[list[int]]:
+        """The batches every worker takes a part of: a last batch smaller than the number of workers is left out,
+        so that every worker takes the same number of steps."""
+        return [batch for batch in batches if len(batch) >= self.workers.world]
 
     def _parts(self, batches: list[list[int]]) -> list[list[int]]:
-        """This worker's part of each batch (every ``world``-th image from its ``rank``); a last batch smaller than
-        the number of workers is left out, so that every worker takes the same number of steps."""
-        rank, world = self.workers.rank, self.workers.world
-        return [batch[rank::world] for batch in batches if len(batch) >= world]
+        """This worker's part of each batch: every ``world``-th image from its ``rank``."""
+        return [batch[self.workers.rank::self.workers.world] for batch in batches]
 
     def content_hashes(self) -> np.ndarray:
         """The content hashes of every training and validation image: what the run sees in fitting or selection."""
@@ -346,9 +353,13 @@ class ImageLoaders:
                  for split in (self.train_split, self.val_split)]
         return np.asarray([data.content_hash(i) for data in files for i in range(len(data))], np.uint64)
 
-    def _batches(self, split: Split, batches: list[list[int]], augment: AugmentTransform | None = None):
+    def _batches(self, split: Split, batches: list[list[int]], augment: AugmentTransform | None = None,
+                 rows: list[int] | None = None):
+        """(inputs, labels) of each batch; ``rows``: training, the global batches' sizes (``Workers.next_batch``)."""
         data = ImageFiles(split.root, split.paths, self.transform, 1, augment, members=split.members)
-        for batch in read_batches(data, batches, self.cfg.workers, self.device, self.cfg.reader):
+        for number, batch in enumerate(read_batches(data, batches, self.cfg.workers, self.device, self.cfg.reader)):
+            if rows:
+                self.workers.next_batch(rows[number])
             self.failed.update((split.paths[index], reason) for index, reason in batch.failed)
             if not len(batch.indices):  # every image of the batch failed: nothing to train or score on
                 continue

@@ -8,7 +8,9 @@ from the run folder's committed checkpoint, so no epoch counts twice.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import types
 import warnings
 from dataclasses import asdict, dataclass
@@ -21,6 +23,11 @@ from torch import nn
 from featx import checkpoints
 from featx.engines import EngineError, RayOptions, connect
 from featx.finetuning import TRAIN_FOLDER, FinetuneConfig, Training, Workers, fit, prepare, resumable
+
+
+# How Ray says a worker ran out of memory: its memory monitor's kill, the kernel's OOM killer, CUDA's or torch's
+OUT_OF_MEMORY = re.compile(r"[^.;]{0,80}(running low on memory|memory pressure|OutOfMemoryError|out of memory|\bOOM\b)"
+                           r"[^.;]{0,80}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class DDPWorkers(Workers):
         self.rank, self.world, self.chief, self.sync_bn = rank, world, rank == 0, sync_bn
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        drop_as_one_process(model, self)
         device = next(model.parameters()).device
         if self.sync_bn and device.type == "cuda":  # BatchNorm statistics over the global batch
             nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (the modules are replaced in place)
@@ -69,11 +77,34 @@ class DDPWorkers(Workers):
         torch.distributed.all_reduce(summed)
         return summed.tolist()
 
+    def next_batch(self, rows: int) -> None:
+        self.global_rows = rows
+
     def committed(self, record: dict, folder: Path | None) -> None:
         from ray import train
 
         metrics = {key: value for key, value in record.items() if isinstance(value, (int, float))}
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(str(folder)) if folder else None)
+
+
+def drop_as_one_process(model: nn.Module, workers: DDPWorkers) -> None:
+    """Every nn.Dropout of ``model`` draws the local run's masks (``global_dropout``), modules changed in place."""
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.forward = types.MethodType(functools.partial(global_dropout, workers), module)
+
+
+def global_dropout(workers: DDPWorkers, self: nn.Dropout, inputs: torch.Tensor) -> torch.Tensor:
+    """nn.Dropout's forward with this worker's rows of the mask one process draws for the whole global batch: every
+    worker's generator is in the local run's state (seeded alike, one draw per call), and PyTorch's CPU dropout is
+    ``input * empty_like(input).bernoulli_(1 - p) / (1 - p)``, so the masks are the local run's. Where the part is
+    not the global batch's rows (an image failed to decode), plain dropout."""
+    rows = getattr(workers, "global_rows", 0)
+    if not self.training or not 0 < self.p < 1 or inputs.device.type != "cpu" or \
+            len(range(workers.rank, rows, workers.world)) != len(inputs):
+        return type(self).forward(self, inputs)
+    noise = torch.empty((rows, *inputs.shape[1:]), dtype=inputs.dtype).bernoulli_(1 - self.p).div_(1 - self.p)
+    return inputs * noise[workers.rank::workers.world]
 
 
 def global_batch_norm(self: nn.modules.batchnorm._BatchNorm, inputs: torch.Tensor) -> torch.Tensor:
@@ -177,6 +208,12 @@ def train_on_ray(data: str | os.PathLike, out: Path, cfg: FinetuneConfig, option
     try:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - Ray's errors carry a remote traceback: one line of it
-        cause = " ".join(str(error).split())[-400:]
+        cause = " ".join(str(error).split())
+        memory = OUT_OF_MEMORY.search(cause)
+        if memory:
+            raise EngineError(f"training on Ray failed: a worker ran out of memory (Ray: \"...{memory.group(0)}...\", "
+                              f"{options.max_failures} restarts); use a smaller --batch_size, fewer --ray_workers per "
+                              f"node or nodes with more memory; the epochs committed in {out} stay: rerun with "
+                              "--resume") from None
         raise EngineError(f"training on Ray failed after {options.max_failures} restarts ({type(error).__name__}: "
-                          f"{cause}); the epochs committed in {out} stay: rerun with --resume") from None
+                          f"{cause[-400:]}); the epochs committed in {out} stay: rerun with --resume") from None

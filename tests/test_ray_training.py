@@ -5,6 +5,9 @@ folder read by predict, export and --resume, and the one-line errors."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -12,11 +15,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 import pytest
+from conftest import missing, ray_problem
 from test_faults import cli, one_line_error
 
 from featx import checkpoints
 from featx.finetuning import FinetuneConfig, finetune
-from featx.ray_training import RayEngine, RayTrainOptions
+from featx.ray_training import DDPWorkers, RayEngine, RayTrainOptions, drop_as_one_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.real_data]
 EPOCHS = 3
@@ -150,6 +154,28 @@ def _batch_norm_on_workers(rank: int, world: int, port: int, inputs, state, resu
     torch.distributed.destroy_process_group()
 
 
+def test_each_worker_drops_its_rows_of_what_one_process_drops_from_the_whole_batch():
+    """DDPWorkers' dropout (no cluster needed: each worker's generator is seeded alike): worker r's output is rows
+    r::2 of nn.Dropout's output on the whole batch, odd batches too; in eval mode, and for a part that is not the
+    global batch's rows (an image failed), it is nn.Dropout."""
+    for rows in (7, 32):
+        whole = torch.randn(rows, 1280)
+        torch.manual_seed(3)
+        expected = torch.nn.functional.dropout(whole, 0.2, training=True)
+        for rank in (0, 1):
+            workers, layer = DDPWorkers(rank, 2, sync_bn=False), torch.nn.Sequential(torch.nn.Dropout(0.2))
+            drop_as_one_process(layer, workers)
+            workers.next_batch(rows)
+            torch.manual_seed(3)
+            assert torch.equal(layer(whole[rank::2]), expected[rank::2])
+    workers.next_batch(rows + 2)
+    torch.manual_seed(3)
+    plain = layer(whole[1::2])
+    torch.manual_seed(3)
+    assert torch.equal(plain, torch.nn.functional.dropout(whole[1::2], 0.2, training=True))
+    assert torch.equal(layer.eval()(whole[1::2]), whole[1::2])
+
+
 def test_sync_bn_on_cpu_workers_is_batch_norm_over_the_whole_batch():
     """Two gloo workers, each with half a batch, against one BatchNorm2d over the whole batch (PyTorch's own)."""
     from conftest import free_port
@@ -172,6 +198,33 @@ def test_sync_bn_on_cpu_workers_is_batch_norm_over_the_whole_batch():
     # a parameter's gradient is each worker's share (DDP all-reduces them): together, the whole batch's
     torch.testing.assert_close(results[0][2] + results[1][2], reference.weight.grad, atol=1e-4, rtol=1e-4)
     assert np.isfinite(expected.detach().numpy()).all()
+
+
+def test_engine_ray_without_ray_is_one_line_and_writes_nothing(image_folder, tmp_path):
+    """As where featx[ray] is not installed: ``sys.modules["ray"] = None`` is how Python marks a module that must
+    not be imported (``import ray`` raises ImportError), in a fresh interpreter running the command line."""
+    run = "import sys; sys.modules['ray'] = None; from featx.cli import main; sys.argv[0] = 'featx'; main()"
+    small = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32", "--device", "cpu"]
+    for command in ("finetune", "extract"):
+        out = tmp_path / command
+        result = subprocess.run([sys.executable, "-c", run, command, str(image_folder), *small, "--engine", "ray",
+                                 "--out", str(out)], capture_output=True, text=True, timeout=300)
+        one_line_error(result.returncode, result.stderr, "needs Ray: pip install 'featx[ray]'")
+        assert not out.exists()
+
+
+def test_a_worker_out_of_memory_is_named_in_one_line(image_folder, tmp_path):
+    """Ray's memory monitor kills the training worker (on a Ray instance of this test's own, its threshold set below
+    what the machine already uses): one line saying a worker ran out of memory, after the restarts."""
+    if ray_problem():
+        missing(ray_problem(), "FEATX_REQUIRE_RAY")
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.001", "RAY_memory_monitor_refresh_ms": "50"}
+    small = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32", "--device", "cpu",
+             "--epochs", "1", "--batch_size", "4"]
+    result = subprocess.run([sys.executable, "-m", "featx", "finetune", str(image_folder), *small, "--engine", "ray",
+                             "--ray_workers", "1", "--out", str(tmp_path / "run")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    one_line_error(result.returncode, result.stderr, "a worker ran out of memory", "--batch_size")
 
 
 def test_bad_ray_requests_are_one_line_and_write_nothing(ray_cluster, image_folder, tmp_path):
