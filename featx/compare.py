@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from featx import api, leakage, storage, store
-from featx.backbones import BackboneSpec, folder_name
+from featx.backbones import BackboneSpec, NoTextTower, folder_name
 from featx.decode import EvalTransform, ImageFiles
 from featx.sources import Split, discover
 from featx.version import __version__
@@ -254,8 +255,13 @@ def _backbone(data, candidate: Candidate, out: Path, held: str, heads: list[str]
     for kind in heads:
         params = {"mirror": extract_options["mirror"]} if kind == "zeroshot" else {}
         fitting = {}
-        with timed(fitting, "head_fits"):
-            estimator = fit.fit_head(files["train"], "none", kind, out / "heads" / candidate.folder / kind, **params)
+        try:
+            with timed(fitting, "head_fits"):
+                estimator = fit.fit_head(files["train"], "none", kind, out / "heads" / candidate.folder / kind,
+                                         **params)
+        except NoTextTower:  # zeroshot beside a backbone without one: that pair has no row
+            print(f"featx: note: no zeroshot row for {candidate.label}: it has no text tower", file=sys.stderr)
+            continue
         metrics, scores = fit.score(estimator, test, files[held])
         rows.append({"backbone": candidate.label, "model": kind, "kind": "head",
                      "chosen": estimator.selection_["chosen"], "images_per_second": rate,

@@ -164,6 +164,26 @@ def test_planted_near_copies_are_found_and_left_out_of_the_second_score(hymenopt
     assert all(path in page for path in planted) and page.count("alt='held-out'") == 3
 
 
+def test_two_families_and_the_zeroshot_head(hymenoptera, mobilenet_weights, tmp_path):
+    """A torchvision and an OpenCLIP backbone side by side: the zeroshot head has a row where there is a text tower
+    (and is said to have none beside MobileNetV2), and no label-efficiency curve (it uses no labels)."""
+    data = tmp_path / "data"
+    for split, count in (("train", 6), ("val", 4)):
+        for name in ("ants", "bees"):
+            (data / split / name).mkdir(parents=True)
+            for photo in sorted((hymenoptera / split / name).iterdir())[:count]:
+                shutil.copy(photo, data / split / name / photo.name)
+    status, _, err = cli("compare", data, "--backbones", f"mobilenet_v2={mobilenet_weights},open_clip:ViT-S-32=none",
+                         "--heads", "logreg,zeroshot", "--shots", "1,all", "--repeats", "2", "--out", tmp_path / "out")
+    assert status == 0, err
+    assert "no zeroshot row for mobilenet_v2: it has no text tower" in err
+    found = board(tmp_path / "out")
+    assert sorted((r["backbone"], r["model"]) for r in found["leaderboard"]) == \
+        [("mobilenet_v2", "logreg"), ("open_clip:ViT-S-32", "logreg"), ("open_clip:ViT-S-32", "zeroshot")]
+    assert {(r["backbone"], r["model"]) for r in found["label_efficiency"]} == \
+        {("mobilenet_v2", "logreg"), ("open_clip:ViT-S-32", "logreg")}
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, mirror):
     data = make_image_folder(tmp_path / "data", per_class=20, size=(16, 16))
     only_train = make_image_folder(tmp_path / "only-train", splits=("train",), per_class=3)

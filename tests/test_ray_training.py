@@ -71,15 +71,17 @@ def test_two_workers_with_sync_bn_take_the_local_engines_steps(ray_cluster, tmp_
 
 
 def test_two_workers_train_as_the_local_engine_does(runs):
-    """Dropout masks and float rounding differ between one process and two, and 3 epochs at this learning rate
-    amplify them (measured: epochs within 6 points, the best model within 2, here and with BatchNorm per worker)."""
+    """With BatchNorm over the global batch and each worker dropping its rows of the local run's dropout masks, two
+    workers train as one process does up to float rounding, which 3 epochs amplify a little (measured: epochs
+    within 0.7 points, the same best model, epoch-1 train loss +0.5 %; with BatchNorm per worker instead: epochs
+    within 2.0 points, the best within 0.7, epoch-1 loss +6 %)."""
     (local_run, local), (ray_run, ray) = runs["local"], runs["ray"]
     local_history, ray_history = history(local_run), history(ray_run)
     assert [h["epoch"] for h in ray_history] == list(range(EPOCHS + 1))
     assert ray_history[0]["val_accuracy"] == local_history[0]["val_accuracy"]  # the same untrained model
     for mine, theirs in zip(ray_history[1:], local_history[1:]):
-        assert abs(mine["val_accuracy"] - theirs["val_accuracy"]) <= 0.07, (mine, theirs)
-    assert abs(ray["accuracy"] - local["accuracy"]) <= 0.02
+        assert abs(mine["val_accuracy"] - theirs["val_accuracy"]) <= 0.02, (mine, theirs)
+    assert abs(ray["accuracy"] - local["accuracy"]) <= 0.01
     assert ray_history[1]["train_loss"] == pytest.approx(local_history[1]["train_loss"], rel=0.05)
     assert local["accuracy"] == pytest.approx(0.9542, abs=1e-4)  # the README's figure
     record = json.loads((ray_run / "run.json").read_text())

@@ -14,7 +14,7 @@ from torch import nn
 
 from featx.backbones import hf_models, open_clip_models, timm_models, torchvision_models
 from featx.backbones.common import POOLS, Family, ImageTower, WeightsError, WeightsInfo
-from featx.backbones.open_clip_models import text_embeddings
+from featx.backbones.open_clip_models import NoTextTower, text_embeddings
 from featx.backbones.torchvision_models import available, imagenet_categories
 from featx.decode import EvalTransform
 from featx.mirror import mirror_dir
@@ -170,4 +170,4 @@ def backbone_from_source(source: dict, mirror: str | os.PathLike | None = None) 
 __all__ = ["Backbone", "BackboneSpec", "Family", "ImageTower", "POOLS", "WeightsError", "WeightsInfo", "available",
            "backbone_from_source", "classifier_layer", "classifier_layer_name", "create_backbone", "create_model",
            "family", "feature_dim", "folder_name", "imagenet_categories", "listing", "replace_classifier",
-           "text_embeddings"]
+           "text_embeddings", "NoTextTower"]

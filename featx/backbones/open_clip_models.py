@@ -82,11 +82,15 @@ def _transform(clip: nn.Module) -> EvalTransform:
                          interpolation=config["interpolation"])
 
 
+class NoTextTower(ValueError):
+    """Features of a backbone with no text tower, where one is needed (the zeroshot head)."""
+
+
 def text_embeddings(name: str, weights: str, mirror, texts: list[str]) -> tuple[torch.Tensor, float]:
     """L2-normalised text embeddings of ``texts`` [T, D] by the CLIP model ``name`` with ``weights`` (the one whose
     image tower made some features), and its logit scale: CLIP's image-text similarity is scale * cos."""
     if not name.startswith(OpenClip.prefix):
-        raise ValueError(f"{name} has no text tower: the zeroshot head needs features of an open_clip: backbone")
+        raise NoTextTower(f"{name} has no text tower: the zeroshot head needs features of an open_clip: backbone")
     clip, _ = clip_model(name, weights, mirror)
     tokenizer = FAMILY.library("open_clip").get_tokenizer(name.removeprefix(OpenClip.prefix).partition("/")[0])
     with torch.inference_mode():
