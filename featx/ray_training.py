@@ -23,6 +23,7 @@ from torch import nn
 from featx import checkpoints
 from featx.engines import EngineError, RayOptions, connect
 from featx.finetuning import TRAIN_FOLDER, FinetuneConfig, Training, Workers, fit, prepare, resumable
+from featx.memory import one_arena_environment
 
 
 # How Ray says a worker ran out of memory: its memory monitor's kill, the kernel's OOM killer, CUDA's or torch's
@@ -203,6 +204,7 @@ def train_on_ray(data: str | os.PathLike, out: Path, cfg: FinetuneConfig, option
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.gpus_per_worker > 0,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=TRAIN_FOLDER, storage_path=str(out.resolve()),
+                             worker_runtime_env={"env_vars": one_arena_environment()},  # fit runs in a thread
                              failure_config=FailureConfig(max_failures=options.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
     try:
