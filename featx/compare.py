@@ -325,7 +325,8 @@ def _finetuned(data, candidate: Candidate, recipe: str, out: Path, test: store.F
     root = test.meta["data_root"]
     images = [storage.join(root, path) for path in test.paths]
     records = predict(run, [os.fspath(image) for image in images], batch_size=extract_options["batch_size"],
-                      mirror=extract_options["mirror"], device=extract_options.get("device", "auto"))
+                      mirror=extract_options["mirror"], device=extract_options.get("device", "auto"),
+                      runtime="torch")  # a model scored once: no ONNX graph of it exported into the cache
     names = list(test.class_names)
     predicted = np.asarray([names.index(r["predicted"]) for r in records])
     scores = np.asarray([r["logits"] for r in records])
@@ -397,7 +398,8 @@ def _calibration(candidate: Candidate, train: store.FeatureSet, images: ImageFil
 
 
 def leaderboard(results: list[dict], held: Split, settings: dict) -> dict:
-    """Every row's scores with bootstrap intervals, sorted; the leader, and the rows tied with it (the 95 %
+    """Every row's scores with bootstrap intervals, sorted; the leader (the best held-out score: one whose images
+    chose an epoch or a parameter leads only where no score is held out), and the rows tied with it (the 95 %
     interval of the paired difference holds 0); near duplicates and the accuracy without them."""
     rows = [row for result in results for row in result["rows"]]
     labels = results[0]["test"].labels
@@ -406,7 +408,8 @@ def leaderboard(results: list[dict], held: Split, settings: dict) -> dict:
     keep = ~np.isin(np.arange(len(labels)), [n["held_row"] for n in near])
     for row in rows:
         row["resampled"] = resampled(labels, row["predicted"], indices)
-    leader = max(rows, key=lambda r: (r["metrics"]["accuracy"], r["metrics"]["balanced_accuracy"]))
+    candidates = [row for row in rows if row["metrics"]["held_out"]] or rows  # a score val chose cannot lead
+    leader = max(candidates, key=lambda r: (r["metrics"]["accuracy"], r["metrics"]["balanced_accuracy"]))
     entries = []
     for row in sorted(rows, key=lambda r: (-r["metrics"]["accuracy"], -r["metrics"]["balanced_accuracy"])):
         metrics = row["metrics"]

@@ -95,7 +95,8 @@ def verdicts(board: dict) -> list[str]:
     rows = board["leaderboard"]
     leader = next(row for row in rows if row["leader"])
     tied = [f"{row['backbone']} + {row['model']}" for row in rows if row["tied_with_leader"]]
-    lines = [f"Leader: {leader['backbone']} + {leader['model']}, accuracy {leader['accuracy']:.4f} "
+    held = "the best held-out score" if leader["held_out"] else "no score is held out"
+    lines = [f"Leader ({held}): {leader['backbone']} + {leader['model']}, accuracy {leader['accuracy']:.4f} "
              f"({leader['accuracy_ci'][0]:.3f}–{leader['accuracy_ci'][1]:.3f}). "
              + (f"Tied with it within the 95 % interval of the paired difference: {', '.join(tied)}." if tied else
                 "No other row is within the 95 % interval of the paired difference.")]

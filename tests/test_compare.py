@@ -217,6 +217,7 @@ def test_finetune_rows_say_their_val_chose_the_epoch(image_folder, tmp_path):
     assert status == 0, err
     rows = {row["model"]: row for row in board(out)["leaderboard"]}
     assert set(rows) == {"logreg", "finetune:finetune", "finetune:lp-ft"}
+    assert rows["logreg"]["leader"]  # whatever the fine-tuned rows score: their val chose their epoch
     for recipe in ("finetune", "lp-ft"):
         run = json.loads((out / "finetune" / "resnet18" / recipe / "metrics.json").read_text())
         assert rows[f"finetune:{recipe}"]["accuracy"] == pytest.approx(run["accuracy"])
