@@ -269,9 +269,9 @@ def _backbone(data, candidate: Candidate, out: Path, held: str, heads: list[str]
                      "fit_seconds": fitting["head_fits"], "metrics": metrics, "predicted": scores.argmax(1),
                      "probability": _softmax_max(scores), "estimator": estimator})
     seconds["head_fits"] = sum(row["fit_seconds"] for row in rows)
-    with timed(seconds, "finetune"):
-        rows += [_finetuned(data, candidate, recipe, out, test, files[held], settings, extract_options)
-                 for recipe in recipes]
+    rows += [_finetuned(data, candidate, recipe, out, test, files[held], settings, extract_options)
+             for recipe in recipes]
+    seconds["finetune"] = sum(row["fit_seconds"] for row in rows if row["kind"] == "finetune")
     with timed(seconds, "label_efficiency"):
         efficiency = label_efficiency(rows, train, test, settings)
     with timed(seconds, "near_copies"):
@@ -319,23 +319,24 @@ def _finetuned(data, candidate: Candidate, recipe: str, out: Path, test: store.F
                             weights=candidate.weights, seed=settings["seed"], source=extract_options["source"],
                             batch_size=extract_options["batch_size"],
                             label_key=extract_options["label_key"], path_key=extract_options["path_key"])
-    seconds = {}
-    with timed(seconds, "finetune"):
-        finetune(data, run, config, mirror=extract_options["mirror"], resume=True)
+    finetune(data, run, config, mirror=extract_options["mirror"], resume=True)
+    history = json.loads((run / "history.json").read_text())  # every epoch's, across resumes
     root = test.meta["data_root"]
     images = [storage.join(root, path) for path in test.paths]
     records = predict(run, [os.fspath(image) for image in images], batch_size=extract_options["batch_size"],
                       mirror=extract_options["mirror"], device=extract_options.get("device", "auto"),
                       runtime="torch")  # a model scored once: no ONNX graph of it exported into the cache
     names = list(test.class_names)
-    predicted = np.asarray([names.index(r["predicted"]) for r in records])
+    if json.loads((run / "run.json").read_text())["class_names"] != names:
+        raise ValueError(f"{run} was trained on the classes of another dataset; delete it (compare trains it again)")
     scores = np.asarray([r["logits"] for r in records])
     metrics = classification_metrics(test.labels, scores, names)
     seen = times_seen(load_seen(run), test.content_hash)
     metrics.update(held_out=seen == 0, seen_in_fitting=seen or 0, features=str(test_file))
     return {"backbone": candidate.label, "model": f"finetune:{recipe}", "kind": "finetune", "chosen": None,
-            "images_per_second": None, "feature_dim": None, "features_mb": None, "fit_seconds": seconds["finetune"],
-            "metrics": metrics, "predicted": predicted, "probability": _softmax_max(scores)}
+            "images_per_second": None, "feature_dim": None, "features_mb": None,
+            "fit_seconds": sum(epoch.get("train_seconds", 0.0) for epoch in history), "metrics": metrics,
+            "predicted": scores.argmax(1), "probability": _softmax_max(scores)}
 
 
 def draws(labels: np.ndarray, shots: list, repeats: int, seed: int) -> list[tuple]:
