@@ -34,8 +34,8 @@ RECIPES = {  # --finetune: FinetuneConfig changes; lp-ft starts from this backbo
     "finetune": {}, "lp-ft": {"head_init": "probe"}, "frozen": {"freeze": "backbone"},
     "scratch": {"init": "scratch", "head_lr_mult": 1.0},
 }
-# FinetuneConfig fields that are not compare's recipe flags: set by compare, by each recipe, or Ray-only
 SHARED_WITH_EXTRACT = ("device", "workers", "resize", "crop", "pool")  # recipe flags that extraction takes too
+# FinetuneConfig fields that are not compare's recipe flags: set by compare, by each recipe, or Ray-only
 SET_BY_COMPARE = ("backbone", "weights", "probe", "seed", "source", "label_key", "path_key", "init", "head_init",
                   "reuse", "freeze", "sync_bn")
 TIMING_KEYS = ("images_per_second", "fit_seconds", "seconds")  # what a rerun measures anew
@@ -123,7 +123,6 @@ def resampled(labels: np.ndarray, predicted: np.ndarray, indices: np.ndarray) ->
 def interval(values: np.ndarray, confidence: float = 0.95) -> list[float]:
     """The central ``confidence`` interval of bootstrap ``values`` (percentile method)."""
     return [float(q) for q in np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])]
-
 
 
 def _softmax_max(scores: np.ndarray) -> np.ndarray:
@@ -294,6 +293,7 @@ def timed(seconds: dict, phase: str):
 def _extraction_rate(folder: Path, summaries: dict) -> float | None:
     """Images per second of the extraction: measured now, or as recorded when these features were extracted."""
     from featx.report import write_text
+
     record = folder / "extraction.json"
     done = [s for s in summaries.values() if not s["skipped"] and s["seconds"] > 0]
     if done:
@@ -403,7 +403,11 @@ def leaderboard(results: list[dict], held: Split, settings: dict) -> dict:
     chose an epoch or a parameter leads only where no score is held out), and the rows tied with it (the 95 %
     interval of the paired difference holds 0); near duplicates and the accuracy without them."""
     rows = [row for result in results for row in result["rows"]]
-    labels = results[0]["test"].labels
+    labels, paths = results[0]["test"].labels, results[0]["test"].paths
+    for result in results[1:]:  # every row scores the same images, in the same order (paired resamples)
+        if result["test"].paths != paths:
+            raise ValueError(f"the held-out features of {result['candidate'].label} and {results[0]['candidate'].label}"
+                             " hold different images (one failed to decode for one of them?); see their failed/ lists")
     indices = np.random.default_rng(settings["seed"]).integers(0, len(labels), (settings["bootstrap"], len(labels)))
     near = near_duplicates(results)
     keep = ~np.isin(np.arange(len(labels)), [n["held_row"] for n in near])
@@ -435,7 +439,7 @@ def leaderboard(results: list[dict], held: Split, settings: dict) -> dict:
 
 
 def summarise_efficiency(results: list[dict], settings: dict) -> list[dict]:
-    """Mean and spread of each backbone x head x shots, and where its curve flattens, in words."""
+    """Mean and spread of the draws' held-out accuracy, per backbone x head x shots."""
     draws_by_key: dict[tuple, list[dict]] = {}
     for result in results:
         for draw in result["label_efficiency"]:
