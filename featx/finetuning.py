@@ -305,6 +305,10 @@ class Workers:
     def next_batch(self, rows: int) -> None:
         """The next training batch is a part of one of ``rows`` images (the global batch)."""
 
+    def chiefs_buffers(self, model: nn.Module) -> None:
+        """Every worker holds the chief's buffers (BatchNorm's running statistics), so that validation scores the
+        model the chief saves."""
+
     def committed(self, record: dict, folder: Path) -> None:
         """An epoch's checkpoint ``folder`` is committed with ``record``'s metrics."""
 
@@ -445,6 +449,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: t
                           workers)
         progress.epoch += 1
         progress.step += trained.pop("steps")
+        workers.chiefs_buffers(model)
         scores = evaluate(model, loaders.val(), amp, workers)
         record = {"epoch": progress.epoch, "steps": progress.step, **trained, **scores,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}

@@ -81,6 +81,10 @@ class DDPWorkers(Workers):
     def next_batch(self, rows: int) -> None:
         self.global_rows = rows
 
+    def chiefs_buffers(self, model: nn.Module) -> None:  # with BatchNorm per worker, each has its own statistics
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
     def committed(self, record: dict, folder: Path | None) -> None:
         from ray import train
 

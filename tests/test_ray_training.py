@@ -138,7 +138,8 @@ def test_the_ray_run_folder_works_with_predict_export_and_resume(runs, hymenopte
 
 
 def _batch_norm_on_workers(rank: int, world: int, port: int, inputs, state, results) -> None:
-    """Worker ``rank`` of ``world``: its part of ``inputs`` through a BatchNorm with ``global_batch_norm``."""
+    """Worker ``rank`` of ``world``: its part of ``inputs`` through a BatchNorm with ``global_batch_norm``; then
+    through a plain one (statistics of its own), whose buffers ``chiefs_buffers`` makes rank 0's."""
     import os
     import types
 
@@ -152,7 +153,10 @@ def _batch_norm_on_workers(rank: int, world: int, port: int, inputs, state, resu
     part = inputs[rank::world].clone().requires_grad_(True)
     out = layer(part)
     out.square().sum().backward()
-    results[rank] = (out.detach(), part.grad, layer.weight.grad, layer.running_var.clone())
+    own = torch.nn.BatchNorm2d(inputs.shape[1])
+    own(inputs[rank::world])
+    DDPWorkers(rank, world, sync_bn=False).chiefs_buffers(own)
+    results[rank] = (out.detach(), part.grad, layer.weight.grad, layer.running_var.clone(), own.running_mean)
     torch.distributed.destroy_process_group()
 
 
@@ -192,8 +196,11 @@ def test_sync_bn_on_cpu_workers_is_batch_norm_over_the_whole_batch():
     expected.square().sum().backward()
     results = torch.multiprocessing.get_context("spawn").Manager().dict()
     torch.multiprocessing.spawn(_batch_norm_on_workers, args=(2, free_port(), inputs, state, results), nprocs=2)
+    chiefs = torch.nn.BatchNorm2d(3)
+    chiefs(inputs[0::2])
     for rank in range(2):
-        out, grad, _, running_var = results[rank]
+        out, grad, _, running_var, running_mean = results[rank]
+        torch.testing.assert_close(running_mean, chiefs.running_mean, atol=0, rtol=0)  # validation: one model
         torch.testing.assert_close(out, expected.detach()[rank::2], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, whole.grad[rank::2], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(running_var, reference.running_var)
