@@ -34,13 +34,16 @@ def recipe(weights) -> FinetuneConfig:
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, hymenoptera, mobilenet_weights, tmp_path_factory) -> dict:
-    """The same recipe on the local engine and on 2 Ray workers with BatchNorm over the global batch (--sync_bn,
-    as one process computes it); run folders and best-model metrics."""
+    """The same recipe on the local engine, on 2 Ray workers with BatchNorm over the global batch (--sync_bn, as one
+    process computes it), and on 2 Ray workers with BatchNorm per worker (the default); run folders and best-model
+    metrics."""
     folder = tmp_path_factory.mktemp("runs")
     local = finetune(hymenoptera, folder / "local", recipe(mobilenet_weights))
     ray = finetune(hymenoptera, folder / "ray", replace(recipe(mobilenet_weights), sync_bn=True),
                    engine=on_ray(ray_cluster))
-    return {"local": (folder / "local", local), "ray": (folder / "ray", ray)}
+    per_worker = finetune(hymenoptera, folder / "per-worker", recipe(mobilenet_weights), engine=on_ray(ray_cluster))
+    return {"local": (folder / "local", local), "ray": (folder / "ray", ray),
+            "per-worker": (folder / "per-worker", per_worker)}
 
 
 def on_ray(cluster) -> RayEngine:
@@ -84,6 +87,7 @@ def test_two_workers_train_as_the_local_engine_does(runs):
     assert abs(ray["accuracy"] - local["accuracy"]) <= 0.01
     assert ray_history[1]["train_loss"] == pytest.approx(local_history[1]["train_loss"], rel=0.05)
     assert local["accuracy"] == pytest.approx(0.9542, abs=1e-4)  # the README's figure
+    assert abs(runs["per-worker"][1]["accuracy"] - local["accuracy"]) <= 0.02  # BatchNorm per worker: close
     record = json.loads((ray_run / "run.json").read_text())
     assert record["engine"]["name"] == "ray" and record["engine"]["workers"] == 2
 
@@ -110,7 +114,8 @@ def _epochs_done(run) -> int:
 
 def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_cluster, hymenoptera,
                                                                      mobilenet_weights, tmp_path):
-    """BatchNorm per worker (the default) this time: the best model within 2 points of the local engine's."""
+    """BatchNorm per worker (the default) this time: the restarted group resumes from the committed epoch with its
+    RNG state, so the result is the uninterrupted run's, within 1 point."""
     run, killed = tmp_path / "run", []
     killer = threading.Thread(target=_kill_a_worker_mid_epoch, args=(ray_cluster, run, killed))
     killer.start()
@@ -118,7 +123,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(runs, ray_c
     killer.join()
     assert killed, "no training worker was found to kill"
     assert [h["epoch"] for h in history(run)] == list(range(EPOCHS + 1))  # each epoch once
-    assert abs(metrics["accuracy"] - runs["local"][1]["accuracy"]) <= 0.02
+    assert abs(metrics["accuracy"] - runs["per-worker"][1]["accuracy"]) <= 0.01
 
 
 def test_the_ray_run_folder_works_with_predict_export_and_resume(runs, hymenoptera, mobilenet_weights, tmp_path):
