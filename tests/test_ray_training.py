@@ -254,3 +254,32 @@ def test_bad_ray_requests_are_one_line_and_write_nothing(ray_cluster, image_fold
         out = tmp_path / f"run{number}"
         one_line_error(*cli("finetune", image_folder, *small, *flags, "--out", out)[::2], fragment)
         assert not (out / "run.json").exists()
+
+
+def test_every_recipe_family_and_source_trains_on_ray(ray_cluster, image_folder, squeezenet_weights, tmp_path):
+    """One epoch on 2 workers each: LP-FT from a fitted head, reused ImageNet rows, a frozen backbone, scratch, a timm
+    backbone, and a CSV manifest instead of folders; each run folder records its engine and recipe."""
+    tiny = ["--backbone", "resnet18", "--weights", "none", "--resize", "40", "--crop", "32"]
+    on_two = ["--epochs", "1", "--device", "cpu", "--batch_size", "4", "--workers", "1", "--engine", "ray",
+              "--ray_address", ray_cluster.address]
+    assert cli("extract", image_folder, *tiny, "--out", tmp_path / "f")[0] == 0
+    assert cli("fit-head", tmp_path / "f" / "resnet18" / "train.h5", "--out", tmp_path / "probe")[0] == 0
+    manifest = image_folder / "images.csv"  # its paths relative to its folder
+    rows = [f"{path.relative_to(image_folder)},{path.parent.name},{path.parent.parent.name}"
+            for path in sorted(image_folder.rglob("*.jpg"))]
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    recipes = {"lp-ft": [image_folder, *tiny, "--head_init", "probe", "--probe", tmp_path / "probe"],
+               "reuse": [image_folder, "--backbone", "squeezenet1_1", "--weights", squeezenet_weights, "--resize",
+                         "64", "--crop", "64", "--head_init", "reuse", "--reuse", "cats=281,dogs=207"],
+               "freeze": [image_folder, *tiny, "--freeze", "backbone"],
+               "scratch": [image_folder, *tiny, "--init", "scratch"],
+               "timm": [image_folder, *tiny[2:], "--backbone", "timm:resnet18"],
+               "manifest": [manifest, *tiny]}
+    for name, recipe_flags in recipes.items():
+        status, _, err = cli("finetune", *recipe_flags, *on_two, "--out", tmp_path / name)
+        assert status == 0, (name, err[-2000:])
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        assert record["engine"]["name"] == "ray" and record["engine"]["workers"] == 2, name
+        assert [h["epoch"] for h in history(tmp_path / name)] == [0, 1], name
+    assert json.loads((tmp_path / "lp-ft" / "run.json").read_text())["head_init"] == "probe"
+    assert json.loads((tmp_path / "reuse" / "run.json").read_text())["reused_rows"] == {"cats": 281, "dogs": 207}
