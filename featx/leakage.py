@@ -50,12 +50,16 @@ def normalised(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def nearest(train: np.ndarray, held: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """For each held-out row, the index of its nearest training row and their cosine similarity."""
-    train, held = normalised(train), normalised(held)
+def nearest(train: np.ndarray, held: np.ndarray | None = None, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For each held-out row, the index of its nearest training row and their cosine similarity, ``rows`` rows at a
+    time; without ``held``, each training row's nearest other training row."""
+    train = normalised(train)
+    held = train if held is None else normalised(held)
     index, cosine = np.zeros(len(held), np.int64), np.zeros(len(held), np.float32)
     for start in range(0, len(held), rows):
         similarity = held[start:start + rows] @ train.T
+        if held is train:  # not itself
+            similarity[np.arange(len(similarity)), np.arange(start, start + len(similarity))] = -1.0
         index[start:start + rows] = similarity.argmax(1)
         cosine[start:start + rows] = similarity.max(1)
     return index, cosine
@@ -69,9 +73,7 @@ def calibrate(train: np.ndarray, images: list[Image.Image], rows: np.ndarray,
     embedded = normalised(embed([make(image) for make in COPIES.values() for image in images]))
     cosines = (embedded.reshape(len(COPIES), len(images), -1) * train[rows]).sum(2)
     copies = dict(zip(COPIES, cosines))
-    similarity = train @ train.T
-    np.fill_diagonal(similarity, -1.0)
-    distinct = similarity.max(1)
+    distinct = nearest(train)[1]
     distinct = distinct[distinct < 1 - 1e-6]  # exact copies inside train are not distinct images
     copy_cut = float(np.quantile(np.concatenate(list(copies.values())), COPY_QUANTILE))
     distinct_cut = float(np.quantile(distinct, DISTINCT_QUANTILE)) if len(distinct) else -1.0

@@ -139,4 +139,3 @@ def summary_line(metrics: dict) -> str:
     if "top5_accuracy" in metrics:
         line += f", top-5 {metrics['top5_accuracy']:.4f}"
     return f"{line} on {metrics['num_examples']} examples"
-

@@ -158,24 +158,28 @@ def _curves_png(board: dict, file) -> None:
     figure.savefig(file, dpi=90, format="png")
 
 
-def _leader_row(board: dict, results: list[dict]) -> tuple[dict, dict]:
+def _leader_row(board: dict, results: list[dict]) -> tuple[dict, dict, dict]:
+    """The leader's leaderboard entry, its backbone's result and its row there."""
     leader = next(row for row in board["leaderboard"] if row["leader"])
     result = next(r for r in results if r["candidate"].label == leader["backbone"])
-    return leader, next(row for row in result["rows"] if row["model"] == leader["model"])
+    return leader, result, next(row for row in result["rows"] if row["model"] == leader["model"])
 
 
-def _held_images(result: dict) -> tuple[ImageFiles, dict[str, int]]:
-    held = result["splits"][result["test"].meta["split"]]
-    return (ImageFiles(held.root, held.paths, None, members=held.members),
-            {path: i for i, path in enumerate(held.paths)})
+def _originals(result: dict, split: str):
+    """A function from a path of ``split`` (as the features files name it) to its image, decoded as it is (every
+    backbone's result holds the same splits)."""
+    found = result["splits"][split]
+    images, index = ImageFiles(found.root, found.paths, None, members=found.members), \
+        {path: i for i, path in enumerate(found.paths)}
+    return lambda path: images.original(index[path])
 
 
 def _mistakes_png(result: dict, row: dict, file) -> None:
-    test, (images, index) = result["test"], _held_images(result)
+    test = result["test"]
     names = list(test.class_names)
     records = [{"path": path, "true": names[label], "predicted": names[predicted], "probability": float(p)}
                for path, label, predicted, p in zip(test.paths, test.labels, row["predicted"], row["probability"])]
-    contact_sheet(records, file, limit=24, confident_mistakes=True, load=lambda path: images.original(index[path]))
+    contact_sheet(records, file, limit=24, confident_mistakes=True, load=_originals(result, test.meta["split"]))
 
 
 def _thumbnail(image) -> str:
@@ -190,15 +194,10 @@ def _near_pairs_html(board: dict, results: list[dict]) -> str:
     near = board["near_duplicates"]
     if not near:
         return "<p>No held-out image has a near copy in train.</p>"
-    by_label = {r["candidate"].label: r for r in results}
+    held, train = _originals(results[0], results[0]["test"].meta["split"]), _originals(results[0], "train")
     cells = []
     for entry in near[:50]:
-        result = by_label[entry["backbone"]]
-        held, held_index = _held_images(result)
-        train = result["splits"]["train"]
-        train_images = ImageFiles(train.root, train.paths, None, members=train.members)
-        pictures = [held.original(held_index[entry["held_path"]]),
-                    train_images.original(train.paths.index(entry["train_path"]))]
+        pictures = [held(entry["held_path"]), train(entry["train_path"])]
         cells.append("<tr>" + "".join(f"<td><img src='{_thumbnail(picture)}' alt='{kind}'><br>{html.escape(path)}</td>"
                                       for picture, kind, path in zip(pictures, ("held-out", "train"),
                                                                      (entry["held_path"], entry["train_path"])))
@@ -256,8 +255,7 @@ calibrated for the backbone on your own images:</p><ul>{calibration}</ul>
 def write(out: Path, board: dict, results: list[dict]) -> None:
     """Every output of ``featx compare`` into ``out``."""
     lines = verdicts(board)
-    leader, row = _leader_row(board, results)
-    result = next(r for r in results if r["candidate"].label == leader["backbone"])
+    leader, result, row = _leader_row(board, results)
     name = f"{result['candidate'].folder}-{leader['model'].replace(':', '-')}"
     images = {"curves.png": _png(lambda f: _curves_png(board, f)),
               f"confusion-{name}.png": _png(lambda f: plot_confusion(
