@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 
 import numpy as np
@@ -68,7 +70,7 @@ class Embedder:
     """Runs a frozen backbone: normalises uint8 batches on the device, returns float32 features on the CPU.
 
     ``precision``: ``resolve_precision`` (``emulate`` lets a CPU without native bf16 run it anyway, to measure it);
-    ``int8`` quantizes ONNX Runtime's graph on ``calibration`` (``calibration_images``: the user's images, some to
+    ``int8`` quantizes ONNX Runtime's graph on ``calibration`` (a ``Calibration``: the user's images, some to
     calibrate on, others to check the agreement on; ``self.int8_agreement``).
     ``runtime``: ``torch`` or ``onnxruntime`` (CPU, float32); ``auto`` is decided before (``choose_runtime``).
     ``forward_batch``: images per model call (batches are cut into such chunks); None is the whole batch.
@@ -81,14 +83,14 @@ class Embedder:
     def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto", channels_last: bool = True,
                  compile: bool = False, forward_batch: int | None = None, fold_batch_norm: bool = True,
                  runtime: str = "torch", emulate: bool = False,
-                 calibration: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 calibration: Calibration | None = None):
         self.device = resolve_device(device)
         self.amp = resolve_precision(precision, self.device, emulate)
         keep_freed_memory()
         quantized = precision_name(precision, self.device.type) in QUANTIZED
         self.runtime = check_runtime(runtime, self.device, self.amp, compile, quantized)
         if quantized and calibration is None:
-            raise ValueError("--precision int8 calibrates on your images: give calibration (calibration_images)")
+            raise ValueError("--precision int8 calibrates on your images: give calibration (a Calibration)")
         self.feature_dim = backbone.feature_dim
         self.name = backbone.name
         self.onnx = None
@@ -143,19 +145,39 @@ class Embedder:
         return torch.compile(self.model, dynamic=False)
 
 
-def calibration_images(split: Split, backbone: Backbone, count: int = 64, seed: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``--precision int8`` is calibrated and checked on: a seeded sample of ``split``'s own images,
-    normalised; the first half calibrates, the other half (never calibrated on) measures the agreement."""
-    files = ImageFiles(split.root, split.paths, backbone.transform, members=split.members)
-    order = np.random.default_rng(seed).permutation(len(files))[:count].tolist()
-    images = collate([files[i] for i in order]).images if order else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-    if len(images) < 16:
-        raise ValueError(f"--precision int8 calibrates on some of your images and checks it on others: split "
-                         f"{split.name} has {len(images)} readable of the 16 it needs")
-    mean, std = channel_stats(backbone.transform, torch.device("cpu"))
-    normalised = normalise(images, mean, std, channels_last=False).contiguous()
-    return normalised[:len(normalised) // 2], normalised[len(normalised) // 2:]
+class Calibration:
+    """What ``--precision int8`` is calibrated and checked on: a seeded sample of ``split``'s own images, its first
+    half to calibrate on, the other half (never calibrated on) to measure the agreement on. ``key`` names the sample
+    by its images' bytes and preprocessing, so a graph quantized on it, and the agreement measured then, are found
+    again in the cache without decoding it all; ``images`` decodes and normalises a half."""
+
+    def __init__(self, split: Split, backbone: Backbone, count: int = 64, seed: int = 0):
+        self.split, self.transform = split.name, backbone.transform
+        self.files = ImageFiles(split.root, split.paths, backbone.transform, members=split.members)
+        self.items = np.random.default_rng(seed).permutation(len(self.files))[:count].tolist()
+
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.transform.describe(), sort_keys=True).encode())
+        for item in self.items:
+            digest.update(self.files.content_hash(item).to_bytes(8, "little"))
+        return digest.hexdigest()
+
+    def images(self, held: bool, limit: int | None = None) -> torch.Tensor:
+        """The half to calibrate on, or the ``held`` half, decoded and normalised (float32 NCHW); with ``limit``,
+        only its first ``limit`` readable images."""
+        middle = len(self.items) // 2
+        decoded: list = []
+        for item in self.items[middle:] if held else self.items[:middle]:
+            decoded.append(self.files[item])
+            if limit and sum(image is not None for _, image, _ in decoded) == limit:
+                break
+        images = collate(decoded).images
+        if len(images) < (limit or 8):
+            raise ValueError(f"--precision int8 calibrates on some of your images and checks it on others: split "
+                             f"{self.split} has {len(images)} readable in the half it "
+                             f"{'checks' if held else 'calibrates'} on, of the {limit or 8} it needs")
+        mean, std = channel_stats(self.transform, torch.device("cpu"))
+        return normalise(images, mean, std, channels_last=False).contiguous()
 
 
 def resolve_mapper(backbone: Backbone, device: torch.device, precision: str = "auto", runtime: str = "auto",

@@ -64,7 +64,7 @@ def resolved(options: ExtractOptions, backbone: Backbone, device: torch.device) 
 
 class LocalEngine:
     """Runs shards in this process, one after another, with one model for the whole job. ``calibration``: the
-    images ``--precision int8`` is calibrated and checked on (``featx.embed.calibration_images``)."""
+    images ``--precision int8`` is calibrated and checked on (``featx.embed.Calibration``)."""
 
     def __init__(self, backbone: Backbone, options: ExtractOptions, calibration=None):
         device = resolve_device(options.device)

@@ -20,7 +20,7 @@ from featx import storage, store
 from featx.backbones import Backbone, BackboneSpec, folder_name
 from featx.decode import AugmentTransform, ImageFiles
 from featx.devices import QUANTIZED, resolve_device
-from featx.embed import calibration_images
+from featx.embed import Calibration
 from featx.engines import ENGINES, RayOptions, open_engine, ray_available
 from featx.options import ExtractOptions
 from featx.runtimes import describe
@@ -64,7 +64,7 @@ def extract(data_root: str | os.PathLike, spec: BackboneSpec, out: str | os.Path
     extractor = spec.build()
     calibration = None
     if options.precision in QUANTIZED and engine == "local":  # on the user's own images: the train split's
-        calibration = calibration_images(next((s for s in all_splits if s.name == "train"), all_splits[0]), extractor)
+        calibration = Calibration(next((s for s in all_splits if s.name == "train"), all_splits[0]), extractor)
     with contextlib.closing(open_engine(engine, spec, extractor, options, ray_options, calibration)) as runner, \
             store.exclusive(folder):  # a precision or runtime refused by the engine has written nothing
         return {split.name: extract_split(split, extractor, runner, storage.join(folder, f"{split.name}.h5"))

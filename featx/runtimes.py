@@ -31,6 +31,7 @@ from featx.cache import UntrustedCacheError, cache_dir, cached_file, model_key, 
 RUNTIMES = ("auto", "torch", "onnxruntime")  # what --runtime takes; an Embedder runs one of the last two
 EXACT = {"max_abs": 1e-4, "min_cosine": 0.99999}  # what "the same features" means for a runtime
 INT8_MIN_COSINE = 0.99  # --precision int8 is refused where it moves a held-out image's features further than this
+INT8_AGREEMENT = "featx.int8_agreement"  # a quantized graph's metadata: its agreement measured when it was built
 CLEARLY_FASTER = 1.10  # another runtime replaces torch only when at least this much faster (a tie keeps torch)
 ROUNDS = 3  # interleaved timing rounds: a busy moment slows every candidate alike
 
@@ -47,12 +48,12 @@ def onnxruntime_version() -> str | None:
 
 class OnnxModel:
     """``model`` exported to ONNX (batch size free) and run by ONNX Runtime's CPU provider with ``threads`` threads:
-    normalised float32 [B, 3, H, W] (any memory format) -> float32 [B, D]."""
+    normalised float32 [B, 3, H, W] (any memory format) -> float32 [B, D]; with ``int8`` (a
+    ``featx.embed.Calibration``), that graph quantized on the user's images (``int8_session``)."""
 
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, crop: int, label: str, threads: int,
-                 int8: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, crop: int, label: str, threads: int, int8=None):
         if not onnxruntime_available():
             raise ValueError("--runtime onnxruntime needs ONNX Runtime: pip install onnx onnxscript onnxruntime")
         import onnxruntime
@@ -60,9 +61,9 @@ class OnnxModel:
         example = torch.zeros(1, 3, crop, crop)
         path = cached_file("onnx", f"{label.replace('/', '--')}-{model_key(model, example)[:24]}.onnx",
                            lambda out: _export(model, example, out), f"{label} as ONNX")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.options = onnxruntime.SessionOptions()
+        self.options.intra_op_num_threads, self.options.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
         probe = calibration_batch(crop, 2).float().div(255)  # the graph must compute this model, whatever its digest
         with torch.inference_mode():
             expected = model.eval()(probe)
@@ -71,40 +72,59 @@ class OnnxModel:
             raise UntrustedCacheError(f"refusing the cached {path}: it does not compute {label} (a graph and digest "
                                       "put there by someone else?); delete it (featx rebuilds it)")
         self.int8_agreement = None
-        if int8 is not None:  # (calibration images, held-out images), normalised
-            self.session, self.int8_agreement = int8_session(path, label, self, *int8, options)
+        if int8 is not None:
+            self.session, self.int8_agreement = int8_session(path, label, self, int8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
+        return run_session(self.session, x)
 
 
-def int8_session(graph, label: str, fp32: OnnxModel, calibrate: torch.Tensor, held: torch.Tensor, options):
-    """An ONNX Runtime session of ``graph`` quantized to int8 (static, QDQ, per-channel weights, calibrated on
-    ``calibrate``; cached, keyed by the graph and the calibration images) and its agreement with ``fp32`` on
-    ``held`` (other images); refused in one line below ``INT8_MIN_COSINE``, naming the figure."""
+def run_session(session, x: torch.Tensor) -> torch.Tensor:
+    """An ONNX Runtime session's output for normalised float32 images ``x``."""
+    return torch.from_numpy(session.run(None, {"images": x.contiguous().numpy()})[0])
+
+
+def int8_session(graph, label: str, fp32: OnnxModel, calibration):
+    """An ONNX Runtime session of ``graph`` quantized to int8 (static, QDQ, per-channel weights) on one half of
+    ``calibration``'s images, and its agreement with ``fp32`` on the other half, measured when it was built. Both are
+    cached, keyed by the graph and the images' bytes, so a later run quantizes and measures nothing; it checks the
+    graph on two held images only. Refused in one line below ``INT8_MIN_COSINE``, naming the figure."""
     import onnxruntime
 
-    digest = hashlib.sha256(Path(graph).read_bytes() + calibrate.numpy().tobytes()).hexdigest()
-    path = cached_file("onnx", f"{Path(graph).stem}-int8-{digest[:16]}.onnx",
-                       lambda out: _quantize(graph, calibrate, out),
-                       f"{label} quantized to int8 (calibrated on {len(calibrate)} of your images)")
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    measured = agreement(fp32(held), torch.from_numpy(session.run(None, {"images": held.contiguous().numpy()})[0]))
-    if measured["min_cosine"] < INT8_MIN_COSINE:
+    key = f"{Path(graph).stem}{calibration.key()}{onnxruntime_version()}"  # the stem holds the model's key
+    path = cached_file("onnx", f"{Path(graph).stem}-int8-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx",
+                       lambda out: _quantize(graph, fp32, calibration, out),
+                       f"{label} quantized to int8 (calibrated on your images)")
+    session = onnxruntime.InferenceSession(str(path), fp32.options, providers=["CPUExecutionProvider"])
+    untrusted = UntrustedCacheError(f"refusing the cached {path}: it does not compute {label} quantized (a graph "
+                                    "and digest put there by someone else?); delete it (featx rebuilds it)")
+    recorded = session.get_modelmeta().custom_metadata_map.get(INT8_AGREEMENT)
+    if recorded is None:
+        raise untrusted
+    measured = json.loads(recorded)
+    if measured["min_cosine"] < INT8_MIN_COSINE:  # a refusal writes nothing, whoever wrote the graph
         raise ValueError(f"--precision int8 would change {label}'s features: min cosine {measured['min_cosine']:.4f} "
-                         f"to float32 on {len(held)} of your images ({INT8_MIN_COSINE} needed); keep --precision fp32")
-    return session, {"min_cosine": measured["min_cosine"], "max_abs": measured["max_abs"],
-                     "calibration_images": len(calibrate), "held_images": len(held)}
+                         f"to float32 on {measured['held_images']} of your images ({INT8_MIN_COSINE} needed); keep "
+                         "--precision fp32")
+    held = calibration.images(held=True, limit=2)  # they agreed when it was built: another graph would not
+    if agreement(fp32(held), run_session(session, held))["min_cosine"] < INT8_MIN_COSINE:
+        raise untrusted
+    return session, measured
 
 
-def _quantize(graph, calibrate: torch.Tensor, out) -> None:
+def _quantize(graph, fp32: OnnxModel, calibration, out) -> None:
+    """``graph`` quantized on ``calibration``'s first half into ``out``, with its agreement with ``fp32`` on the
+    held half written into the graph's metadata (``INT8_AGREEMENT``)."""
+    import onnx
+    import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    calibrate, held = calibration.images(held=False), calibration.images(held=True)
+
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"images": calibrate[i:i + 8].contiguous().numpy()}
-                                 for i in range(0, len(calibrate), 8)])
+            self.batches = iter([{"images": calibrate[i:i + 8].numpy()} for i in range(0, len(calibrate), 8)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -115,6 +135,13 @@ def _quantize(graph, calibrate: torch.Tensor, out) -> None:
         quant_pre_process(str(graph), str(prepared))
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    session = onnxruntime.InferenceSession(str(out), fp32.options, providers=["CPUExecutionProvider"])
+    measured = agreement(fp32(held), run_session(session, held))
+    quantized = onnx.load(str(out))
+    quantized.metadata_props.add(key=INT8_AGREEMENT, value=json.dumps({
+        "min_cosine": measured["min_cosine"], "max_abs": measured["max_abs"],
+        "calibration_images": len(calibrate), "held_images": len(held)}))
+    onnx.save(quantized, str(out))
 
 
 def check_runtime_name(runtime: str) -> str:

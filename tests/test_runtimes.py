@@ -23,7 +23,7 @@ from featx.backbones import BackboneSpec, create_backbone
 from featx.cache import SCRATCH, UntrustedCacheError
 from featx.decode import ImageFiles, collate
 from featx.devices import cpu_flags
-from featx.embed import Embedder, choose_runtime
+from featx.embed import Calibration, Embedder, choose_runtime
 from featx.heads import make_head
 from featx.runtimes import agreement, calibration_batch, fastest_exact
 from featx.sources import discover
@@ -276,9 +276,30 @@ def test_int8_records_its_agreement_and_is_never_mixed_with_float(tmp_path):
     cosine = (quantized.features * exact.features).sum(1) / (
         np.linalg.norm(quantized.features, axis=1) * np.linalg.norm(exact.features, axis=1))
     assert cosine.min() >= 0.99 and np.abs(quantized.features - exact.features).max() > 1e-4  # close, not equal
+    again = cli(*run, "--out", tmp_path / "again", "--precision", "int8")  # the graph and its agreement cached:
+    assert again[0] == 0 and "quantized to int8" not in again[1]  # nothing quantized or measured again
+    assert store.load(tmp_path / "again" / "resnet18" / "val.h5").meta["int8_agreement"] == \
+        quantized.meta["int8_agreement"]
+    make_image_folder(data, per_class=12, size=(64, 64), seed=1)  # other images: calibrated on them, anew
+    assert "quantized to int8" in cli(*run, "--out", tmp_path / "other", "--precision", "int8")[1]
     one_line_error(*cli(*run, "--out", tmp_path / "f")[::2], "precision: 'int8' there")
     one_line_error(*cli(*run, "--out", tmp_path / "g", "--precision", "int8", "--runtime", "torch")[::2],
                    "--precision int8 runs on ONNX Runtime")
     one_line_error(*cli(*run, "--out", tmp_path / "g", "--precision", "int8", "--engine", "ray")[::2],
                    "runs on the local engine")
     assert not (tmp_path / "g").exists()
+
+
+def test_an_int8_graph_swapped_with_its_digest_is_refused_not_run(tmp_path, private_cache):
+    """The quantized graph and the agreement in it are reused without measuring again: one swapped together with
+    its digest (another model's) must still come close to this model on the probe, or it is refused."""
+    split = discover(make_image_folder(tmp_path / "data", splits=("train",), per_class=10, size=(64, 64)))[0]
+    backbones = [BackboneSpec(name, "none", resize=64, crop=56).build() for name in ("resnet18", "resnet34")]
+    for backbone in backbones:
+        assert Embedder(backbone, "cpu", "int8", runtime="onnxruntime",
+                        calibration=Calibration(split, backbone)).int8_agreement["min_cosine"] >= 0.99
+    graphs = {path.name.split("-")[0]: path for path in (private_cache / "onnx").glob("*-int8-*.onnx")}
+    for suffix in ("", ".sha256"):  # ResNet-34's quantized graph and digest under ResNet-18's names
+        Path(f"{graphs['resnet18']}{suffix}").write_bytes(Path(f"{graphs['resnet34']}{suffix}").read_bytes())
+    with pytest.raises(UntrustedCacheError, match="does not compute resnet18 quantized"):
+        Embedder(backbones[0], "cpu", "int8", runtime="onnxruntime", calibration=Calibration(split, backbones[0]))
