@@ -1,6 +1,6 @@
-"""What this machine can do at most, for reading the other benchmarks: float32 matrix-multiply GFLOP/s; each
-backbone's forward pass alone (random input, no decode) eager, channels_last and compiled, at batch 64 and at
-featx's CPU forward batch, and featx's Embedder; one training step alone (the d2l loop's contiguous layout vs
+"""What this machine can do at most, for reading the other benchmarks: float32 (and native bf16) matrix-multiply
+GFLOP/s; each backbone's forward pass alone (random input, no decode) eager, channels_last and compiled, at batch 64
+and at featx's CPU forward batch, and featx's Embedder; one training step alone (the d2l loop's contiguous layout vs
 featx's channels_last and malloc settings, each in a fresh process);
 the streaming linear head's SGD step on rows already in memory, its HDF5 block reader, and the copies beneath it.
 
@@ -27,6 +27,7 @@ from common import in_fresh_process, parse_args, write_results  # noqa: E402
 
 from featx.backbones import create_backbone, create_model, replace_classifier  # noqa: E402
 from featx.compiled import compiled_model  # noqa: E402
+from featx.devices import cpu_flags  # noqa: E402
 from featx.embed import Embedder, fold_batch_norms  # noqa: E402
 from featx.heads import holdout_split  # noqa: E402
 from featx.heads.blocks import BlockStream  # noqa: E402
@@ -134,10 +135,12 @@ def main() -> None:
         table.append(f"| {what} | {rate:,.1f} {unit} |")
         print(table[-1], flush=True)
 
-    for n in (2048, 4096):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        add(f"float32 matmul {n}x{n}, {torch.get_num_threads()} threads",
-            per_second(lambda: a @ b, 2 * n ** 3) / 1e9, "GFLOP/s")
+    dtypes = [torch.float32] + ([torch.bfloat16] if {"avx512_bf16", "amx_bf16"} & cpu_flags() else [])
+    for dtype in dtypes:  # bf16 where the CPU has it natively
+        for n in (2048, 4096):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            add(f"{str(dtype).removeprefix('torch.')} matmul {n}x{n}, {torch.get_num_threads()} threads",
+                per_second(lambda: a @ b, 2 * n ** 3) / 1e9, "GFLOP/s")
     for name in args.backbones.split(","):
         for what, rate in forward_rates(name, args.batch_size).items():
             add(f"{name} forward alone, {what}", rate, "img/s")
