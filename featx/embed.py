@@ -193,7 +193,11 @@ def resolve_mapper(backbone: Backbone, device: torch.device, precision: str = "a
 
 def embedder_for(backbone: Backbone, device: str = "auto", precision: str = "auto", runtime: str = "auto",
                  batch_size: int = 64) -> Embedder:
-    """An Embedder that runs ``backbone`` as extract does (``resolve_mapper``)."""
+    """An Embedder that runs ``backbone`` as extract does (``resolve_mapper``), on no split: not quantized."""
+    if precision in QUANTIZED:
+        raise ValueError(f"--precision {precision} is calibrated on a split's own images, so only extract takes it; "
+                         "here use fp32 (a head fitted on int8 features takes float32 ones: they agree within the "
+                         "min cosine recorded in its features file)")
     resolved = resolve_device(device)
     precision, runtime = resolve_mapper(backbone, resolved, precision, runtime, batch_size)
     return Embedder(backbone, str(resolved), precision, runtime=runtime)

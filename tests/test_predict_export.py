@@ -114,3 +114,5 @@ def test_predict_runs_the_backbone_as_extract_does(small_head):
     assert np.abs(logits["auto"] - logits["torch"]).max() <= 1e-4
     one_line_error(*cli("predict", head, data / "val", "--device", "cpu", "--runtime", "onnxruntime", "--precision",
                         "bf16")[::2], "--precision bf16")  # onnxruntime runs fp32 (or: this CPU would emulate bf16)
+    one_line_error(*cli("predict", head, data / "val", "--device", "cpu", "--precision", "int8")[::2],
+                   "--precision int8 is calibrated on a split's own images, so only extract takes it")
