@@ -303,3 +303,15 @@ def test_an_int8_graph_swapped_with_its_digest_is_refused_not_run(tmp_path, priv
         Path(f"{graphs['resnet18']}{suffix}").write_bytes(Path(f"{graphs['resnet34']}{suffix}").read_bytes())
     with pytest.raises(UntrustedCacheError, match="does not compute resnet18 quantized"):
         Embedder(backbones[0], "cpu", "int8", runtime="onnxruntime", calibration=Calibration(split, backbones[0]))
+
+
+def test_int8_on_too_few_readable_images_is_one_line(tmp_path):
+    """int8 needs 8 readable images to calibrate on and 8 others to check on; fewer is one line, nothing written."""
+    data = make_image_folder(tmp_path / "data", per_class=6, size=(64, 64))
+    for broken in sorted((data / "train").rglob("*.jpg"))[:4]:
+        broken.write_bytes(b"not a jpeg")
+    status, _, err = cli("extract", data, "--backbone", "resnet18", "--weights", "none", "--device", "cpu", "--resize",
+                         "64", "--crop", "56", "--precision", "int8", "--out", tmp_path / "out")
+    one_line_error(status, err, "--precision int8 calibrates on some of your images", "split train has",
+                   "of the 8 it needs")
+    assert not (tmp_path / "out").exists()
