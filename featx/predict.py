@@ -197,11 +197,11 @@ def contact_sheet(records: list[dict], out, limit: int = 48, columns: int = 6, c
     ``path`` as a PIL image; ``out``: a path or a binary file."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    decoded = [r for r in records if "predicted" in r]
-    wrong = [r for r in decoded if r["true"] and r["true"] != r["predicted"]]
-    sign = -1 if confident_mistakes else 1
-    chosen = sorted(decoded, key=lambda r: (r not in wrong, sign * r["probability"] if r in wrong
-                                            else r["probability"]))[:limit]
+    def order(record: dict) -> tuple[bool, float]:
+        wrong = bool(record["true"]) and record["true"] != record["predicted"]
+        return not wrong, -record["probability"] if wrong and confident_mistakes else record["probability"]
+
+    chosen = sorted((r for r in records if "predicted" in r), key=order)[:limit]
     rows = max(1, -(-len(chosen) // columns))
     figure = Figure(figsize=(2.4 * columns, 2.9 * rows + 0.4))
     axes = figure.subplots(rows, columns, squeeze=False)
