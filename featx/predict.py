@@ -197,11 +197,14 @@ def contact_sheet(records: list[dict], out, limit: int = 48, columns: int = 6, c
     ``path`` as a PIL image; ``out``: a path or a binary file."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    def order(record: dict) -> tuple[bool, float]:
-        wrong = bool(record["true"]) and record["true"] != record["predicted"]
-        return not wrong, -record["probability"] if wrong and confident_mistakes else record["probability"]
+    def mistaken(record: dict) -> bool:
+        return bool(record["true"]) and record["true"] != record["predicted"]
 
-    chosen = sorted((r for r in records if "predicted" in r), key=order)[:limit]
+    decoded = [r for r in records if "predicted" in r]
+    wrong = [r for r in decoded if mistaken(r)]
+    sign = -1 if confident_mistakes else 1
+    chosen = sorted(decoded, key=lambda r: (not mistaken(r), sign * r["probability"] if mistaken(r)
+                                            else r["probability"]))[:limit]
     rows = max(1, -(-len(chosen) // columns))
     figure = Figure(figsize=(2.4 * columns, 2.9 * rows + 0.4))
     axes = figure.subplots(rows, columns, squeeze=False)
